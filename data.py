@@ -1,0 +1,189 @@
+"""
+Datasets: the built-in synthetic shapes (the embedded default: no downloads) and ImageNet-style folders.
+
+Every dataset returns (image, label) with the image a float tensor [3, H, W] in [-1, 1], and exposes `labels`
+(np.int64 [N]) and `classes`; train.py replaces `labels` with the corrupted ones before training.
+"""
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def to_tensor(arr):
+    """uint8 HWC -> float CHW in [-1, 1]"""
+    return torch.from_numpy(np.array(arr)).permute(2, 0, 1).float() / 127.5 - 1  # a writable copy
+
+
+# -----------------------------------------------------------------------------
+# The built-in synthetic dataset
+
+COLORS = {"red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (240, 220, 40), "green": (40, 170, 60),
+          "cyan": (40, 210, 220), "blue": (40, 70, 220), "purple": (140, 50, 190), "pink": (250, 140, 190),
+          "white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128), "brown": (120, 70, 30)}
+
+
+def _polygon(radii, n):
+    """n vertices (or 2n for a star-like alternating pair of radii), angles from the top, unit circle scale."""
+    radii = list(radii) * (n if len(radii) == 1 else 1)
+    return [(r * math.sin(2 * math.pi * k / len(radii)), -r * math.cos(2 * math.pi * k / len(radii)))
+            for k, r in enumerate(radii)]
+
+
+SHAPES = {  # unit-size outlines; None = drawn from circles
+    "circle": None, "ring": None, "crescent": None,
+    "square": [(x * 0.8, y * 0.8) for x, y in [(-1, -1), (1, -1), (1, 1), (-1, 1)]],
+    "triangle": _polygon([1.0], 3),
+    "diamond": [(0, -1), (0.6, 0), (0, 1), (-0.6, 0)],
+    "hexagon": _polygon([1.0], 6),
+    "star": _polygon([1.0, 0.42] * 5, 10),
+    "cross": [(-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3), (0.3, 1), (-0.3, 1),
+              (-0.3, 0.3), (-1, 0.3), (-1, -0.3), (-0.3, -0.3)],
+    "arrow": [(0, -1), (0.8, -0.1), (0.3, -0.1), (0.3, 1), (-0.3, 1), (-0.3, -0.1), (-0.8, -0.1)],
+}
+
+
+class SyntheticShapes(torch.utils.data.Dataset):
+    """Coloured shapes on coloured backgrounds, drawn with PIL, deterministic from the seed.
+
+    The class is the shape (10 classes); colour, background, size, position and rotation vary within a class,
+    and each image has a caption that describes it. Parameters are drawn once; images are drawn on access."""
+
+    classes = list(SHAPES)
+
+    def __init__(self, size=10000, resolution=32, seed=0):
+        self.resolution = resolution
+        rng = np.random.default_rng(seed)
+        names = list(COLORS)
+        lum = {n: np.dot(COLORS[n], (0.299, 0.587, 0.114)) for n in names}
+        self.labels = rng.permutation(np.arange(size) % len(self.classes)).astype(np.int64)
+        self.params, self.captions = [], []
+        for label in self.labels:
+            fg = names[rng.integers(len(names))]
+            bg = rng.choice([n for n in names if abs(lum[n] - lum[fg]) > 60])  # contrast, so the shape shows
+            radius = rng.uniform(0.2, 0.4)  # fraction of the image side
+            cx, cy = rng.uniform(radius, 1 - radius, size=2)
+            self.params.append(dict(shape=self.classes[label], fg=fg, bg=bg, radius=radius, cx=cx, cy=cy,
+                                    angle=rng.uniform(0, 2 * math.pi), jitter=rng.integers(-20, 21, size=6)))
+            size_word = "small " if radius < 0.27 else "large " if radius > 0.33 else ""
+            where = ["top", "middle", "bottom"][min(int(cy * 3), 2)] + " " + ["left", "centre", "right"][min(int(cx * 3), 2)]
+            self.captions.append(f"a {size_word}{fg} {self.classes[label]} on a {bg} background, {where}")
+
+    def __len__(self):
+        return len(self.labels)
+
+    def render(self, i):
+        """uint8 [H, W, 3]; drawn at 4x and downsampled, for anti-aliased edges."""
+        p, S = self.params[i], self.resolution * 4
+        fg = tuple(int(c) for c in np.clip(np.add(COLORS[p["fg"]], p["jitter"][:3]), 0, 255))
+        bg = tuple(int(c) for c in np.clip(np.add(COLORS[p["bg"]], p["jitter"][3:]), 0, 255))
+        img = Image.new("RGB", (S, S), bg)
+        draw = ImageDraw.Draw(img)
+        cx, cy, r = p["cx"] * S, p["cy"] * S, p["radius"] * S
+        def disc(x, y, radius, colour):
+            draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
+        if p["shape"] == "circle":
+            disc(cx, cy, r, fg)
+        elif p["shape"] == "ring":
+            disc(cx, cy, r, fg)
+            disc(cx, cy, 0.55 * r, bg)
+        elif p["shape"] == "crescent":
+            disc(cx, cy, r, fg)
+            disc(cx + 0.5 * r * math.cos(p["angle"]), cy + 0.5 * r * math.sin(p["angle"]), 0.85 * r, bg)
+        else:
+            c, s = math.cos(p["angle"]), math.sin(p["angle"])
+            draw.polygon([(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in SHAPES[p["shape"]]], fill=fg)
+        return np.asarray(img.resize((self.resolution, self.resolution), Image.BOX))
+
+    def images_uint8(self):
+        return np.stack([self.render(i) for i in range(len(self))])
+
+    def __getitem__(self, i):
+        # no random flip: the captions say left and right
+        return to_tensor(self.render(i)), int(self.labels[i])
+
+
+# -----------------------------------------------------------------------------
+# ImageNet-style folders
+
+
+def center_crop_arr(image, size):
+    """ADM's centre crop (as DiT uses it): halve with a box filter while the image is at least twice the target,
+    then a bicubic resize of the short side to `size`, then a centre crop."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+def load_image(path):
+    """An RGB PIL image; any failure to decode names the file."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # convert() forces the full decode, so truncated files fail here
+    except Exception as e:
+        raise RuntimeError(f"cannot read image {path}: {e}. Remove or replace this file.") from e
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """root/<class>/<image>, classes in sorted order (as torchvision's ImageFolder), ADM centre crop, and a random
+    horizontal flip."""
+
+    def __init__(self, root, resolution, flip=True):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"data_path {root!r} is not a folder; it should hold one subfolder per class")
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        if not self.classes:
+            raise FileNotFoundError(f"{root!r} has no class subfolders (expected root/<class>/<image>)")
+        self.paths, labels = [], []
+        for label, name in enumerate(self.classes):
+            files = sorted(os.path.join(dirpath, f) for dirpath, _, fs in os.walk(os.path.join(root, name), followlinks=True)
+                           for f in fs if f.lower().endswith(IMG_EXTENSIONS))
+            if not files:
+                raise FileNotFoundError(f"class folder {os.path.join(root, name)!r} has no images ({', '.join(IMG_EXTENSIONS)})")
+            self.paths += files
+            labels += [label] * len(files)
+        self.labels = np.array(labels, dtype=np.int64)
+        self.resolution, self.flip = resolution, flip
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        arr = center_crop_arr(load_image(self.paths[i]), self.resolution)
+        if self.flip and torch.rand(()) < 0.5:
+            arr = arr[:, ::-1]
+        return to_tensor(arr), int(self.labels[i])
+
+
+# -----------------------------------------------------------------------------
+# Distributed batches
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """The indices of this rank's share of every global batch, from `start_step` on, forever. Epoch e is the
+    permutation seeded by (seed, e): the order depends on the step alone, so a resume picks up the same batches."""
+
+    def __init__(self, n, global_batch, rank, world_size, seed, start_step):
+        self.n, self.global_batch, self.rank, self.seed, self.start_step = n, global_batch, rank, seed, start_step
+        self.local = global_batch // world_size
+        self.steps_per_epoch = n // global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the dataset has {n} images, fewer than global_batch_size={global_batch}")
+
+    def __iter__(self):
+        step, epoch, perm = self.start_step, -1, None
+        while True:
+            if step // self.steps_per_epoch != epoch:
+                epoch = step // self.steps_per_epoch
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            start = (step % self.steps_per_epoch) * self.global_batch + self.rank * self.local
+            yield perm[start:start + self.local].tolist()
+            step += 1
