@@ -1,0 +1,137 @@
+"""
+Sample from a trained model: DDPM (ancestral, with the learned variance) or DDIM, with classifier-free guidance.
+
+  python sample.py --ckpt out/ckpt.pt                           # a grid PNG, one row per class
+  torchrun --nproc_per_node=8 sample.py --ckpt out/ckpt.pt --num_samples 50000 --cfg_scale 1.5
+      # an .npz for evaluate.py: uint8 images NHWC in arr_0, class labels in arr_1 (the ADM evaluator's format)
+
+Checkpoints: ours (EMA weights by default) or a bare DiT state dict (official or diffusers layout).
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from model import GaussianDiffusion, load_dit
+
+# -----------------------------------------------------------------------------
+ckpt = "out/ckpt.pt"
+use_ema = True
+sampler = "ddpm"        # ddpm | ddim
+num_steps = 250
+ddim_eta = 0.0
+cfg_scale = 4.0         # 1.0 = no guidance; DiT reports FID at 1.5, the paper at 1.75
+num_samples = 0         # 0: a grid; N > 0: an .npz of N class-balanced samples
+grid_classes = 10       # rows of the grid (evenly spaced over the classes)
+grid_per_class = 8
+batch_size = 64
+seed = 0
+out = ""                # default: beside the checkpoint
+# -----------------------------------------------------------------------------
+
+
+def load_model(path, use_ema=True):
+    """The model of a checkpoint, in eval mode; missing file: an error that names it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} not found: train one with train.py, or pass --ckpt "
+                                "with the path of an official DiT checkpoint (e.g. DiT-XL-2-256x256.pt)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "ema" in state:  # ours
+        state = state["ema" if use_ema else "model"]
+    return load_dit(state).eval()
+
+
+@torch.no_grad()
+def sample(model, labels, cfg_scale=4.0, sampler="ddpm", num_steps=250, ddim_eta=0.0, generator=None,
+           clip_denoised=True, progress=False):
+    """Images (float, [-1, 1] in pixel space) for `labels`, from `num_steps` evenly spaced steps of the 1000."""
+    if sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+    diffusion = GaussianDiffusion(learn_sigma=model.learn_sigma).respaced(num_steps)
+    device = labels.device
+    size = model.x_embedder.proj.kernel_size[0] * int(model.pos_embed.shape[1] ** 0.5)
+    x = torch.randn(len(labels), model.in_channels, size, size, device=device, generator=generator)
+    for i in tqdm(reversed(range(num_steps)), total=num_steps, disable=not progress, desc="sampling"):
+        t = torch.full((len(labels),), i, device=device)
+        model_t = torch.full_like(t, int(diffusion.timestep_map[i]))
+        out = model(x, model_t, labels) if cfg_scale == 1 else model.forward_with_cfg(x, model_t, labels, cfg_scale)
+        mean, log_var, x0, _ = diffusion.p_mean_variance(out, x, t, clip_denoised)
+        noise = torch.randn(x.shape, device=device, generator=generator) if i > 0 else torch.zeros_like(x)
+        if sampler == "ddpm":
+            x = mean + torch.exp(0.5 * log_var) * noise
+        else:
+            a, a_prev = diffusion.alphas_cumprod[i], diffusion.alphas_cumprod_prev[i]
+            eps = (x / a ** 0.5 - x0) / (1 / a - 1) ** 0.5  # recomputed from the (clipped) x0, as DDIM does
+            sigma = ddim_eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
+            x = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps + sigma * noise
+    return x
+
+
+def to_uint8(x):
+    """[-1, 1] NCHW float -> uint8 NHWC, rounded as the ADM/DiT scripts do."""
+    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def sample_grid(model, path, num_classes, classes=10, per_class=8, seed=0, **kwargs):
+    """A PNG with one row per class (evenly spaced over the classes), `per_class` samples a row."""
+    device = next(model.parameters()).device
+    rows = np.unique(np.linspace(0, num_classes - 1, min(classes, num_classes)).round().astype(np.int64))
+    labels = torch.from_numpy(rows).repeat_interleave(per_class).to(device)
+    x = sample(model, labels, generator=torch.Generator(device).manual_seed(seed), **kwargs)
+    save_image((x + 1) / 2, path, nrow=per_class, padding=1)
+
+
+def sample_npz(model, path, num_samples, num_classes, batch_size, seed=0, rank=0, world_size=1, **kwargs):
+    """num_samples class-balanced samples in an .npz (arr_0: uint8 NHWC, arr_1: labels). Batch b is drawn by rank
+    b % world_size from a generator seeded with (seed, b), so the file does not depend on the number of ranks."""
+    device = next(model.parameters()).device
+    labels = np.arange(num_samples) % num_classes
+    shard = {}
+    batches = range(rank, (num_samples + batch_size - 1) // batch_size, world_size)
+    for b in tqdm(batches, disable=rank != 0, desc=f"sampling {num_samples}"):
+        y = torch.from_numpy(labels[b * batch_size:(b + 1) * batch_size]).to(device)
+        x = sample(model, y, generator=torch.Generator(device).manual_seed(seed * 1_000_003 + b), **kwargs)
+        shard[b] = to_uint8(x)
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, shard)
+        shard = {b: v for part in gathered for b, v in part.items()}
+    if rank == 0:
+        images = np.concatenate([shard[b] for b in sorted(shard)])
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, images, labels)
+        os.replace(tmp, path)
+
+
+def main():
+    from configurator import configure
+    configure(globals(), sys.argv[1:])
+    ddp = "RANK" in os.environ
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    model = load_model(ckpt, use_ema).to(device)
+    if model.in_channels != 3:
+        raise NotImplementedError(f"{ckpt} is a latent-space model ({model.in_channels} channels); "
+                                  "decoding latents needs the VAE, which this version does not have yet")
+    kwargs = dict(cfg_scale=cfg_scale, sampler=sampler, num_steps=num_steps, ddim_eta=ddim_eta)
+    stem = out or os.path.join(os.path.dirname(ckpt) or ".", f"samples_{sampler}{num_steps}_cfg{cfg_scale}")
+    if num_samples > 0:
+        path = stem if stem.endswith(".npz") else stem + ".npz"
+        sample_npz(model, path, num_samples, model.num_classes, batch_size, seed, rank, world_size, **kwargs)
+    elif rank == 0:
+        path = stem if stem.endswith(".png") else stem + ".png"
+        sample_grid(model, path, model.num_classes, grid_classes, grid_per_class, seed, progress=True, **kwargs)
+    if rank == 0:
+        print(f"wrote {path}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

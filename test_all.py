@@ -1,0 +1,404 @@
+"""The test suite: `python -m pytest -q test_all.py`. Tiny configs, CPU, real files, real torchrun."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cep
+import corrupt
+import data
+from configurator import configure
+from model import DiT, DiT_models, GaussianDiffusion, diffusers_to_dit, discretized_gaussian_log_likelihood, load_dit
+from sample import load_model, sample, sample_npz
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+MANIFESTS = os.path.join(ROOT, "..", "shared", "manifests")
+TINY = ["--model=DiT-Ti/8", "--image_size=16", "--synthetic_size=64", "--global_batch_size=8", "--num_workers=0",
+        "--grid_steps=4", "--log_every=1"]
+
+
+def run(args, cwd=ROOT, check=True, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, **kw)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def train(out_dir, *extra, torchrun=0, check=True):
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--standalone"] \
+        if torchrun else [sys.executable]
+    return run(launcher + ["train.py", f"--out_dir={out_dir}"] + TINY + list(extra), check=check)
+
+
+def logged_losses(out_dir):
+    with open(os.path.join(out_dir, "log.txt")) as f:
+        return [line.split("|")[1] for line in f if line.startswith("step ")]
+
+
+def tiny_dit(**kw):
+    return DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=5, **kw)
+
+
+def randomize(model, seed=0):
+    """Non-zero weights everywhere (adaLN-Zero starts at a zero output, which would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# model.py: DiT
+
+
+@pytest.mark.parametrize("name", ["DiT-XL/2", "DiT-S/2", "DiT-B/4"])
+def test_dit_state_dict_matches_official_manifest(name):
+    with open(os.path.join(MANIFESTS, "dit_official_keys.json")) as f:
+        manifest = json.load(f)[name]
+    with torch.device("meta"):
+        model = DiT_models[name](input_size=32, in_channels=4, num_classes=1000, learn_sigma=True)
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == manifest
+
+
+def test_diffusers_layout_maps_to_official_names():
+    with open(os.path.join(MANIFESTS, "dit_xl2_diffusers_keys.json")) as f:
+        diffusers_manifest = json.load(f)
+    with open(os.path.join(MANIFESTS, "dit_official_keys.json")) as f:
+        official = json.load(f)["DiT-XL/2"]
+    mapped = diffusers_to_dit({k: torch.empty(v, device="meta") for k, v in diffusers_manifest.items()})
+    official.pop("pos_embed")  # diffusers computes it instead of storing it
+    assert {k: list(v.shape) for k, v in mapped.items()} == official
+
+
+def test_diffusers_dit_gives_the_same_output():
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                          num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=5,
+                                          norm_eps=1e-6).eval()
+    randomize(ref)
+    # diffusers' DiT embeds timesteps with frequencies exp(-log(1e4) k / (half - 1)); the official DiT, whose
+    # weights diffusers converts, and ours use k / half. Align the reference to the official definition.
+    for block in ref.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 0
+        block.norm1.emb.load_state_dict(ref.transformer_blocks[0].norm1.emb.state_dict())  # copies, as in checkpoints
+    ours = load_dit(ref.state_dict(), input_size=8, num_heads=2).eval()
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 500, 999]), torch.tensor([0, 3, 4])
+    with torch.no_grad():
+        assert torch.allclose(ours(x, t, y), ref(x, t, y).sample, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(DiT_models))
+def test_output_shapes_for_every_size(name):
+    with torch.device("meta"):  # shapes only: DiT-XL/2 would take seconds and gigabytes for real
+        model = DiT_models[name](input_size=32, in_channels=4, num_classes=1000)
+        out = model(torch.randn(2, 4, 32, 32), torch.tensor([0, 999]), torch.tensor([1, 1000]))
+    assert out.shape == (2, 8, 32, 32)
+    if name.startswith("DiT-S") or name.startswith("DiT-Ti"):  # and real numbers for the small ones
+        model = DiT_models[name](input_size=16, in_channels=3, num_classes=10, learn_sigma=False)
+        assert model(torch.randn(2, 3, 16, 16), torch.tensor([0, 999]), torch.tensor([1, 10])).shape == (2, 3, 16, 16)
+
+
+def test_output_is_zero_at_init_and_depends_on_the_class_after():
+    model = tiny_dit()
+    x, t = torch.randn(4, 3, 8, 8), torch.randint(0, 1000, (4,))
+    assert torch.count_nonzero(model(x, t, torch.tensor([0, 1, 2, 5]))) == 0
+    randomize(model).eval()
+    assert not torch.allclose(model(x, t, torch.zeros(4, dtype=torch.long)), model(x, t, torch.ones(4, dtype=torch.long)))
+
+
+def test_sincos_pos_embed_layout():
+    # Official DiT: the first half of each vector encodes the column, the second half the row.
+    pos = DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=16, depth=1, num_heads=2).pos_embed[0]
+    assert torch.allclose(pos[0, :8], pos[4, :8]) and not torch.allclose(pos[0, 8:], pos[4, 8:])  # same column
+    assert torch.allclose(pos[0, 8:], pos[1, 8:]) and not torch.allclose(pos[0, :8], pos[1, :8])  # same row
+    assert torch.allclose(pos[0], torch.tensor([0.0, 0, 0, 0, 1, 1, 1, 1] * 2))
+
+
+def test_label_dropout_rate_and_null_class():
+    model = tiny_dit(class_dropout_prob=0.1)
+    emb = model.y_embedder
+    labels = torch.randint(0, 5, (100_000,))
+    table = emb.embedding_table.weight
+    null_rows = (emb(labels) == table[5]).all(dim=1).float().mean().item()
+    assert abs(null_rows - 0.1) < 0.005
+    emb.eval()
+    assert torch.equal(emb(labels), table[labels])
+    forced = emb(labels[:4], force_drop_ids=torch.tensor([True, False, True, False]))
+    assert torch.equal(forced[0], table[5]) and torch.equal(forced[1], table[labels[1]])
+
+
+def test_forward_with_cfg_guides_all_channels():
+    model = randomize(tiny_dit(learn_sigma=True)).eval()
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([10, 900]), torch.tensor([1, 2])
+    with torch.no_grad():
+        cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, 5))
+        guided = model.forward_with_cfg(x, t, y, 3.0)
+    assert torch.allclose(guided[:, :3], uncond[:, :3] + 3.0 * (cond[:, :3] - uncond[:, :3]), atol=1e-5)
+    assert torch.allclose(guided[:, 3:], cond[:, 3:], atol=1e-6)
+
+
+def test_load_dit_reads_architecture_from_an_official_style_state_dict(tmp_path):
+    src = randomize(DiT_models["DiT-S/8"](input_size=16, in_channels=4, num_classes=7)).eval()
+    torch.save(src.state_dict(), tmp_path / "official.pt")  # official checkpoints are a bare state dict
+    model = load_model(str(tmp_path / "official.pt"))
+    assert (len(model.blocks), model.blocks[0].attn.num_heads, model.patch_size, model.num_classes) == (12, 6, 8, 7)
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([3, 4]), torch.tensor([0, 6])
+    assert torch.equal(model(x, t, y), src(x, t, y))
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_model(str(tmp_path / "missing.pt"))
+
+
+# -----------------------------------------------------------------------------
+# model.py: diffusion
+
+
+def test_linear_schedule():
+    d = GaussianDiffusion()
+    assert d.num_timesteps == 1000 and d.betas[0] == pytest.approx(1e-4) and d.betas[-1] == pytest.approx(0.02)
+    assert d.alphas_cumprod[-1] == pytest.approx(np.prod(1 - np.linspace(1e-4, 0.02, 1000)))
+
+
+def test_q_sample_statistics():
+    d = GaussianDiffusion()
+    torch.manual_seed(0)
+    for step in (0, 100, 500, 999):
+        x0 = torch.full((200_000, 1, 1, 1), 0.7)
+        x_t = d.q_sample(x0, torch.full((200_000,), step), torch.randn_like(x0))
+        a = d.alphas_cumprod[step]
+        assert x_t.mean().item() == pytest.approx(math.sqrt(a) * 0.7, abs=0.01)
+        assert x_t.var().item() == pytest.approx(1 - a, rel=0.02, abs=1e-5)
+
+
+def test_hybrid_loss_against_a_direct_computation():
+    d = GaussianDiffusion()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 2, 3, 3, generator=g) * 2 - 1
+    noise, out = torch.randn(4, 2, 3, 3, generator=g), torch.randn(4, 4, 3, 3, generator=g).clamp(-1, 1)
+    t = torch.tensor([0, 1, 400, 999])
+    x_t = d.q_sample(x0, t, noise)
+    loss = d.training_loss(out, x0, x_t, t, noise).numpy()
+
+    # improved DDPM, written out in float64 numpy
+    b = np.linspace(1e-4, 0.02, 1000)
+    ab = np.cumprod(1 - b)
+    ab_prev = np.append(1, ab[:-1])
+    x0n, xtn, nn_, on = (v.double().numpy() for v in (x0, x_t, noise, out))
+    for i, s in enumerate(t.tolist()):
+        eps, v = on[i, :2], on[i, 2:]
+        post_var = b * (1 - ab_prev) / (1 - ab)
+        min_log = np.log(post_var[1]) if s == 0 else np.log(post_var[s])
+        log_var = (v + 1) / 2 * np.log(b[s]) + (1 - v + 1 - 1) / 2 * min_log
+        pred_x0 = (xtn[i] - np.sqrt(1 - ab[s]) * eps) / np.sqrt(ab[s])
+        c1, c2 = b[s] * np.sqrt(ab_prev[s]) / (1 - ab[s]), (1 - ab_prev[s]) * np.sqrt(1 - b[s]) / (1 - ab[s])
+        mean, true_mean = c1 * pred_x0 + c2 * xtn[i], c1 * x0n[i] + c2 * xtn[i]
+        mse = np.mean((nn_[i] - eps) ** 2)
+        if s == 0:
+            vb = -discretized_gaussian_log_likelihood(torch.tensor(x0n[i]), torch.tensor(mean),
+                                                      torch.tensor(0.5 * log_var)).numpy().mean() / np.log(2)
+        else:
+            kl = 0.5 * (-1 + log_var - min_log + np.exp(min_log - log_var) + (true_mean - mean) ** 2 * np.exp(-log_var))
+            vb = kl.mean() / np.log(2)
+        assert loss[i] == pytest.approx(mse + vb, rel=1e-4)
+
+
+def test_discretized_likelihood_sums_to_one_over_the_bins():
+    values = torch.linspace(-1, 1, 256)
+    logp = discretized_gaussian_log_likelihood(values, torch.tensor(0.3), torch.tensor(math.log(0.2)))
+    assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_hybrid_loss_trains_only_the_variance_through_the_vb_term():
+    d = GaussianDiffusion()
+    x0, noise = torch.rand(2, 1, 2, 2) * 2 - 1, torch.randn(2, 1, 2, 2)
+    t = torch.tensor([10, 700])
+    x_t = d.q_sample(x0, t, noise)
+    out = torch.cat([noise, torch.zeros(2, 1, 2, 2)], 1).requires_grad_()  # exact eps: the MSE gradient is zero
+    d.training_loss(out, x0, x_t, t, noise).sum().backward()
+    assert torch.count_nonzero(out.grad[:, :1]) == 0 and torch.count_nonzero(out.grad[:, 1:]) > 0
+
+
+def test_tiny_model_overfits_a_batch():
+    torch.manual_seed(0)
+    model, d = tiny_dit(class_dropout_prob=0.0), GaussianDiffusion()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x0 = torch.from_numpy(data.SyntheticShapes(8, 8, seed=0).images_uint8()).permute(0, 3, 1, 2).float() / 127.5 - 1
+    y = torch.arange(8) % 5
+    t, noise = torch.randint(0, 1000, (8,)), torch.randn_like(x0)  # one fixed batch, fixed noise
+    x_t = d.q_sample(x0, t, noise)
+    losses = []
+    for _ in range(150):
+        loss = d.training_loss(model(x_t, t, y), x0, x_t, t, noise).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]
+
+
+# -----------------------------------------------------------------------------
+# data.py
+
+
+def test_synthetic_dataset_is_deterministic_and_varied():
+    a, b = data.SyntheticShapes(50, 32, seed=3), data.SyntheticShapes(50, 32, seed=3)
+    images = a.images_uint8()
+    assert images.shape == (50, 32, 32, 3) and images.dtype == np.uint8
+    assert np.array_equal(images, b.images_uint8()) and a.captions == b.captions
+    assert not np.array_equal(images, data.SyntheticShapes(50, 32, seed=4).images_uint8())
+    assert len(a.classes) >= 10 and set(a.labels.tolist()) == set(range(10))
+    same_class = images[a.labels == 0]
+    assert len({im.tobytes() for im in same_class}) == len(same_class)  # variety within a class
+    x, y = a[0]
+    assert x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1 and y == a.labels[0]
+    assert a.classes[a.labels[7]] in a.captions[7] and a.params[7]["fg"] in a.captions[7]
+    assert data.SyntheticShapes(4, 64, seed=0).images_uint8().shape == (4, 64, 64, 3)  # any resolution
+
+
+def test_synthetic_classes_are_visible():
+    """The class shows in the image: 5-NN on four rotation- and position-invariant shape moments of the foreground
+    mask recognises the class of held-out images."""
+    ds = data.SyntheticShapes(600, 32, seed=0)
+    def moments(im):
+        mask = np.abs(im.astype(np.float32) - im[0, 0]).sum(-1) > 60  # a corner pixel shows the background
+        ys, xs = np.nonzero(mask)
+        cy, cx = ys.mean(), xs.mean()
+        mu20, mu02, mu11 = ((xs - cx) ** 2).mean(), ((ys - cy) ** 2).mean(), ((xs - cx) * (ys - cy)).mean()
+        radius = np.sqrt((xs - cx) ** 2 + (ys - cy) ** 2).max() + 0.5
+        return [(mu20 + mu02) / len(xs), ((mu20 - mu02) ** 2 + 4 * mu11 ** 2) / (mu20 + mu02) ** 2,
+                mask[int(round(cy)), int(round(cx))], len(xs) / radius ** 2]
+    f = np.array([moments(im) for im in ds.images_uint8()])
+    f = (f - f.mean(0)) / f.std(0)
+    nearest = np.argsort(((f[400:, None] - f[None, :400]) ** 2).sum(-1), axis=1)[:, :5]
+    votes = np.array([np.bincount(ds.labels[:400][row], minlength=10).argmax() for row in nearest])
+    assert (votes == ds.labels[400:]).mean() > 0.8
+
+
+def make_folder(root, sizes=((40, 30), (64, 64))):
+    for c, name in enumerate(["n02", "n01"]):
+        os.makedirs(root / name)
+        for i, size in enumerate(sizes):
+            Image.new("RGB", size, (40 * c, 100, 7 * i)).save(root / name / f"{i}.{'png' if i else 'jpg'}")
+
+
+def test_image_folder_classes_crop_and_flip(tmp_path):
+    make_folder(tmp_path)
+    ds = data.ImageFolder(str(tmp_path), 16)
+    assert ds.classes == ["n01", "n02"] and ds.labels.tolist() == [0, 0, 1, 1]
+    x, y = ds[0]
+    assert x.shape == (3, 16, 16) and y == 0
+    # the ADM centre crop: short side to 16, then the centre
+    im = Image.new("RGB", (40, 20))
+    im.paste((255, 0, 0), (0, 0, 20, 20))
+    crop = data.center_crop_arr(im, 10)
+    assert crop.shape == (10, 10, 3) and crop[:, :5, 0].mean() > 200 and crop[:, 5:, 0].mean() < 50
+    # horizontal flip: about half the time
+    Image.fromarray(np.tile(np.arange(16, dtype=np.uint8)[None, :, None] * 16, (16, 1, 3))).save(tmp_path / "n01" / "0.jpg")
+    firsts = [data.ImageFolder(str(tmp_path), 16)[0][0][0, 0, 0].item() < 0 for _ in range(40)]
+    assert 5 < sum(firsts) < 35
+
+
+def test_corrupt_image_file_names_the_file(tmp_path):
+    make_folder(tmp_path)
+    good = (tmp_path / "n01" / "0.jpg").read_bytes()
+    (tmp_path / "n01" / "0.jpg").write_bytes(good[: len(good) // 2])  # truncated JPEG
+    (tmp_path / "n02" / "1.png").write_bytes(b"not an image at all")
+    ds = data.ImageFolder(str(tmp_path), 16)
+    with pytest.raises(RuntimeError, match="0.jpg"):
+        ds[0]
+    with pytest.raises(RuntimeError, match="1.png"):
+        ds[3]
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        data.ImageFolder(str(tmp_path / "nope"), 16)
+    os.makedirs(tmp_path / "empty_class")
+    with pytest.raises(FileNotFoundError, match="empty_class"):
+        data.ImageFolder(str(tmp_path), 16)
+
+
+# -----------------------------------------------------------------------------
+# configurator.py
+
+
+def test_configure_parses_files_flags_and_space_separated_values(tmp_path):
+    scope = dict(lr=1e-4, steps=10, cep=False, name="a", corrupt=0.0)
+    (tmp_path / "cfg.py").write_text("steps = 20\nname = 'b'\n")
+    config = configure(scope, [str(tmp_path / "cfg.py"), "--corrupt", "0.05", "--cep", "--lr=3e-4", "--steps", "7"])
+    assert config == dict(lr=3e-4, steps=7, cep=True, name="b", corrupt=0.05)
+    assert configure(dict(cep=True), ["--cep=False"]) == dict(cep=False)
+    assert configure(dict(x=1.0), ["--x=2"]) == dict(x=2.0)
+
+
+@pytest.mark.parametrize("argv, message", [(["--nope=1"], "unknown config key 'nope'"),
+                                           (["--steps=1.5"], "steps"), (["--steps=abc"], "steps"),
+                                           (["--cep=maybe"], "cep"), (["stray", "--x"], "stray")])
+def test_configure_errors_name_the_key(argv, message, tmp_path):
+    os.chdir(tmp_path)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        configure(dict(steps=10, cep=False), argv)
+
+
+# -----------------------------------------------------------------------------
+# train.py
+
+
+def test_exact_resume(tmp_path):
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    train(straight, "--max_steps=6", "--ckpt_every=3", "--cep", "--corrupt=0.1", "--corrupt_mode=random")
+    train(halves, "--max_steps=3", "--cep", "--corrupt=0.1", "--corrupt_mode=random")
+    train(halves, "--max_steps=6", "--resume", "--cep", "--corrupt=0.1", "--corrupt_mode=random")
+    assert logged_losses(straight) == logged_losses(halves) and len(logged_losses(halves)) == 6
+    a, b = (torch.load(p / "ckpt.pt", weights_only=True) for p in (straight, halves))
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys() and not any(k.startswith("_orig_mod") for k in a[key])
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    assert a["config"]["cep"] is True and isinstance(a["config"], dict)
+    assert os.path.isfile(straight / "samples_0000006.png")
+
+
+def test_resume_without_checkpoint_and_bad_config_fail_before_work(tmp_path):
+    for args, message in [(["--resume"], "no checkpoint"), (["--corrupt=1.0"], "corrupt"),
+                          (["--cep_scale=-1"], "cep_scale"), (["--global_batch_size=7"], "not divisible"),
+                          (["--data_path=/nonexistent"], "data_path"), (["--model=DiT-Q/2"], "model"),
+                          (["--corrupt_tpye=sym"], "corrupt_tpye")]:
+        result = train(tmp_path / "bad", *args, check=False, torchrun=2 if "7" in args[0] else 0)
+        assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-2000:])
+    assert not os.path.exists(tmp_path / "bad" / "ckpt.pt")
+
+
+def test_torchrun_design_card_command(tmp_path):
+    """`torchrun --nproc_per_node=8 train.py --corrupt 0.05 --cep`, with 2 processes and a tiny config."""
+    out = tmp_path / "run"
+    result = train(out, "--corrupt", "0.05", "--cep", "--max_steps=4", torchrun=2)
+    log = (out / "log.txt").read_text()
+    assert "2 process(es)" in log and "'eta': 0.05" in log and "CEP: uniform gamma=1.0" in log
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    assert state["step"] == 4 and state["config"]["corrupt"] == 0.05 and state["config"]["cep"] is True
+    record = json.loads((out / "corruption.json").read_text())
+    assert len(record["indices"]) == round(0.05 * 64) == state["corruption"]["count"]
+    # the record is the one every process computes alone, from the seed: the same with one process
+    labels = data.SyntheticShapes(64, 16, seed=0).labels
+    _, direct = corrupt.corrupt_labels(labels, 0.05, seed=0)
+    assert record["indices"] == direct["indices"] and record["new"] == direct["new"]
+    assert result.returncode == 0
+
+
+def test_step_batches_split_ranks_and_resume():
+    ranks = [list(zip(range(24), data.StepBatches(100, 8, r, 2, seed=0, start_step=0))) for r in (0, 1)]
+    epoch = [i for r in ranks for step, batch in r if step < 12 for i in batch]
+    assert all(len(b) == 4 for r in ranks for _, b in r)
+    assert len(epoch) == len(set(epoch)) == 96  # the ranks see different data, and no image twice in an epoch
+    assert ranks[0][12][1] != ranks[0][0][1]  # a new permutation each epoch
+    resumed = next(iter(data.StepBatches(100, 8, 1, 2, seed=0, start_step=17)))
+    assert resumed == ranks[1][17][1]

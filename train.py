@@ -1,0 +1,265 @@
+"""
+Train a class-conditional DiT, optionally on corrupted conditions (corrupt.py) and with CEP (cep.py).
+
+  python train.py                                        # the embedded default: built-in shapes, CPU, minutes
+  torchrun --nproc_per_node=8 train.py --corrupt 0.05 --cep
+  python train.py my_config.py --max_steps=1000          # a config file, then overrides
+
+Defaults are the variables below (nanoGPT style, see configurator.py). The RNG is re-seeded at every step from
+(seed, step, rank), so timesteps, noise, label dropout, CEP and random-mode corruption are a function of the step:
+that is what makes --resume continue exactly, with no RNG state to save.
+"""
+import hashlib
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+from copy import deepcopy
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from cep import CEP, input_perturbation
+from configurator import configure
+from corrupt import corrupt_batch, corrupt_labels
+from data import ImageFolder, StepBatches, SyntheticShapes
+from model import DiT_models, GaussianDiffusion
+from sample import sample_grid
+
+# -----------------------------------------------------------------------------
+# data and model
+out_dir = "out"
+data_path = ""            # "": the built-in synthetic shapes; else an ImageNet-style folder root/<class>/<image>
+image_size = 32
+synthetic_size = 20000
+model = "DiT-Ti/4"        # any of model.DiT_models, e.g. DiT-XL/2
+learn_sigma = True
+class_dropout = 0.1       # label dropout to the null class, for classifier-free guidance
+# optimisation
+global_batch_size = 64
+max_steps = 4000
+lr = 3e-4                 # DiT: 1e-4 at batch 256
+weight_decay = 0.0
+grad_clip = 1.0
+ema_decay = 0.999         # DiT: 0.9999 over 400K steps
+seed = 0
+num_workers = 2
+compile = False
+dtype = "bfloat16"        # autocast dtype on CUDA; "float32" turns autocast off
+# logging, checkpoints, samples
+log_every = 100
+ckpt_every = 1000
+sample_every = 0          # 0: a sample grid at the end only
+grid_cfg_scale = 4.0
+grid_steps = 100
+resume = False
+# corrupted conditions and CEP (the paper)
+corrupt = 0.0             # eta: the fraction of training samples whose condition is wrong
+corrupt_type = "sym"      # sym | asym (swap | rewrite are for caption datasets)
+corrupt_mode = "fixed"    # fixed: decided once from the seed | random: each label flipped with prob eta every step
+corrupt_subset = ""       # asym: class indices "1,5,9", or a file of class indices or folder names
+cep = False
+cep_type = "uniform"      # uniform (CEP-U) | gaussian (CEP-G)
+cep_scale = 1.0           # gamma
+ip = 0.0                  # input perturbation baseline, lambda (0.1 in Ning et al.)
+emb_dropout = 0.0         # dropout on the class embedding, a baseline
+# -----------------------------------------------------------------------------
+
+
+def check_config():
+    """Every bad setting fails here, before any work, with the setting's name."""
+    if model not in DiT_models:
+        raise ValueError(f"model {model!r} is not one of {', '.join(DiT_models)}")
+    if not 0 <= corrupt < 1:
+        raise ValueError(f"corrupt (eta) must be in [0, 1), got {corrupt}")
+    if corrupt_type not in ("sym", "asym", "swap", "rewrite"):
+        raise ValueError(f"corrupt_type must be sym, asym, swap or rewrite, got {corrupt_type!r}")
+    if corrupt_type in ("swap", "rewrite") and corrupt > 0:
+        raise ValueError(f"corrupt_type={corrupt_type} corrupts captions, but this is a class-conditional run; "
+                         "use sym or asym")
+    if corrupt_type == "asym" and corrupt > 0 and not corrupt_subset:
+        raise ValueError("corrupt_type=asym needs corrupt_subset: class indices '1,5,9' or a file of them")
+    if corrupt_mode not in ("fixed", "random"):
+        raise ValueError(f"corrupt_mode must be fixed or random, got {corrupt_mode!r}")
+    if corrupt_mode == "random" and corrupt_type != "sym":
+        raise ValueError("corrupt_mode=random flips labels symmetrically; use it with corrupt_type=sym")
+    if cep_type not in ("uniform", "gaussian"):
+        raise ValueError(f"cep_type must be uniform or gaussian, got {cep_type!r}")
+    for key in ("cep_scale", "ip", "emb_dropout", "lr", "weight_decay", "grad_clip", "class_dropout"):
+        if globals()[key] < 0:
+            raise ValueError(f"{key} must be >= 0, got {globals()[key]}")
+    if not 0 <= ema_decay < 1:
+        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+    if global_batch_size % world_size:
+        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the {world_size} processes")
+    for key in ("max_steps", "log_every", "ckpt_every", "global_batch_size", "image_size", "synthetic_size"):
+        if globals()[key] <= 0:
+            raise ValueError(f"{key} must be > 0, got {globals()[key]}")
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
+    if data_path and not os.path.isdir(data_path):
+        raise FileNotFoundError(f"data_path {data_path!r} does not exist (expected a folder root/<class>/<image>)")
+    if resume and not os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
+        raise FileNotFoundError(f"resume=True but there is no checkpoint {os.path.join(out_dir, 'ckpt.pt')!r}")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, f".write_test{rank}"), "w"):
+            pass
+        os.remove(os.path.join(out_dir, f".write_test{rank}"))
+    except OSError as e:
+        raise PermissionError(f"out_dir {out_dir!r} cannot be written: {e}") from e
+
+
+def read_subset(spec, classes):
+    """Class indices from '1,5,9' or from a file of indices or class folder names (comma or whitespace separated)."""
+    if os.path.isfile(spec):
+        with open(spec) as f:
+            spec = f.read()
+    names = spec.replace(",", " ").split()
+    index = {name: i for i, name in enumerate(classes)}
+    try:
+        return [int(n) if n.lstrip("-").isdigit() else index[n] for n in names]
+    except KeyError as e:
+        raise ValueError(f"corrupt_subset: {e.args[0]!r} is neither a class index nor a class name") from None
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+def save_checkpoint(path, state):
+    """Atomic: a crash mid-write leaves the previous checkpoint intact."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+config = configure(globals(), sys.argv[1:])
+ddp = "RANK" in os.environ
+if ddp:
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+master = rank == 0
+cuda = torch.cuda.is_available()
+device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
+if cuda:
+    torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+check_config()
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+
+
+def log(msg):
+    if master:
+        tqdm.write(msg)
+        with open(os.path.join(out_dir, "log.txt"), "a") as f:
+            f.write(msg + "\n")
+
+
+# data, and the corruption of its labels (decided once, from the seed: identical on every rank)
+dataset = SyntheticShapes(synthetic_size, image_size, seed) if not data_path else ImageFolder(data_path, image_size)
+num_classes = len(dataset.classes)
+prior = torch.from_numpy(np.bincount(dataset.labels, minlength=num_classes)).float().to(device)
+corruption = dict(eta=corrupt, type=corrupt_type, mode=corrupt_mode, count=0)
+if corrupt > 0 and corrupt_mode == "fixed":
+    subset = read_subset(corrupt_subset, dataset.classes) if corrupt_type == "asym" else None
+    dataset.labels, record = corrupt_labels(dataset.labels, corrupt, seed, subset)
+    corruption.update(count=len(record["indices"]), subset=subset,
+                      digest=hashlib.sha256(np.array([record["indices"], record["new"]]).tobytes()).hexdigest()[:16])
+    if master:
+        with open(os.path.join(out_dir, "corruption.json"), "w") as f:
+            json.dump(dict(corruption, **record), f)
+
+# model, EMA, optimiser
+torch.manual_seed(seed)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
+net = DiT_models[model](input_size=image_size, in_channels=3, num_classes=num_classes, learn_sigma=learn_sigma,
+                        class_dropout_prob=class_dropout).to(device)
+if cep:
+    net.y_embedder.perturb = CEP(cep_type, cep_scale)
+elif emb_dropout > 0:
+    net.y_embedder.perturb = nn.Dropout(emb_dropout)
+ema = deepcopy(net).requires_grad_(False).eval()
+opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay,
+                        fused=cuda)
+step = 0
+if resume:
+    state = torch.load(ckpt_path, map_location=device, weights_only=True)
+    if state["corruption"] != corruption:
+        raise ValueError(f"the checkpoint was trained with corruption {state['corruption']}, this run has {corruption}")
+    net.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["opt"])
+    step = state["step"]
+    del state
+train_net = torch.compile(net) if compile else net
+if ddp:
+    train_net = DDP(train_net, device_ids=[device] if cuda else None)
+diffusion = GaussianDiffusion(learn_sigma=learn_sigma)
+autocast = torch.autocast("cuda", dtype=getattr(torch, dtype)) if cuda and dtype != "float32" else nullcontext()
+loader = torch.utils.data.DataLoader(
+    dataset, batch_sampler=StepBatches(len(dataset), global_batch_size, rank, world_size, seed, step),
+    num_workers=num_workers, pin_memory=cuda, persistent_workers=num_workers > 0)
+
+log(f"{model} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters), {len(dataset)} images, "
+    f"{num_classes} classes, {world_size} process(es) on {device}; corruption: {corruption}; "
+    f"CEP: {f'{cep_type} gamma={cep_scale}' if cep else 'off'}; IP: {ip}; embedding dropout: {emb_dropout}")
+net.train()
+loss_sum = torch.zeros((), device=device)  # read only at log intervals: no host-device sync per step
+nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+last_log_step, last_log_time, start_time = step, time.time(), time.time()
+progress = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)
+for x, y in loader:
+    if step >= max_steps:
+        break
+    torch.manual_seed((seed * 1_000_003 + step) * 4096 + rank)
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if corrupt > 0 and corrupt_mode == "random":
+        y = corrupt_batch(y, corrupt, prior)
+    t = torch.randint(0, diffusion.num_timesteps, (len(x),), device=device)
+    noise = torch.randn_like(x)
+    x_t = diffusion.q_sample(x, t, input_perturbation(noise, ip) if ip > 0 else noise)
+    with autocast:
+        out = train_net(x_t, t, y)
+    loss = diffusion.training_loss(out, x, x_t, t, noise).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    opt.step()
+    update_ema(ema, net, ema_decay)
+    loss_sum += loss.detach()
+    nonfinite |= ~torch.isfinite(loss.detach())
+    step += 1
+    progress.update()
+    at_log, at_ckpt = step % log_every == 0 or step == max_steps, step % ckpt_every == 0 or step == max_steps
+    if at_log or at_ckpt:
+        stats = torch.stack([loss_sum, nonfinite.float()])
+        if ddp:
+            dist.all_reduce(stats)
+        if stats[1] > 0:  # every rank sees it, so every rank stops
+            raise FloatingPointError(f"the loss became NaN or infinite between steps {last_log_step} and {step}; "
+                                     f"the last good checkpoint {ckpt_path!r} is kept")
+    if at_log:
+        now = time.time()
+        log(f"step {step} | loss {stats[0].item() / world_size / (step - last_log_step):.4f} | "
+            f"{(step - last_log_step) * global_batch_size / (now - last_log_time):.1f} img/s | "
+            f"elapsed {now - start_time:.0f}s")
+        loss_sum.zero_()
+        last_log_step, last_log_time = step, now
+    if at_ckpt and master:
+        save_checkpoint(ckpt_path, dict(model=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                                        step=step, config=config, corruption=corruption))
+    if master and (step == max_steps or (sample_every and step % sample_every == 0)):
+        grid = os.path.join(out_dir, f"samples_{step:07d}.png")
+        sample_grid(ema, grid, num_classes, seed=seed, cfg_scale=grid_cfg_scale, num_steps=grid_steps)
+        log(f"sample grid (EMA, cfg {grid_cfg_scale}, {grid_steps} DDPM steps): {grid}")
+progress.close()
+if ddp:
+    dist.barrier()
+    dist.destroy_process_group()
