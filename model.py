@@ -9,6 +9,7 @@ learned variance the hybrid loss (MSE on eps + variational bound on the variance
 Imports nothing from the project: copy this file into another project as it is.
 """
 import math
+import os
 
 import numpy as np
 import torch
@@ -88,6 +89,17 @@ class Mlp(nn.Module):
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def forward_with_cfg(model, x, t, y, cfg_scale):
+    """Classifier-free guidance in one batched forward: eps = eps(null) + s * (eps(y) - eps(null)), for the DiT and
+    the U-Net alike. Guides all channels (the official DiT guides only the first 3 of 4 latent channels, a bug not
+    copied here); the learned variance is taken from the conditional half."""
+    null = torch.full_like(y, model.num_classes)
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+    cond, uncond = out.chunk(2)
+    c = model.in_channels
+    return torch.cat([uncond[:, :c] + cfg_scale * (cond[:, :c] - uncond[:, :c]), cond[:, c:]], dim=1)
 
 
 class DiTBlock(nn.Module):
@@ -191,17 +203,7 @@ class DiT(nn.Module):
             x = block(x, c)
         return self.unpatchify(self.final_layer(x, c))
 
-    def forward_with_cfg(self, x, t, y, cfg_scale):
-        """Classifier-free guidance in one batched forward: eps = eps(null) + s * (eps(y) - eps(null)).
-
-        Guides all channels (the official DiT guides only the first 3 of 4 latent channels, a bug not copied
-        here); the learned variance is taken from the conditional half."""
-        null = torch.full_like(y, self.num_classes)
-        out = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
-        cond, uncond = out.chunk(2)
-        eps_cond, rest = cond.split(self.in_channels, dim=1)
-        eps = uncond[:, :self.in_channels] + cfg_scale * (eps_cond - uncond[:, :self.in_channels])
-        return torch.cat([eps, rest], dim=1)
+    forward_with_cfg = forward_with_cfg
 
 
 DiT_sizes = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6),
@@ -264,6 +266,376 @@ def load_dit(state_dict, input_size=None, num_heads=None):
     sd.setdefault("pos_embed", model.pos_embed.data)
     model.load_state_dict(sd, strict=True)
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# First stages: the Stable Diffusion KL-f8 VAE (DiT) and LDM's VQ-f4 autoencoder (LDM-4). Both are written in diffusers'
+# parameter layout (../shared/manifests/*_diffusers_keys.json), so diffusers' weight files load without renaming.
+
+
+class VAEResnet(nn.Module):
+    """diffusers' ResnetBlock2D without a timestep input."""
+
+    def __init__(self, cin, cout, groups):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.conv_shortcut(x) + h
+
+
+class VAEAttention(nn.Module):
+    """Single-head self-attention over all pixels, used once in each mid block."""
+
+    def __init__(self, c, groups):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, c, eps=1e-6)
+        self.to_q, self.to_k, self.to_v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
+        self.to_out = nn.ModuleList([nn.Linear(c, c)])  # a list for the key name to_out.0 (diffusers' to_out.1 is a dropout)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
+        # a head axis of 1: the fused SDPA kernels on GPU take 4-D inputs only
+        h = F.scaled_dot_product_attention(*(f(h)[:, None] for f in (self.to_q, self.to_k, self.to_v)))[:, 0]
+        return x + self.to_out[0](h).transpose(1, 2).reshape(B, C, H, W)
+
+
+class VAEMidBlock(nn.Module):
+    def __init__(self, c, groups):
+        super().__init__()
+        self.attentions = nn.ModuleList([VAEAttention(c, groups)])
+        self.resnets = nn.ModuleList([VAEResnet(c, c, groups), VAEResnet(c, c, groups)])
+
+    def forward(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class VAEResample(nn.Module):
+    """2x nearest upsampling then a conv, or a stride-2 conv on the input padded right and bottom only (as LDM trained)."""
+
+    def __init__(self, c, up):
+        super().__init__()
+        self.up = up
+        self.conv = nn.Conv2d(c, c, 3, stride=1 if up else 2, padding=1 if up else 0)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest") if self.up else F.pad(x, (0, 1, 0, 1)))
+
+
+class VAEBlock(nn.Module):
+    """diffusers' DownEncoderBlock2D / UpDecoderBlock2D: resnets, then optionally a 2x down- or upsampler."""
+
+    def __init__(self, cin, cout, n, groups, resample=None):  # resample: None, "down" or "up"
+        super().__init__()
+        self.resnets = nn.ModuleList([VAEResnet(cin if i == 0 else cout, cout, groups) for i in range(n)])
+        # both lists exist so the key names match diffusers; the unused one is empty and holds no parameters
+        self.downsamplers = nn.ModuleList([VAEResample(cout, up=False)] if resample == "down" else [])
+        self.upsamplers = nn.ModuleList([VAEResample(cout, up=True)] if resample == "up" else [])
+
+    def forward(self, x):
+        for m in [*self.resnets, *self.downsamplers, *self.upsamplers]:
+            x = m(x)
+        return x
+
+
+class VAEEncoder(nn.Module):
+    def __init__(self, chans, n, groups, cout):
+        super().__init__()
+        last = len(chans) - 1
+        self.conv_in = nn.Conv2d(3, chans[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList([VAEBlock(chans[max(i - 1, 0)], c, n, groups, "down" if i < last else None)
+                                          for i, c in enumerate(chans)])
+        self.mid_block = VAEMidBlock(chans[-1], groups)
+        self.conv_norm_out = nn.GroupNorm(groups, chans[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(chans[-1], cout, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
+
+
+class VAEDecoder(nn.Module):
+    def __init__(self, chans, n, groups, cin):
+        super().__init__()
+        rev, last = chans[::-1], len(chans) - 1
+        self.conv_in = nn.Conv2d(cin, rev[0], 3, padding=1)
+        self.mid_block = VAEMidBlock(rev[0], groups)
+        self.up_blocks = nn.ModuleList([VAEBlock(rev[max(i - 1, 0)], c, n + 1, groups, "up" if i < last else None)
+                                        for i, c in enumerate(rev)])
+        self.conv_norm_out = nn.GroupNorm(groups, chans[0], eps=1e-6)
+        self.conv_out = nn.Conv2d(chans[0], 3, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+def load_diffusers_weights(model, path, name, url):
+    """Loads diffusers' diffusion_pytorch_model.safetensors (if the safetensors package is importable) or .bin into
+    `model` (strict). `path` is the file itself, or a folder holding it directly or in a vae/ or vqvae/ subfolder (the
+    layouts of the Hugging Face repos). With path=None the folder is <torch hub dir>/checkpoints/<name>, and a missing
+    file is downloaded there from `url` when the machine has internet."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        load_file = None
+    default = path is None
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", name) if default else os.fspath(path)
+    exts = ("safetensors", "bin") if load_file else ("bin",)
+    files = [path] if os.path.isfile(path) else \
+        [os.path.join(path, sub, "diffusion_pytorch_model." + ext) for sub in ("", "vae", "vqvae") for ext in exts]
+    found = [f for f in files if os.path.isfile(f)]
+    dest = os.path.join(path, "diffusion_pytorch_model.bin")
+    if not found and default:
+        try:
+            os.makedirs(path, exist_ok=True)
+            torch.hub.download_url_to_file(url, dest)
+            found = [dest]
+        except Exception as e:  # no internet: fall through to the error that says where the file goes
+            print(f"download of {url} failed: {e}")
+    if not found:
+        raise FileNotFoundError(
+            f"{name} weights not found: no diffusion_pytorch_model.{' or .'.join(exts)} in {path} (nor in its vae/ or "
+            f"vqvae/ subfolder). Download {url} and save it as {dest}, or pass the folder that holds it.")
+    f = found[0]
+    sd = load_file(f) if f.endswith(".safetensors") else torch.load(f, map_location="cpu", weights_only=True)
+    model.load_state_dict(sd)
+    return model
+
+
+class AutoencoderKL(nn.Module):
+    """The Stable Diffusion KL-f8 VAE (stabilityai/sd-vae-ft-ema or -mse): 256x256x3 images in [-1, 1] <-> 32x32x4
+    latents, which are multiplied by 0.18215 so that they have roughly unit variance (as DiT and SD train on them)."""
+
+    scale = 0.18215
+
+    def __init__(self, block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                 norm_num_groups=32):
+        super().__init__()
+        c = latent_channels
+        self.encoder = VAEEncoder(block_out_channels, layers_per_block, norm_num_groups, 2 * c)  # mean and log-variance
+        self.decoder = VAEDecoder(block_out_channels, layers_per_block, norm_num_groups, c)
+        self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1)
+        self.post_quant_conv = nn.Conv2d(c, c, 1)
+
+    def encode(self, x, sample=False):
+        """Images [B, 3, H, W] in [-1, 1] -> scaled latents [B, 4, H/8, W/8]: the posterior's mean, or a sample of it."""
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        if sample:
+            mean = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * torch.randn_like(mean)
+        return mean * self.scale
+
+    def decode(self, z):
+        """Scaled latents -> images in about [-1, 1]; not clamped, so that this equals diffusers' decode."""
+        return self.decoder(self.post_quant_conv(z / self.scale))
+
+    def load_pretrained(self, path=None):
+        return load_diffusers_weights(self, path, "sd-vae-ft-ema",
+                                      "https://huggingface.co/stabilityai/sd-vae-ft-ema/resolve/main/diffusion_pytorch_model.bin")
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest codebook entry by Euclidean distance. No straight-through gradient: the first stage stays frozen here."""
+
+    def __init__(self, num_codes, dim):
+        super().__init__()
+        self.embedding = nn.Embedding(num_codes, dim)
+
+    def forward(self, z):  # [B, C, H, W] -> the same shape, every pixel replaced by its nearest code
+        zf = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        # chunked so the distance matrix stays below ~0.5 GB with 8192 codes (a batch of 64 at 64x64 would need 8.6 GB)
+        idx = torch.cat([torch.cdist(c, self.embedding.weight).argmin(1) for c in zf.split(16384)])
+        return self.embedding(idx).view(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2)
+
+
+class VQModel(nn.Module):
+    """LDM's VQ-f4 first stage (LDM-4: 256x256x3 images <-> 64x64x3 latents, 8192 codes). As in LDM's VQModelInterface
+    and diffusers' VQModel, encode() returns the continuous latents before quantization (the diffusion model is trained
+    on these, with scale factor 1), and decode() first snaps them to the nearest codebook entries."""
+
+    def __init__(self, block_out_channels=(128, 256, 512), layers_per_block=2, latent_channels=3, num_codes=8192,
+                 norm_num_groups=32):
+        super().__init__()
+        c = latent_channels
+        self.encoder = VAEEncoder(block_out_channels, layers_per_block, norm_num_groups, c)
+        self.decoder = VAEDecoder(block_out_channels, layers_per_block, norm_num_groups, c)
+        self.quant_conv = nn.Conv2d(c, c, 1)
+        self.quantize = VectorQuantizer(num_codes, c)
+        self.post_quant_conv = nn.Conv2d(c, c, 1)
+
+    def encode(self, x):
+        return self.quant_conv(self.encoder(x))
+
+    def decode(self, z):
+        return self.decoder(self.post_quant_conv(self.quantize(z)))
+
+    def load_pretrained(self, path=None):
+        # CompVis/ldm-celebahq-256/vqvae is LDM's vq-f4 converted to diffusers' layout
+        return load_diffusers_weights(self, path, "ldm-vq-f4",
+                                      "https://huggingface.co/CompVis/ldm-celebahq-256/resolve/main/vqvae/diffusion_pytorch_model.bin")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The LDM U-Net (LDM's openaimodel.UNetModel with use_spatial_transformer): ADM-style residual blocks with the timestep
+# embedding, and transformer blocks (self-attention, cross-attention to a context [B, L, D], feed-forward) at chosen
+# downsampling factors. The condition enters only through the context: a class is one token, text is many.
+
+
+class UNetResBlock(nn.Module):
+    def __init__(self, cin, cout, emb_dim):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(32, cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, cout)
+        self.norm2 = nn.GroupNorm(32, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        nn.init.zeros_(self.conv2.weight)  # zero residual branch: the block starts as (a projection of) the identity
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x))) + self.emb(F.silu(emb))[:, :, None, None]
+        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
+
+
+class UNetAttention(nn.Module):
+    """Multi-head attention from x [B, N, dim] to a context [B, L, context_dim] (x itself for self-attention)."""
+
+    def __init__(self, dim, context_dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(context_dim, 2 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, context):
+        B, N, C = x.shape
+        q = self.q(x).view(B, N, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(context).view(B, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(h.transpose(1, 2).reshape(B, N, C))
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm, 1x1 conv to tokens, one pre-LayerNorm transformer block (self-attention, cross-attention, GEGLU
+    feed-forward), 1x1 conv back (zero-init), residual."""
+
+    def __init__(self, c, context_dim, heads):
+        super().__init__()
+        self.norm = nn.GroupNorm(32, c, eps=1e-6)
+        self.proj_in = nn.Conv2d(c, c, 1)
+        self.norm1, self.attn1 = nn.LayerNorm(c), UNetAttention(c, c, heads)
+        self.norm2, self.attn2 = nn.LayerNorm(c), UNetAttention(c, context_dim, heads)
+        self.norm3, self.ff_in, self.ff_out = nn.LayerNorm(c), nn.Linear(c, 8 * c), nn.Linear(4 * c, c)
+        self.proj_out = nn.Conv2d(c, c, 1)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x, context):
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # [B, HW, C]
+        n = self.norm1(h)
+        h = h + self.attn1(n, n)
+        h = h + self.attn2(self.norm2(h), context)
+        a, gate = self.ff_in(self.norm3(h)).chunk(2, dim=-1)
+        h = h + self.ff_out(a * F.gelu(gate))
+        return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
+
+
+class UNetLayers(nn.ModuleList):
+    """One step of the U-Net: hands the timestep embedding to residual blocks and the context to transformers."""
+
+    def forward(self, x, emb, context):
+        for m in self:
+            x = m(x, emb) if isinstance(m, UNetResBlock) else m(x, context) if isinstance(m, SpatialTransformer) else m(x)
+        return x
+
+
+class UNet(nn.Module):
+    """attention_resolutions are downsampling factors (LDM's convention): 2 means attention at 1/2 of the input size.
+    forward(x, t, y) for class ids y [B] (num_classes + 1 embedding rows, the last one null), or
+    forward(x, t, context=c) for a context c [B, L, context_dim] such as text tokens (then num_classes may be 0)."""
+
+    def __init__(self, in_channels, model_channels, channel_mult, num_res_blocks, attention_resolutions, num_heads,
+                 context_dim, num_classes, learn_sigma=False, class_dropout_prob=0.1):
+        super().__init__()
+        self.in_channels, self.model_channels, self.learn_sigma = in_channels, model_channels, learn_sigma
+        self.num_classes = num_classes
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        emb_dim = 4 * model_channels
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # the table keeps nn.Embedding's N(0, 1) init, as LDM's (the DiT sets std 0.02 in its own init)
+        self.y_embedder = LabelEmbedder(num_classes, context_dim, class_dropout_prob) if num_classes else None
+
+        def level(cin, cout, ds):
+            layers = [UNetResBlock(cin, cout, emb_dim)]
+            if ds in attention_resolutions:
+                layers.append(SpatialTransformer(cout, context_dim, num_heads))
+            return layers
+
+        self.input_blocks = nn.ModuleList([UNetLayers([nn.Conv2d(in_channels, model_channels, 3, padding=1)])])
+        skips, ch, ds = [model_channels], model_channels, 1  # skips: channels of every skip connection
+        for i, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                self.input_blocks.append(UNetLayers(level(ch, mult * model_channels, ds)))
+                ch = mult * model_channels
+                skips.append(ch)
+            if i < len(channel_mult) - 1:
+                self.input_blocks.append(UNetLayers([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
+                skips.append(ch)
+                ds *= 2
+        self.middle_block = UNetLayers([UNetResBlock(ch, ch, emb_dim), SpatialTransformer(ch, context_dim, num_heads),
+                                        UNetResBlock(ch, ch, emb_dim)])
+        self.output_blocks = nn.ModuleList()
+        for i, mult in reversed(list(enumerate(channel_mult))):
+            for j in range(num_res_blocks + 1):
+                layers = level(ch + skips.pop(), mult * model_channels, ds)
+                ch = mult * model_channels
+                if i > 0 and j == num_res_blocks:
+                    layers.append(nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"),
+                                                nn.Conv2d(ch, ch, 3, padding=1)))
+                    ds //= 2
+                self.output_blocks.append(UNetLayers(layers))
+        self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, self.out_channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)  # with the zero residual branches: output exactly 0 at init, as in ADM
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x, t, y=None, context=None, force_drop_ids=None):
+        assert (y is None) != (context is None), "pass exactly one of y (class ids) and context"
+        if y is not None:
+            context = self.y_embedder(y, force_drop_ids)[:, None]  # [B, 1, context_dim]
+        emb = self.time_embed(TimestepEmbedder.timestep_embedding(t, self.model_channels))
+        hs, h = [], x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            hs.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb, context)
+        return self.out(h)
+
+    forward_with_cfg = forward_with_cfg
+
+
+UNet_models = {
+    # LDM-4 on ImageNet (LDM's cin256-v2.yaml): attention at 1/2, 1/4, 1/8 of the 64x64x3 VQ-f4 latents
+    "LDM-4": dict(model_channels=192, channel_mult=(1, 2, 3, 5), num_res_blocks=2, attention_resolutions=(2, 4, 8),
+                  num_heads=1, context_dim=512),
+    # a small one for CPU runs and tests
+    "LDM-S": dict(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(2, 4),
+                  num_heads=4, context_dim=256),
+}
 
 
 # -----------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import cep
 import corrupt
 import data
 from configurator import configure
-from model import DiT, DiT_models, GaussianDiffusion, diffusers_to_dit, discretized_gaussian_log_likelihood, load_dit
+from model import (AutoencoderKL, DiT, DiT_models, GaussianDiffusion, UNet, UNet_models, VQModel, diffusers_to_dit,
+                   discretized_gaussian_log_likelihood, load_dit)
 from sample import load_model, sample, sample_npz
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -46,13 +47,13 @@ def tiny_dit(**kw):
     return DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=5, **kw)
 
 
-def randomize(model, seed=0):
-    """Non-zero weights everywhere (adaLN-Zero starts at a zero output, which would hide bugs)."""
+def randomize(model, seed=0, std=0.1):
+    """Non-zero weights everywhere (zero-initialised outputs would hide bugs); frozen ones are left alone."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
 
 
@@ -155,6 +156,179 @@ def test_load_dit_reads_architecture_from_an_official_style_state_dict(tmp_path)
     assert torch.equal(model(x, t, y), src(x, t, y))
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_model(str(tmp_path / "missing.pt"))
+
+
+# -----------------------------------------------------------------------------
+# model.py: the first stages (KL-f8 VAE, VQ-f4) and the LDM U-Net
+
+TINY_VAE = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
+
+
+def _diffusers_tiny(cls, **kw):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return getattr(diffusers, cls)(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                                   down_block_types=("DownEncoderBlock2D",) * 2,
+                                   up_block_types=("UpDecoderBlock2D",) * 2, **kw).eval()
+
+
+def test_state_dicts_match_manifests():
+    for cls, name in [(AutoencoderKL, "sd_vae_kl_f8_diffusers_keys.json"), (VQModel, "vq_f4_diffusers_keys.json")]:
+        with torch.device("meta"):  # full size, shapes only
+            model = cls()
+        with open(os.path.join(MANIFESTS, name)) as f:
+            manifest = json.load(f)
+        ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+        assert ours == manifest, name
+
+
+def test_kl_vae_matches_diffusers():
+    ref = _diffusers_tiny("AutoencoderKL", latent_channels=4)
+    ours = AutoencoderKL(latent_channels=4, **TINY_VAE).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        dist = ref.encode(x).latent_dist
+        z = ours.encode(x)
+        assert z.shape == (2, 4, 16, 16)
+        torch.testing.assert_close(z, dist.mean * 0.18215, rtol=1e-5, atol=1e-5)
+        torch.manual_seed(3)
+        zs = ours.encode(x, sample=True)
+        torch.manual_seed(3)
+        torch.testing.assert_close(zs, dist.sample() * 0.18215, rtol=1e-5, atol=1e-5)
+        assert (zs - z).abs().mean() > 1e-3  # the sample really is noisy
+        img = ours.decode(z)
+        assert img.shape == x.shape
+        torch.testing.assert_close(img, ref.decode(z / 0.18215).sample, rtol=1e-5, atol=1e-5)
+
+
+def test_vq_matches_diffusers():
+    ref = _diffusers_tiny("VQModel", latent_channels=3, num_vq_embeddings=64)
+    ours = VQModel(latent_channels=3, num_codes=64, **TINY_VAE).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    with torch.no_grad():  # spread the codebook over the latents' range so that quantization makes a difference
+        ours.quantize.embedding.weight.normal_(0, 0.3)
+        ref.quantize.embedding.weight.copy_(ours.quantize.embedding.weight)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        h = ours.encode(x)
+        assert h.shape == (2, 3, 16, 16)
+        torch.testing.assert_close(h, ref.encode(x).latents, rtol=1e-5, atol=1e-5)
+        q = ours.quantize(h)
+        torch.testing.assert_close(q, ref.quantize(h)[0], rtol=1e-5, atol=1e-5)
+        codes = ours.quantize.embedding.weight
+        assert all((codes - v).abs().sum(1).min() < 1e-6 for v in q.permute(0, 2, 3, 1).reshape(-1, 3))
+        assert len({tuple(v.tolist()) for v in q.permute(0, 2, 3, 1).reshape(-1, 3)}) > 1
+        img = ours.decode(h)
+        torch.testing.assert_close(img, ref.decode(h).sample, rtol=1e-5, atol=1e-5)
+        assert (img - ours.decoder(ours.post_quant_conv(h))).abs().max() > 1e-4  # decode does quantize
+
+
+def test_load_pretrained_from_folder(tmp_path):
+    src = randomize(AutoencoderKL(**TINY_VAE))
+    (tmp_path / "vae").mkdir()
+    torch.save(src.state_dict(), tmp_path / "vae" / "diffusion_pytorch_model.bin")
+    loaded = AutoencoderKL(**TINY_VAE).load_pretrained(tmp_path)  # a folder laid out like a diffusers pipeline
+    for k, v in src.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    safetensors = pytest.importorskip("safetensors.torch")
+    vq = randomize(VQModel(num_codes=16, **TINY_VAE))
+    safetensors.save_file(vq.state_dict(), tmp_path / "diffusion_pytorch_model.safetensors")
+    loaded = VQModel(num_codes=16, **TINY_VAE).load_pretrained(tmp_path / "diffusion_pytorch_model.safetensors")
+    assert torch.equal(loaded.quantize.embedding.weight, vq.quantize.embedding.weight)
+
+
+def test_missing_weights_error_names_file_and_place(tmp_path):
+    missing = tmp_path / "sd-vae-ft-ema"
+    with pytest.raises(FileNotFoundError) as e:
+        AutoencoderKL(**TINY_VAE).load_pretrained(missing)
+    msg = str(e.value)
+    assert "diffusion_pytorch_model" in msg and str(missing) in msg and "huggingface.co" in msg
+
+
+TINY_UNET = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,), num_heads=2,
+                 context_dim=16, num_classes=10)
+
+
+@pytest.mark.parametrize("cfg, size", [
+    (dict(in_channels=4, **TINY_UNET), 16),
+    (dict(in_channels=3, **{**TINY_UNET, "channel_mult": (1, 2, 3), "num_res_blocks": 2,
+                            "attention_resolutions": (1, 4)}), 16),
+    (dict(in_channels=3, learn_sigma=True, **UNet_models["LDM-S"], num_classes=5), 16),
+])
+def test_unet_shapes_and_zero_init(cfg, size):
+    model = UNet(**cfg).train()
+    x, t = torch.randn(2, cfg["in_channels"], size, size), torch.tensor([3, 999])
+    out = model(x, t, torch.tensor([1, cfg["num_classes"]]))
+    assert out.shape == (2, cfg["in_channels"] * (2 if cfg.get("learn_sigma") else 1), size, size)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()  # zero-init must not block gradients to the final conv
+    assert model.out[-1].weight.grad.abs().sum() > 0
+
+
+def test_ldm4_size():
+    with torch.device("meta"):
+        model = UNet(in_channels=3, num_classes=1000, **UNet_models["LDM-4"])
+        out = model(torch.empty(2, 3, 64, 64), torch.empty(2, dtype=torch.long), torch.empty(2, dtype=torch.long))
+    assert out.shape == (2, 3, 64, 64)
+    n = sum(p.numel() for p in model.parameters())
+    assert 380e6 < n < 420e6, n  # the paper: about 400M
+
+
+def test_unet_output_depends_on_condition():
+    model = randomize(UNet(in_channels=4, **TINY_UNET), std=0.05).eval()
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 500])
+    with torch.no_grad():
+        a, b = model(x, t, torch.tensor([0, 0])), model(x, t, torch.tensor([1, 10]))
+        assert (a - b).abs().amax(dim=(1, 2, 3)).min() > 1e-4  # both rows changed, the null class included
+        # a class is exactly one context token from the table
+        ctx = model.y_embedder.embedding_table(torch.tensor([1, 10]))[:, None]
+        torch.testing.assert_close(model(x, t, context=ctx), b)
+        c1, c2 = torch.randn(2, 7, 16), torch.randn(2, 7, 16)
+        assert (model(x, t, context=c1) - model(x, t, context=c2)).abs().max() > 1e-4
+        assert (model(x, t + 100, context=c1) - model(x, t, context=c1)).abs().max() > 1e-4
+    text_only = UNet(in_channels=4, **{**TINY_UNET, "num_classes": 0})
+    assert text_only.y_embedder is None and text_only(x, t, context=c1).shape == x.shape
+
+
+def test_label_dropout_and_cep_hook():
+    model = UNet(in_channels=4, **{**TINY_UNET, "class_dropout_prob": 0.0})
+    emb, table = model.y_embedder, model.y_embedder.embedding_table.weight
+    labels = torch.tensor([0, 10, 3, 10])  # 10 is the null class
+    emb.perturb = lambda e: e + 100.0
+    model.train()
+    out = emb(labels)
+    torch.testing.assert_close(out[[0, 2]], table[[0, 3]] + 100.0)
+    torch.testing.assert_close(out[[1, 3]], table[[10, 10]])  # null rows untouched
+    model.eval()
+    torch.testing.assert_close(emb(labels), table[labels])  # never at evaluation
+    forced = emb(labels, force_drop_ids=torch.tensor([True, False, False, False]))
+    torch.testing.assert_close(forced, table[[10, 10, 3, 10]])
+    emb.dropout_prob = 1.0
+    torch.testing.assert_close(emb(labels), table[labels])  # no dropout outside training
+    model.train()
+    torch.testing.assert_close(emb(labels), table[[10] * 4])  # dropped to null before the hook
+    # through the U-Net: the hook changes the output in training mode only
+    randomize(model, std=0.05)
+    emb.dropout_prob, emb.perturb = 0.0, None
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([1, 2]), torch.tensor([1, 2])
+    with torch.no_grad():
+        clean = model(x, t, y)
+        emb.perturb = lambda e: e + torch.randn_like(e)
+        assert (model(x, t, y) - clean).abs().max() > 1e-4
+        model.eval()
+        torch.testing.assert_close(model(x, t, y), clean)
+
+
+def test_forward_with_cfg():
+    model = randomize(UNet(in_channels=4, learn_sigma=True, **TINY_UNET), std=0.05).eval()
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([1, 700]), torch.tensor([2, 5])
+    with torch.no_grad():
+        cond, null = model(x, t, y), model(x, t, torch.full_like(y, 10))
+        out = model.forward_with_cfg(x, t, y, 3.0)
+    torch.testing.assert_close(out[:, :4], null[:, :4] + 3.0 * (cond[:, :4] - null[:, :4]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[:, 4:], cond[:, 4:], rtol=1e-4, atol=1e-5)
+    assert (out[:, :4] - cond[:, :4]).abs().max() > 1e-4
 
 
 # -----------------------------------------------------------------------------
@@ -402,3 +576,192 @@ def test_step_batches_split_ranks_and_resume():
     assert ranks[0][12][1] != ranks[0][0][1]  # a new permutation each epoch
     resumed = next(iter(data.StepBatches(100, 8, 1, 2, seed=0, start_step=17)))
     assert resumed == ranks[1][17][1]
+
+
+# -----------------------------------------------------------------------------
+# corrupt.py
+
+
+def test_symmetric_corruption_is_exact_and_never_keeps_the_label():
+    labels = np.random.default_rng(0).integers(0, 7, 1000)
+    for eta in (0.0, 0.025, 0.05, 0.2, 0.999):
+        new, record = corrupt.corrupt_labels(labels, eta, seed=1)
+        changed = np.flatnonzero(new != labels)
+        assert len(changed) == round(eta * 1000) and changed.tolist() == record["indices"]
+        assert record["original"] == labels[changed].tolist() and record["new"] == new[changed].tolist()
+
+
+def test_new_labels_follow_the_class_prior():
+    from scipy.stats import chisquare
+    prior = np.array([0.4, 0.3, 0.15, 0.1, 0.05])
+    labels = np.random.default_rng(0).choice(5, size=200_000, p=prior)
+    new, record = corrupt.corrupt_labels(labels, 0.2, seed=0)
+    counts = np.bincount(labels, minlength=5).astype(float)
+    for y in range(5):  # from class y, the new label follows the prior without y
+        moved = np.array(record["new"])[np.array(record["original"]) == y]
+        expected = counts.copy()
+        expected[y] = 0
+        expected *= len(moved) / expected.sum()
+        observed = np.bincount(moved, minlength=5)
+        assert observed[y] == 0
+        keep = expected > 0
+        assert chisquare(observed[keep], expected[keep]).pvalue > 1e-3
+
+
+def test_asymmetric_corruption_stays_in_the_subset():
+    labels = np.arange(1000) % 10
+    new, record = corrupt.corrupt_labels(labels, 0.1, seed=0, subset=[1, 4, 7])
+    assert len(record["indices"]) == 100
+    assert set(record["original"]) <= {1, 4, 7} and set(record["new"]) <= {1, 4, 7}
+    assert all(o != n for o, n in zip(record["original"], record["new"]))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        corrupt.corrupt_labels(labels, 0.1, seed=0, subset=[3])
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        corrupt.corrupt_labels(labels, 0.1, seed=0, subset=[])
+    with pytest.raises(ValueError, match="eligible"):
+        corrupt.corrupt_labels(labels, 0.5, seed=0, subset=[1, 4])
+
+
+@pytest.mark.parametrize("eta", [-0.1, 1.0, 1.5])
+def test_eta_outside_unit_interval_is_an_error(eta):
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        corrupt.corrupt_labels(np.arange(10), eta, seed=0)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        corrupt.swap_captions([str(i) for i in range(10)], eta, seed=0)
+
+
+def test_corruption_record_depends_on_the_seed_only():
+    labels = np.arange(5000) % 10
+    a, b, c = (corrupt.corrupt_labels(labels, 0.05, seed=s)[1] for s in (3, 3, 4))
+    assert a == b and a != c
+
+
+def test_random_mode_flips_at_rate_eta():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 10, (200_000,))
+    new = corrupt.corrupt_batch(labels, 0.075, torch.ones(10))
+    assert (new != labels).float().mean().item() == pytest.approx(0.075, abs=0.003)
+    again = corrupt.corrupt_batch(labels, 0.075, torch.ones(10))
+    assert not torch.equal(new, again)  # a fresh draw every call
+
+
+def test_caption_swap_and_rewrite_counts():
+    captions = [f"caption {i % 50}" for i in range(1000)]  # duplicates: swapping two equal ones would not count
+    for eta in (0.05, 0.073, 0.2):
+        new, record = corrupt.swap_captions(captions, eta, seed=0)
+        wrong = [i for i in range(1000) if new[i] != captions[i]]
+        assert len(wrong) == round(eta * 1000) and wrong == record["indices"]
+        assert sorted(new) == sorted(captions)  # a permutation of the captions: nothing invented
+    rewrites = {i: f"rewritten {i}" for i in range(0, 1000, 3)}
+    new, record = corrupt.rewrite_captions(captions, 0.1, seed=0, rewrites=rewrites)
+    assert sum(a != b for a, b in zip(new, captions)) == 100
+    assert all(new[i] == rewrites[i] for i in record["indices"])
+    with pytest.raises(ValueError, match="rewrites"):
+        corrupt.rewrite_captions(captions, 0.5, seed=0, rewrites=rewrites)
+
+
+# -----------------------------------------------------------------------------
+# cep.py
+
+
+@pytest.mark.parametrize("kind", ["uniform", "gaussian"])
+@pytest.mark.parametrize("gamma, d", [(0.1, 16), (1.0, 384), (5.0, 1152)])
+def test_cep_statistics(kind, gamma, d):
+    torch.manual_seed(0)
+    emb = torch.randn(2000, d)
+    delta = cep.CEP(kind, gamma).train()(emb) - emb
+    bound = gamma / math.sqrt(d)
+    assert abs(delta.mean().item()) < 0.02 * bound
+    if kind == "uniform":
+        assert delta.abs().max().item() <= bound * (1 + 1e-5) and delta.abs().max().item() > 0.99 * bound
+        assert delta.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.01)
+    else:
+        assert delta.std().item() == pytest.approx(bound, rel=0.01)
+        assert delta.abs().max().item() > 3 * bound  # Gaussian tails, not a bounded law
+
+
+def test_cep_is_fresh_each_call_training_only_and_differentiable():
+    layer = cep.CEP("gaussian", 1.0).train()
+    emb = torch.randn(4, 8, 32, requires_grad=True)  # text: per token, d = 32
+    first, second = layer(emb), layer(emb)
+    assert not torch.equal(first, second)
+    first.sum().backward()
+    assert torch.equal(emb.grad, torch.ones_like(emb))
+    assert torch.equal(layer.eval()(emb), emb)
+    with pytest.raises(ValueError, match="cep_type"):
+        cep.CEP("laplace")
+    with pytest.raises(ValueError, match="cep_scale"):
+        cep.CEP("uniform", -1.0)
+
+
+def test_cep_in_the_model_skips_the_null_class_and_sampling():
+    model = tiny_dit(class_dropout_prob=0.5)
+    model.y_embedder.perturb = cep.CEP("uniform", 1.0)
+    torch.manual_seed(0)
+    labels = torch.randint(0, 5, (1000,))
+    table = model.y_embedder.embedding_table.weight
+    emb = model.y_embedder(labels)
+    null = (emb == table[5]).all(dim=1)
+    assert 400 < null.sum() < 600  # dropped labels got the exact, unperturbed null embedding
+    real = ~null
+    assert not torch.isclose(emb[real], table[labels[real]]).all(dim=1).any()  # every real one is perturbed
+    model.eval()
+    assert torch.equal(model.y_embedder(labels), table[labels])
+    model.train()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([5, 50])
+    randomize(model)
+    model.y_embedder.dropout_prob = 0.0
+    model(x, t, torch.tensor([0, 1])).sum().backward()
+    assert model.y_embedder.embedding_table.weight.grad[:2].abs().sum() > 0
+
+
+def test_input_perturbation():
+    torch.manual_seed(0)
+    noise = torch.randn(100_000)
+    perturbed = cep.input_perturbation(noise, 0.1)
+    assert (perturbed - noise).std().item() == pytest.approx(0.1, rel=0.02)
+
+
+# -----------------------------------------------------------------------------
+# sample.py
+
+
+def test_npz_format_and_reproducibility(tmp_path):
+    model = randomize(tiny_dit()).eval()
+    kwargs = dict(num_samples=13, num_classes=5, batch_size=4, seed=1, cfg_scale=2.0, num_steps=3)
+    sample_npz(model, str(tmp_path / "a.npz"), **kwargs)
+    sample_npz(model, str(tmp_path / "b.npz"), **kwargs)
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    assert a["arr_0"].shape == (13, 8, 8, 3) and a["arr_0"].dtype == np.uint8
+    assert a["arr_1"].tolist() == [i % 5 for i in range(13)]
+    assert np.array_equal(a["arr_0"], b["arr_0"])
+    sample_npz(model, str(tmp_path / "c.npz"), **dict(kwargs, seed=2))
+    assert not np.array_equal(a["arr_0"], np.load(tmp_path / "c.npz")["arr_0"])
+
+
+def test_ddim_eta0_is_deterministic_and_ddpm_is_not():
+    model = randomize(tiny_dit()).eval()
+    y = torch.tensor([0, 1])
+    g = lambda: torch.Generator().manual_seed(0)
+    ddim = [sample(model, y, sampler="ddim", num_steps=5, generator=g()) for _ in range(2)]
+    assert torch.equal(*ddim) and ddim[0].abs().max() <= 1 + 1e-6
+    torch.manual_seed(0)
+    x_T = torch.randn(2, 3, 8, 8, generator=g())
+    # DDIM(eta=0) uses the generator for x_T only; DDPM also for the noise of every step
+    ddpm = sample(model, y, sampler="ddpm", num_steps=5, generator=g())
+    assert not torch.equal(ddpm, ddim[0]) and x_T.shape == ddpm.shape
+
+
+def test_sample_script_grid_and_torchrun_npz(tmp_path):
+    out = tmp_path / "run"
+    train(out, "--max_steps=2")
+    run([sys.executable, "sample.py", f"--ckpt={out}/ckpt.pt", "--num_steps=3", f"--out={tmp_path}/grid.png",
+         "--grid_classes=3", "--grid_per_class=2"])
+    assert Image.open(tmp_path / "grid.png").size == (2 * 17 + 1, 3 * 17 + 1)
+    args = ["sample.py", f"--ckpt={out}/ckpt.pt", "--num_steps=2", "--num_samples=10", "--batch_size=4"]
+    run([sys.executable] + args + [f"--out={tmp_path}/one.npz"])
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] + args
+        + [f"--out={tmp_path}/two.npz"])
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
+    assert one["arr_1"].tolist() == [i % 10 for i in range(10)]
