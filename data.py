@@ -1,15 +1,23 @@
 """
-Datasets: the built-in synthetic shapes (the embedded default: no downloads) and ImageNet-style folders.
+Datasets: the built-in synthetic shapes (the embedded default: no downloads), ImageNet-style folders, and latents
+cached on disk by this file's script, the fast path for latent diffusion:
 
-Every dataset returns (image, label) with the image a float tensor [3, H, W] in [-1, 1], and exposes `labels`
-(np.int64 [N]) and `classes`; train.py replaces `labels` with the corrupted ones before training.
+  python data.py --data_path=imagenet/train --image_size=256 --vae=sd-vae-ft-ema --out=latents/in256
+  torchrun --nproc_per_node=8 data.py ...   # the same, the shards shared out over the processes
+  python train.py --latents=latents/in256 --model=DiT-XL/2
+
+Every dataset returns (image or latent, label), an image being a float tensor [3, H, W] in [-1, 1], and exposes
+`labels` (np.int64 [N]) and `classes`; train.py replaces `labels` with the corrupted ones before training.
 """
+import json
 import math
 import os
+import sys
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -164,6 +172,113 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 # -----------------------------------------------------------------------------
+# Cached latents
+
+
+def shard_path(root, k):
+    return os.path.join(root, f"shard_{k:05d}.npy")
+
+
+def shard_offset(path, shape):
+    """The byte offset of the data in a complete float32 shard of this shape, or None if it is missing or
+    incomplete (a crash cannot leave one, the writes are atomic, but a copy of the cache can)."""
+    try:
+        arr = np.load(path, mmap_mode="r")  # reads the header; a truncated file fails here
+    except (OSError, ValueError):
+        return None
+    return arr.offset if (arr.shape, arr.dtype, arr.flags.c_contiguous) == (tuple(shape), np.float32, True) else None
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Latents written by `python data.py` (extract_latents). Returns (latent [C, h, w] float32, label): the latent
+    of the image or, with probability 0.5 where the cache has flips, of its horizontal flip, as ImageFolder flips
+    pixels. Reads single latents straight from the shard files, so processes on one machine share the page cache."""
+
+    def __init__(self, root):
+        path = os.path.join(root, "meta.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"latents: {path!r} not found; write the cache: python data.py --out={root} ...")
+        with open(path) as f:
+            self.meta = json.load(f)
+        # labels and captions move out of meta: train.py replaces self.labels with corrupted ones
+        self.root, self.classes, self.captions = root, self.meta["classes"], self.meta.pop("captions")
+        self.labels = np.array(self.meta.pop("labels"), dtype=np.int64)
+        self.resolution, self.shard_size = self.meta["image_size"], self.meta["shard_size"]
+        self.views = 2 if self.meta["flip"] else 1
+        self.offsets = []
+        for k in range(math.ceil(len(self.labels) / self.shard_size)):
+            n = min(self.shard_size, len(self.labels) - k * self.shard_size)
+            self.offsets.append(shard_offset(shard_path(root, k), [n, self.views, *self.meta["latent_shape"]]))
+            if self.offsets[-1] is None:
+                raise FileNotFoundError(f"latents: {shard_path(root, k)!r} is missing or incomplete; rerun the "
+                                        f"extraction (python data.py --out={root} ...) to finish the cache")
+
+    def __len__(self):
+        return len(self.labels)
+
+    def latent(self, i, flipped=False):
+        k, j = divmod(i, self.shard_size)
+        size = math.prod(self.meta["latent_shape"])
+        x = np.fromfile(shard_path(self.root, k), dtype=np.float32, count=size,
+                        offset=self.offsets[k] + (j * self.views + flipped) * size * 4)
+        return torch.from_numpy(x).view(self.meta["latent_shape"])
+
+    def __getitem__(self, i):
+        return self.latent(i, self.views == 2 and bool(torch.rand(()) < 0.5)), int(self.labels[i])
+
+
+@torch.no_grad()
+def extract_latents(dataset, vae, vae_path, out, flip, shard_size, batch_size, num_workers, device, rank=0,
+                    world_size=1):
+    """Encode `dataset` (unflipped images) with `vae` (loaded from vae_path) into out/shard_XXXXX.npy, float32
+    [n, 2, C, h, w]: the latent of each image and of its horizontal flip ([n, 1, C, h, w] with flip=False), and
+    out/meta.json (labels, classes, captions, the VAE). Latents are the posterior mean times the VAE's scale (our
+    choice; DiT's train.py draws a posterior sample): deterministic, so the cache equals encoding on the fly.
+    Shard k is encoded by rank k % world_size. Files are written to .tmp and renamed, and complete shards are
+    skipped: a rerun, with any number of ranks, finishes an interrupted extraction."""
+    n, C, h = len(dataset), vae.latent_channels, dataset.resolution // vae.factor
+    meta = dict(image_size=dataset.resolution, latent_shape=[C, h, h], flip=flip, shard_size=shard_size,
+                vae=os.path.abspath(vae_path), scale=vae.scale, classes=list(dataset.classes),
+                labels=dataset.labels.tolist(), captions=getattr(dataset, "captions", None))
+    os.makedirs(out, exist_ok=True)
+    meta_path = os.path.join(out, "meta.json")
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        if old != meta:
+            diff = [k for k in meta if old.get(k) != meta[k]]
+            raise ValueError(f"{out!r} holds a cache with other settings ({', '.join(diff)} differ); use a new --out")
+    elif rank == 0:
+        with open(meta_path + ".tmp", "w") as f:
+            json.dump(meta, f)
+        os.replace(meta_path + ".tmp", meta_path)
+    shards = range(rank, math.ceil(n / shard_size), world_size)
+    sizes = {k: min(shard_size, n - k * shard_size) for k in shards}
+    todo = [k for k in shards if shard_offset(shard_path(out, k), [sizes[k], 1 + flip, C, h, h]) is None]
+    batches = [list(range(start, min(start + batch_size, k * shard_size + sizes[k])))
+               for k in todo for start in range(k * shard_size, k * shard_size + sizes[k], batch_size)]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                                         pin_memory=device.startswith("cuda"))
+    progress = tqdm(total=sum(sizes[k] for k in todo), disable=rank != 0, unit="img",
+                    desc=f"rank 0 of {world_size}: {len(todo)} of {len(shards)} shards to encode")
+    pending, parts = iter(todo), []
+    k = next(pending, None)
+    for x, _ in loader:
+        x = x.to(device, non_blocking=True)
+        z = vae.encode(torch.cat([x, x.flip(3)]) if flip else x).cpu()
+        parts.append(torch.stack(z.chunk(1 + flip), dim=1).numpy())
+        progress.update(len(x))
+        if sum(len(p) for p in parts) == sizes[k]:
+            path = shard_path(out, k)
+            with open(path + ".tmp", "wb") as f:
+                np.save(f, np.concatenate(parts))
+            os.replace(path + ".tmp", path)
+            parts, k = [], next(pending, None)
+    progress.close()
+    return len(todo), len(shards)
+
+
+# -----------------------------------------------------------------------------
 # Distributed batches
 
 
@@ -187,3 +302,34 @@ class StepBatches(torch.utils.data.Sampler):
             start = (step % self.steps_per_epoch) * self.global_batch + self.rank * self.local
             yield perm[start:start + self.local].tolist()
             step += 1
+
+
+if __name__ == "__main__":
+    # latent pre-extraction (extract_latents); the defaults match train.py's, so that `python data.py --vae=V --out=L`
+    # then `python train.py --latents=L` trains on what `python train.py --vae=V` encodes on the fly
+    data_path = ""        # "": the built-in synthetic shapes; else an ImageNet-style folder root/<class>/<image>
+    image_size = 32       # ImageNet for DiT / LDM-4: 256
+    synthetic_size = 20000
+    seed = 0              # of the synthetic shapes
+    vae = ""              # a folder with diffusers VAE weights and config.json, e.g. stabilityai/sd-vae-ft-ema's files
+    out = ""              # the cache folder, for train.py --latents
+    shard_size = 1024     # images per file: the unit of resuming
+    batch_size = 64
+    num_workers = 4
+    from configurator import configure
+    from model import load_first_stage
+    configure(globals(), sys.argv[1:])
+    for key in ("vae", "out"):
+        if not globals()[key]:
+            raise ValueError(f"--{key} is required: python data.py --vae=VAE_FOLDER --out=CACHE [--data_path=...]")
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    first_stage = load_first_stage(vae).to(device).eval()
+    if image_size % first_stage.factor:
+        raise ValueError(f"image_size={image_size} is not divisible by the VAE's downsampling {first_stage.factor}")
+    # the synthetic shapes are not flipped (their captions say left and right); folders are, as ImageFolder does
+    dataset = ImageFolder(data_path, image_size, flip=False) if data_path else \
+        SyntheticShapes(synthetic_size, image_size, seed)
+    written, total = extract_latents(dataset, first_stage, vae, out, bool(data_path), shard_size, batch_size,
+                                     num_workers, device, rank, world_size)
+    print(f"rank {rank}: encoded {written} shards, {total - written} were already complete; cache: {out}")

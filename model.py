@@ -8,6 +8,7 @@ learned variance the hybrid loss (MSE on eps + variational bound on the variance
 
 Imports nothing from the project: copy this file into another project as it is.
 """
+import json
 import math
 import os
 
@@ -423,7 +424,8 @@ class AutoencoderKL(nn.Module):
     def __init__(self, block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                  norm_num_groups=32):
         super().__init__()
-        c = latent_channels
+        c = self.latent_channels = latent_channels
+        self.factor = 2 ** (len(block_out_channels) - 1)  # one 2x downsampling per block but the last
         self.encoder = VAEEncoder(block_out_channels, layers_per_block, norm_num_groups, 2 * c)  # mean and log-variance
         self.decoder = VAEDecoder(block_out_channels, layers_per_block, norm_num_groups, c)
         self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1)
@@ -464,10 +466,13 @@ class VQModel(nn.Module):
     and diffusers' VQModel, encode() returns the continuous latents before quantization (the diffusion model is trained
     on these, with scale factor 1), and decode() first snaps them to the nearest codebook entries."""
 
+    scale = 1.0
+
     def __init__(self, block_out_channels=(128, 256, 512), layers_per_block=2, latent_channels=3, num_codes=8192,
                  norm_num_groups=32):
         super().__init__()
-        c = latent_channels
+        c = self.latent_channels = latent_channels
+        self.factor = 2 ** (len(block_out_channels) - 1)
         self.encoder = VAEEncoder(block_out_channels, layers_per_block, norm_num_groups, c)
         self.decoder = VAEDecoder(block_out_channels, layers_per_block, norm_num_groups, c)
         self.quant_conv = nn.Conv2d(c, c, 1)
@@ -484,6 +489,28 @@ class VQModel(nn.Module):
         # CompVis/ldm-celebahq-256/vqvae is LDM's vq-f4 converted to diffusers' layout
         return load_diffusers_weights(self, path, "ldm-vq-f4",
                                       "https://huggingface.co/CompVis/ldm-celebahq-256/resolve/main/vqvae/diffusion_pytorch_model.bin")
+
+
+def load_first_stage(path):
+    """The AutoencoderKL or VQModel whose diffusers weights are at `path` (a folder, as for load_diffusers_weights, or
+    the file), built from the config.json that diffusers saves beside them (_class_name, block_out_channels,
+    layers_per_block, latent_channels, norm_num_groups, num_vq_embeddings, scaling_factor). Without a config.json:
+    the Stable Diffusion KL-f8 VAE."""
+    path = os.fspath(path)
+    folder = os.path.dirname(path) if os.path.isfile(path) else path
+    configs = [f for f in (os.path.join(folder, sub, "config.json") for sub in ("", "vae", "vqvae"))
+               if os.path.isfile(f)]
+    cfg = {}
+    if configs:
+        with open(configs[0]) as f:
+            cfg = json.load(f)
+    kw = {k: tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k]
+          for k in ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups") if k in cfg}
+    if cfg.get("_class_name") == "VQModel":
+        return VQModel(num_codes=cfg.get("num_vq_embeddings", 8192), **kw).load_pretrained(path)
+    vae = AutoencoderKL(**kw).load_pretrained(path)
+    vae.scale = cfg.get("scaling_factor", vae.scale)  # VQModel configs have one too, but LDM uses VQ latents unscaled
+    return vae
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -636,6 +663,20 @@ UNet_models = {
     "LDM-S": dict(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(2, 4),
                   num_heads=4, context_dim=256),
 }
+
+
+def build_model(name, input_size, **kwargs):
+    """A DiT (DiT_models) or a U-Net (UNet_models) by name. kwargs: in_channels, num_classes, learn_sigma,
+    class_dropout_prob. The U-Net is convolutional: it takes any input_size divisible by 2^(levels - 1)."""
+    if name in DiT_models:
+        return DiT_models[name](input_size=input_size, **kwargs)
+    if name in UNet_models:
+        levels = len(UNet_models[name]["channel_mult"])
+        if input_size % 2 ** (levels - 1):
+            raise ValueError(f"{name} downsamples {levels - 1} times: its input size must be divisible by "
+                             f"{2 ** (levels - 1)}, got {input_size}")
+        return UNet(**UNet_models[name], **kwargs)
+    raise ValueError(f"model {name!r} is not one of {', '.join([*DiT_models, *UNet_models])}")
 
 
 # -----------------------------------------------------------------------------

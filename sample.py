@@ -5,7 +5,9 @@ Sample from a trained model: DDPM (ancestral, with the learned variance) or DDIM
   torchrun --nproc_per_node=8 sample.py --ckpt out/ckpt.pt --num_samples 50000 --cfg_scale 1.5
       # an .npz for evaluate.py: uint8 images NHWC in arr_0, class labels in arr_1 (the ADM evaluator's format)
 
-Checkpoints: ours (EMA weights by default) or a bare DiT state dict (official or diffusers layout).
+Checkpoints: ours (EMA weights by default; DiT or U-Net, in pixel or latent space) or a bare DiT state dict
+(official or diffusers layout). Latents are decoded with the VAE the checkpoint records, or --vae; the official
+DiT checkpoints record none: python sample.py --ckpt DiT-XL-2-256x256.pt --vae sd-vae-ft-ema
 """
 import os
 import sys
@@ -16,7 +18,7 @@ import torch.distributed as dist
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from model import GaussianDiffusion, load_dit
+from model import GaussianDiffusion, build_model, load_dit, load_first_stage
 
 # -----------------------------------------------------------------------------
 ckpt = "out/ckpt.pt"
@@ -31,35 +33,43 @@ grid_per_class = 8
 batch_size = 64
 seed = 0
 out = ""                # default: beside the checkpoint
+vae = ""                # a folder of diffusers VAE weights, to decode latents; default: the one the checkpoint records
 # -----------------------------------------------------------------------------
 
 
 def load_model(path, use_ema=True):
-    """The model of a checkpoint, in eval mode; missing file: an error that names it."""
+    """The model of a checkpoint, in eval mode, and what train.py recorded beside it: model_args (input_size...)
+    and first_stage (dict(vae=path, scale), None in pixel space); {} for a bare state dict. Missing file: an error
+    that names it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} not found: train one with train.py, or pass --ckpt "
                                 "with the path of an official DiT checkpoint (e.g. DiT-XL-2-256x256.pt)")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if "ema" in state:  # ours
-        state = state["ema" if use_ema else "model"]
-    return load_dit(state).eval()
+    if "ema" not in state:  # a bare DiT state dict
+        return load_dit(state).eval(), {}
+    weights = state["ema" if use_ema else "model"]
+    model = build_model(**state["model_args"])
+    model.load_state_dict(weights)
+    return model.eval(), dict(model_args=state["model_args"], first_stage=state["first_stage"])
 
 
 @torch.no_grad()
 def sample(model, labels, cfg_scale=4.0, sampler="ddpm", num_steps=250, ddim_eta=0.0, generator=None,
-           clip_denoised=True, progress=False):
-    """Images (float, [-1, 1] in pixel space) for `labels`, from `num_steps` evenly spaced steps of the 1000."""
+           progress=False, size=None, vae=None):
+    """Images (float, about [-1, 1]) for `labels`, from `num_steps` evenly spaced steps of the 1000. The model denoises
+    size x size inputs (default: the DiT's input size): pixels, or with a first stage `vae` its latents, decoded at
+    the end. The predicted x0 is clipped to [-1, 1] in pixel space only: latents are unbounded (DiT does not clip)."""
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
     diffusion = GaussianDiffusion(learn_sigma=model.learn_sigma).respaced(num_steps)
     device = labels.device
-    size = model.x_embedder.proj.kernel_size[0] * int(model.pos_embed.shape[1] ** 0.5)
+    size = size or model.x_embedder.proj.kernel_size[0] * int(model.pos_embed.shape[1] ** 0.5)
     x = torch.randn(len(labels), model.in_channels, size, size, device=device, generator=generator)
     for i in tqdm(reversed(range(num_steps)), total=num_steps, disable=not progress, desc="sampling"):
         t = torch.full((len(labels),), i, device=device)
         model_t = torch.full_like(t, int(diffusion.timestep_map[i]))
         out = model(x, model_t, labels) if cfg_scale == 1 else model.forward_with_cfg(x, model_t, labels, cfg_scale)
-        mean, log_var, x0, _ = diffusion.p_mean_variance(out, x, t, clip_denoised)
+        mean, log_var, x0, _ = diffusion.p_mean_variance(out, x, t, clip_denoised=vae is None)
         noise = torch.randn(x.shape, device=device, generator=generator) if i > 0 else torch.zeros_like(x)
         if sampler == "ddpm":
             x = mean + torch.exp(0.5 * log_var) * noise
@@ -68,7 +78,7 @@ def sample(model, labels, cfg_scale=4.0, sampler="ddpm", num_steps=250, ddim_eta
             eps = (x / a ** 0.5 - x0) / (1 / a - 1) ** 0.5  # recomputed from the (clipped) x0, as DDIM does
             sigma = ddim_eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
             x = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps + sigma * noise
-    return x
+    return x if vae is None else vae.decode(x)
 
 
 def to_uint8(x):
@@ -115,11 +125,23 @@ def main():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    model = load_model(ckpt, use_ema).to(device)
-    if model.in_channels != 3:
-        raise NotImplementedError(f"{ckpt} is a latent-space model ({model.in_channels} channels); "
-                                  "decoding latents needs the VAE, which this version does not have yet")
-    kwargs = dict(cfg_scale=cfg_scale, sampler=sampler, num_steps=num_steps, ddim_eta=ddim_eta)
+    model, info = load_model(ckpt, use_ema)
+    model = model.to(device)
+    recorded = info.get("first_stage")
+    vae_path = vae or (recorded["vae"] if recorded else "")
+    if not vae_path and model.in_channels != 3:
+        raise ValueError(f"{ckpt} is a latent-space model ({model.in_channels} channels) that records no VAE: pass "
+                         "--vae with the folder of the VAE weights it was trained on (the official DiT: sd-vae-ft-ema "
+                         "or sd-vae-ft-mse, diffusion_pytorch_model.bin and config.json)")
+    first_stage = load_first_stage(vae_path).to(device).eval() if vae_path else None
+    if first_stage and (first_stage.latent_channels != model.in_channels
+                        or (recorded and first_stage.scale != recorded["scale"])):
+        trained = f"{model.in_channels} channels" + (f", scale {recorded['scale']}" if recorded else "")
+        raise ValueError(f"vae {vae_path!r} ({first_stage.latent_channels} latent channels, scale {first_stage.scale}) "
+                         f"does not match the model of {ckpt} ({trained})")
+    size = info["model_args"]["input_size"] if info else None
+    kwargs = dict(cfg_scale=cfg_scale, sampler=sampler, num_steps=num_steps, ddim_eta=ddim_eta, size=size,
+                  vae=first_stage)
     stem = out or os.path.join(os.path.dirname(ckpt) or ".", f"samples_{sampler}{num_steps}_cfg{cfg_scale}")
     if num_samples > 0:
         path = stem if stem.endswith(".npz") else stem + ".npz"

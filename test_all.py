@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ import data
 import gmm
 from configurator import configure
 from model import (AutoencoderKL, DiT, DiT_models, GaussianDiffusion, UNet, UNet_models, VQModel, diffusers_to_dit,
-                   discretized_gaussian_log_likelihood, load_dit)
+                   discretized_gaussian_log_likelihood, load_dit, load_first_stage)
 from sample import load_model, sample, sample_npz
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -43,7 +44,7 @@ def train(out_dir, *extra, torchrun=0, check=True):
 
 def logged_losses(out_dir):
     with open(os.path.join(out_dir, "log.txt")) as f:
-        return [line.split("|")[1] for line in f if line.startswith("step ")]
+        return [float(line.split("|")[1].split()[1]) for line in f if line.startswith("step ")]
 
 
 def tiny_dit(**kw):
@@ -153,7 +154,7 @@ def test_forward_with_cfg_guides_all_channels():
 def test_load_dit_reads_architecture_from_an_official_style_state_dict(tmp_path):
     src = randomize(DiT_models["DiT-S/8"](input_size=16, in_channels=4, num_classes=7)).eval()
     torch.save(src.state_dict(), tmp_path / "official.pt")  # official checkpoints are a bare state dict
-    model = load_model(str(tmp_path / "official.pt"))
+    model, _ = load_model(str(tmp_path / "official.pt"))
     assert (len(model.blocks), model.blocks[0].attn.num_heads, model.patch_size, model.num_classes) == (12, 6, 8, 7)
     x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([3, 4]), torch.tensor([0, 6])
     assert torch.equal(model(x, t, y), src(x, t, y))
@@ -554,6 +555,14 @@ def test_resume_without_checkpoint_and_bad_config_fail_before_work(tmp_path):
     assert not os.path.exists(tmp_path / "bad" / "ckpt.pt")
 
 
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    result = train(tmp_path, "--max_steps=5", "--ckpt_every=1", "--lr=1e30", check=False)  # weights blow up at once
+    assert result.returncode != 0 and "NaN or infinite between steps 1 and 2" in result.stderr
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "log.txt"]  # no temporary file left, no sample grid
+
+
 def test_torchrun_design_card_command(tmp_path):
     """`torchrun --nproc_per_node=8 train.py --corrupt 0.05 --cep`, with 2 processes and a tiny config."""
     out = tmp_path / "run"
@@ -579,6 +588,161 @@ def test_step_batches_split_ranks_and_resume():
     assert ranks[0][12][1] != ranks[0][0][1]  # a new permutation each epoch
     resumed = next(iter(data.StepBatches(100, 8, 1, 2, seed=0, start_step=17)))
     assert resumed == ranks[1][17][1]
+
+
+# -----------------------------------------------------------------------------
+# Latent diffusion end to end: extraction (data.py), training from the cache or on the fly, decoding in sample.py.
+# A tiny random-weight KL VAE stands in for SD's (no downloads here); it downsamples 2x, not 8x: nothing may assume 8.
+
+TINY_VAE_CONFIG = dict(block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8, latent_channels=4)
+SYNTH = ["--synthetic_size=64", "--image_size=16", "--shard_size=16", "--batch_size=8", "--num_workers=0"]
+
+
+def save_vae(folder, **config):
+    """A diffusers-style folder: diffusion_pytorch_model.bin and config.json."""
+    cfg = dict(TINY_VAE_CONFIG, **config)
+    vae = randomize(AutoencoderKL(**dict(TINY_VAE_CONFIG, block_out_channels=(32, 64))), std=0.2)  # input-sensitive latents
+    os.makedirs(folder, exist_ok=True)
+    torch.save(vae.state_dict(), os.path.join(folder, "diffusion_pytorch_model.bin"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(dict(_class_name="AutoencoderKL", **cfg), f)
+    return vae.eval()
+
+
+def extract(out, vae, *extra, torchrun=0, check=True):
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--standalone"] \
+        if torchrun else [sys.executable]
+    return run(launcher + ["data.py", f"--out={out}", f"--vae={vae}"] + list(extra), check=check)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """The tiny VAE and the synthetic shapes (64 images, 16px) cached as 4 shards of 8x8x4 latents."""
+    root = tmp_path_factory.mktemp("latents")
+    save_vae(root / "vae")
+    extract(root / "cache", root / "vae", *SYNTH)
+    return root
+
+
+def test_load_first_stage_builds_the_architecture_of_config_json(tmp_path):
+    src = save_vae(tmp_path / "kl", scaling_factor=0.5)
+    vae = load_first_stage(tmp_path / "kl")
+    assert (vae.factor, vae.latent_channels, vae.scale) == (2, 4, 0.5)
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(vae.encode(x), src.encode(x) / 0.18215 * 0.5)
+    vq = randomize(VQModel(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8, num_codes=16))
+    (tmp_path / "vq" / "vqvae").mkdir(parents=True)  # the layout of CompVis/ldm-celebahq-256
+    torch.save(vq.state_dict(), tmp_path / "vq" / "vqvae" / "diffusion_pytorch_model.bin")
+    (tmp_path / "vq" / "vqvae" / "config.json").write_text(json.dumps(dict(
+        _class_name="VQModel", block_out_channels=[32, 64, 64], layers_per_block=1, norm_num_groups=8,
+        latent_channels=3, num_vq_embeddings=16, scaling_factor=0.18215)))
+    loaded = load_first_stage(tmp_path / "vq")
+    assert isinstance(loaded, VQModel) and (loaded.factor, loaded.latent_channels, loaded.scale) == (4, 3, 1.0)
+    assert torch.equal(loaded.quantize.embedding.weight, vq.quantize.embedding.weight)
+
+
+def test_missing_vae_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model"):
+        load_first_stage(tmp_path / "nope")
+    result = train(tmp_path / "t", f"--vae={tmp_path / 'nope'}", check=False)
+    assert result.returncode != 0 and f"{tmp_path / 'nope'}" in result.stderr and \
+        "diffusion_pytorch_model" in result.stderr, result.stderr[-2000:]
+    # an official DiT checkpoint is a bare state dict of a 4-channel model: it needs --vae
+    torch.save(DiT_models["DiT-S/8"](input_size=8, in_channels=4, num_classes=3).state_dict(), tmp_path / "dit.pt")
+    result = run([sys.executable, "sample.py", f"--ckpt={tmp_path}/dit.pt", "--num_steps=2"], check=False)
+    assert result.returncode != 0 and "--vae" in result.stderr.splitlines()[-1], result.stderr[-2000:]
+    save_vae(tmp_path / "vae")
+    run([sys.executable, "sample.py", f"--ckpt={tmp_path}/dit.pt", f"--vae={tmp_path}/vae", "--num_steps=2",
+         "--grid_per_class=2", f"--out={tmp_path}/grid.png"])
+    assert Image.open(tmp_path / "grid.png").size == (2 * 17 + 1, 3 * 17 + 1)  # 8x8 latents -> 16x16 images
+
+
+def test_cache_equals_encoding_on_the_fly_for_image_and_flip(tmp_path, cache):
+    for c, name in enumerate(["b", "a"]):  # left-right asymmetric images, so that flips differ
+        os.makedirs(tmp_path / "images" / name)
+        for i, (w, h) in enumerate([(40, 30), (16, 20)]):
+            ramp = np.linspace(0, 255, w, dtype=np.uint8)[None, :, None] * np.array([1, c, i], dtype=np.uint8)
+            Image.fromarray(np.broadcast_to(ramp, (h, w, 3)).copy()).save(tmp_path / "images" / name / f"{i}.png")
+    extract(tmp_path / "cache", cache / "vae", f"--data_path={tmp_path / 'images'}", "--image_size=16",
+            "--shard_size=3", "--batch_size=2", "--num_workers=0")
+    ds, vae = data.LatentDataset(str(tmp_path / "cache")), load_first_stage(cache / "vae")
+    images = data.ImageFolder(str(tmp_path / "images"), 16, flip=False)
+    assert (ds.classes, ds.labels.tolist(), len(ds.offsets)) == (images.classes, images.labels.tolist(), 2)
+    with torch.no_grad():
+        for i in range(len(images)):
+            x = images[i][0][None]
+            torch.testing.assert_close(ds.latent(i), vae.encode(x)[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ds.latent(i, flipped=True), vae.encode(x.flip(3))[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ds.latent(0), ds.latent(0, flipped=True), atol=1e-3)
+    flips = [torch.equal(ds[1][0], ds.latent(1, flipped=True)) for _ in range(40)]  # a random flip, as for pixels
+    assert 5 < sum(flips) < 35 and ds[1][1] == 0 and ds[1][0].dtype == torch.float32
+    synthetic = data.LatentDataset(str(cache / "cache"))  # no flips: the captions say left and right
+    assert synthetic.views == 1 and synthetic.captions == data.SyntheticShapes(64, 16).captions
+    assert torch.equal(synthetic[5][0], synthetic.latent(5))
+
+
+def test_extraction_resumes_and_torchrun_gives_the_same_cache(tmp_path, cache):
+    shards = [data.shard_path(str(cache / "cache"), k) for k in range(4)]
+    reference = [np.load(p) for p in shards]
+    work = tmp_path / "cache"
+    shutil.copytree(cache / "cache", work)
+    paths = [data.shard_path(str(work), k) for k in range(4)]
+    os.remove(paths[2])  # never written
+    with open(paths[1], "r+b") as f:  # cut short, as by a copy that did not finish
+        f.truncate(1000)
+    (work / "shard_00003.npy.tmp").write_bytes(b"left by a killed run")
+    with pytest.raises(FileNotFoundError, match="shard_00001.npy"):
+        data.LatentDataset(str(work))
+    mtimes = [os.stat(p).st_mtime_ns for p in (paths[0], paths[3])]
+    result = extract(work, cache / "vae", *SYNTH)
+    assert "encoded 2 shards, 2 were already complete" in result.stdout
+    assert mtimes == [os.stat(p).st_mtime_ns for p in (paths[0], paths[3])]
+    for p, ref in zip(paths, reference):
+        np.testing.assert_allclose(np.load(p), ref, rtol=1e-5, atol=1e-6)
+    result = extract(work, cache / "vae", *SYNTH[1:], "--synthetic_size=32", check=False)
+    assert result.returncode != 0 and "labels" in result.stderr  # another dataset into the same folder
+    # two processes share the shards out and write the same cache
+    extract(tmp_path / "two", cache / "vae", *SYNTH, torchrun=2)
+    meta = [json.loads((p / "meta.json").read_text()) for p in (tmp_path / "two", cache / "cache")]
+    assert meta[0] == meta[1]
+    for k, ref in enumerate(reference):
+        np.testing.assert_allclose(np.load(data.shard_path(str(tmp_path / "two"), k)), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_latent_dit_from_the_cache_trains_like_on_the_fly_and_samples(tmp_path, cache):
+    args = ["--model=DiT-Ti/4", "--max_steps=3", "--synthetic_size=64", "--image_size=16"]
+    train(tmp_path / "cached", f"--latents={cache / 'cache'}", *args)
+    train(tmp_path / "fly", f"--vae={cache / 'vae'}", *args)
+    assert len(logged_losses(tmp_path / "cached")) == 3
+    np.testing.assert_allclose(logged_losses(tmp_path / "cached"), logged_losses(tmp_path / "fly"), atol=2e-4)
+    assert "latents 4x8x8 from" in (tmp_path / "cached" / "log.txt").read_text()
+    state = torch.load(tmp_path / "cached" / "ckpt.pt", weights_only=True)
+    assert state["model_args"] == dict(name="DiT-Ti/4", input_size=8, in_channels=4, num_classes=10, learn_sigma=True,
+                                       class_dropout_prob=0.1)
+    assert state["first_stage"] == dict(vae=str(cache / "vae"), scale=0.18215)
+    assert Image.open(tmp_path / "cached" / "samples_0000003.png").size == (8 * 17 + 1, 10 * 17 + 1)
+    args = [sys.executable, "sample.py", f"--ckpt={tmp_path}/cached/ckpt.pt", "--num_steps=2"]
+    run(args + [f"--out={tmp_path}/grid.png", "--grid_classes=3", "--grid_per_class=2"])
+    assert Image.open(tmp_path / "grid.png").size == (2 * 17 + 1, 3 * 17 + 1)  # decoded by the VAE it records
+    sample_npz_script(tmp_path / "cached")
+
+
+def sample_npz_script(run_dir):
+    run([sys.executable, "sample.py", f"--ckpt={run_dir}/ckpt.pt", "--num_steps=2", "--num_samples=5",
+         "--batch_size=4", f"--out={run_dir}/s.npz"])
+    npz = np.load(run_dir / "s.npz")
+    assert npz["arr_0"].shape == (5, 16, 16, 3) and npz["arr_0"].dtype == np.uint8 and npz["arr_0"].std() > 0
+
+
+def test_ldm_unet_trains_from_the_cache_with_cep_and_samples(tmp_path, cache):
+    train(tmp_path / "unet", f"--latents={cache / 'cache'}", "--model=LDM-S", "--max_steps=2", "--cep")
+    log = (tmp_path / "unet" / "log.txt").read_text()
+    assert "LDM-S" in log and "CEP: uniform" in log and len(logged_losses(tmp_path / "unet")) == 2
+    state = torch.load(tmp_path / "unet" / "ckpt.pt", weights_only=True)
+    assert state["model_args"]["name"] == "LDM-S" and "input_blocks.0.0.weight" in state["ema"]
+    assert Image.open(tmp_path / "unet" / "samples_0000002.png").size == (8 * 17 + 1, 10 * 17 + 1)
+    sample_npz_script(tmp_path / "unet")
 
 
 # -----------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """
-Train a class-conditional DiT, optionally on corrupted conditions (corrupt.py) and with CEP (cep.py).
+Train a class-conditional DiT or LDM U-Net, optionally on corrupted conditions (corrupt.py) and with CEP (cep.py).
 
   python train.py                                        # the embedded default: built-in shapes, CPU, minutes
   torchrun --nproc_per_node=8 train.py --corrupt 0.05 --cep
   python train.py my_config.py --max_steps=1000          # a config file, then overrides
+  python train.py --latents=latents/in256 --model=DiT-XL/2   # on latents cached by data.py (the fast path)
+  python train.py --data_path=imagenet/train --image_size=256 --vae=sd-vae-ft-ema --model=LDM-S  # encoded on the fly
 
 Defaults are the variables below (nanoGPT style, see configurator.py). The RNG is re-seeded at every step from
 (seed, step, rank), so timesteps, noise, label dropout, CEP and random-mode corruption are a function of the step:
@@ -27,14 +29,17 @@ from tqdm import tqdm
 from cep import CEP, input_perturbation
 from configurator import configure
 from corrupt import corrupt_batch, corrupt_labels
-from data import ImageFolder, StepBatches, SyntheticShapes
-from model import DiT_models, GaussianDiffusion
+from data import ImageFolder, LatentDataset, StepBatches, SyntheticShapes
+from model import DiT_models, GaussianDiffusion, UNet_models, build_model, load_first_stage
 from sample import sample_grid
 
 # -----------------------------------------------------------------------------
 # data and model
 out_dir = "out"
 data_path = ""            # "": the built-in synthetic shapes; else an ImageNet-style folder root/<class>/<image>
+latents = ""              # a cache written by data.py: train on its latents instead of images (the fast path)
+vae = ""                  # a folder of diffusers VAE (or VQ-f4) weights: encode images on the fly; with latents, the
+                          # VAE that decodes the grids, by default the one the cache was written with
 image_size = 32
 synthetic_size = 20000
 model = "DiT-Ti/4"        # any of model.DiT_models, e.g. DiT-XL/2
@@ -73,8 +78,10 @@ emb_dropout = 0.0         # dropout on the class embedding, a baseline
 
 def check_config():
     """Every bad setting fails here, before any work, with the setting's name."""
-    if model not in DiT_models:
-        raise ValueError(f"model {model!r} is not one of {', '.join(DiT_models)}")
+    if model not in DiT_models and model not in UNet_models:  # LDM-S, LDM-4 build a U-Net
+        raise ValueError(f"model {model!r} is not one of {', '.join([*DiT_models, *UNet_models])}")
+    if latents and data_path:
+        raise ValueError(f"latents={latents!r} and data_path={data_path!r} are both set: the cache holds its dataset")
     if not 0 <= corrupt < 1:
         raise ValueError(f"corrupt (eta) must be in [0, 1), got {corrupt}")
     if corrupt_type not in ("sym", "asym", "swap", "rewrite"):
@@ -164,8 +171,25 @@ def log(msg):
 
 
 # data, and the corruption of its labels (decided once, from the seed: identical on every rank)
-dataset = SyntheticShapes(synthetic_size, image_size, seed) if not data_path else ImageFolder(data_path, image_size)
+if latents:
+    dataset = LatentDataset(latents)
+else:
+    dataset = SyntheticShapes(synthetic_size, image_size, seed) if not data_path else ImageFolder(data_path, image_size)
 num_classes = len(dataset.classes)
+# the first stage: encodes images on the fly (without a cache) and decodes the sample grids
+vae = vae or (dataset.meta["vae"] if latents else "")
+first_stage = load_first_stage(vae).to(device).eval().requires_grad_(False) if vae else None
+if latents:
+    in_channels, input_size = dataset.meta["latent_shape"][:2]
+    if (first_stage.scale, first_stage.latent_channels, dataset.resolution // first_stage.factor) != \
+            (dataset.meta["scale"], in_channels, input_size):
+        raise ValueError(f"vae {vae!r} is not the VAE that encoded the cache {latents!r} ({dataset.meta['vae']})")
+elif first_stage:
+    if image_size % first_stage.factor:
+        raise ValueError(f"image_size={image_size} is not divisible by the VAE's downsampling {first_stage.factor}")
+    in_channels, input_size = first_stage.latent_channels, image_size // first_stage.factor
+else:
+    in_channels, input_size = 3, image_size
 prior = torch.from_numpy(np.bincount(dataset.labels, minlength=num_classes)).float().to(device)
 corruption = dict(eta=corrupt, type=corrupt_type, mode=corrupt_mode, count=0)
 if corrupt > 0 and corrupt_mode == "fixed":
@@ -179,8 +203,11 @@ if corrupt > 0 and corrupt_mode == "fixed":
 
 # model, EMA, optimiser
 torch.manual_seed(seed)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
-net = DiT_models[model](input_size=image_size, in_channels=3, num_classes=num_classes, learn_sigma=learn_sigma,
-                        class_dropout_prob=class_dropout).to(device)
+# what sample.py needs to rebuild the model and decode its samples, in the checkpoint (plain types: weights_only loads)
+model_args = dict(name=model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                  learn_sigma=learn_sigma, class_dropout_prob=class_dropout)
+first_stage_args = dict(vae=os.path.abspath(vae), scale=first_stage.scale) if vae else None
+net = build_model(**model_args).to(device)
 if cep:
     net.y_embedder.perturb = CEP(cep_type, cep_scale)
 elif emb_dropout > 0:
@@ -207,7 +234,9 @@ loader = torch.utils.data.DataLoader(
     dataset, batch_sampler=StepBatches(len(dataset), global_batch_size, rank, world_size, seed, step),
     num_workers=num_workers, pin_memory=cuda, persistent_workers=num_workers > 0)
 
-log(f"{model} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters), {len(dataset)} images, "
+space = f"latents {in_channels}x{input_size}x{input_size} {'from ' + latents if latents else 'encoded on the fly'}" \
+    if vae else "pixel space"
+log(f"{model} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters), {len(dataset)} images, {space}, "
     f"{num_classes} classes, {world_size} process(es) on {device}; corruption: {corruption}; "
     f"CEP: {f'{cep_type} gamma={cep_scale}' if cep else 'off'}; IP: {ip}; embedding dropout: {emb_dropout}")
 net.train()
@@ -220,6 +249,9 @@ for x, y in loader:
         break
     torch.manual_seed((seed * 1_000_003 + step) * 4096 + rank)
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if first_stage is not None and not latents:
+        with torch.no_grad():  # in float32 outside autocast: the posterior mean, as data.py caches it
+            x = first_stage.encode(x)
     if corrupt > 0 and corrupt_mode == "random":
         y = corrupt_batch(y, corrupt, prior)
     t = torch.randint(0, diffusion.num_timesteps, (len(x),), device=device)
@@ -238,13 +270,16 @@ for x, y in loader:
     step += 1
     progress.update()
     at_log, at_ckpt = step % log_every == 0 or step == max_steps, step % ckpt_every == 0 or step == max_steps
+    if at_ckpt:  # a step can leave non-finite weights behind a finite loss: they must never reach a checkpoint
+        nonfinite |= ~torch.stack([torch.isfinite(p).all() for p in net.parameters()]).all()
     if at_log or at_ckpt:
         stats = torch.stack([loss_sum, nonfinite.float()])
         if ddp:
             dist.all_reduce(stats)
         if stats[1] > 0:  # every rank sees it, so every rank stops
-            raise FloatingPointError(f"the loss became NaN or infinite between steps {last_log_step} and {step}; "
-                                     f"the last good checkpoint {ckpt_path!r} is kept")
+            kept = f"the last good checkpoint {ckpt_path!r} is kept" if os.path.isfile(ckpt_path) else "no checkpoint was written"
+            raise FloatingPointError(f"the loss or the weights became NaN or infinite between steps {last_log_step} "
+                                     f"and {step}; {kept}")
     if at_log:
         now = time.time()
         log(f"step {step} | loss {stats[0].item() / world_size / (step - last_log_step):.4f} | "
@@ -254,10 +289,12 @@ for x, y in loader:
         last_log_step, last_log_time = step, now
     if at_ckpt and master:
         save_checkpoint(ckpt_path, dict(model=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                                        step=step, config=config, corruption=corruption))
+                                        step=step, config=config, corruption=corruption, model_args=model_args,
+                                        first_stage=first_stage_args))
     if master and (step == max_steps or (sample_every and step % sample_every == 0)):
         grid = os.path.join(out_dir, f"samples_{step:07d}.png")
-        sample_grid(ema, grid, num_classes, seed=seed, cfg_scale=grid_cfg_scale, num_steps=grid_steps)
+        sample_grid(ema, grid, num_classes, seed=seed, cfg_scale=grid_cfg_scale, num_steps=grid_steps,
+                    size=input_size, vae=first_stage)
         log(f"sample grid (EMA, cfg {grid_cfg_scale}, {grid_steps} DDPM steps): {grid}")
 progress.close()
 if ddp:
