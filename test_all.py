@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.error
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ from PIL import Image
 import cep
 import corrupt
 import data
+import evaluate
+import fid
 import gmm
 from configurator import configure
 from model import (AutoencoderKL, DiT, DiT_models, GaussianDiffusion, UNet, UNet_models, VQModel, diffusers_to_dit,
@@ -931,6 +934,312 @@ def test_sample_script_grid_and_torchrun_npz(tmp_path):
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
     assert one["arr_1"].tolist() == [i % 10 for i in range(10)]
+
+
+# -----------------------------------------------------------------------------
+# fid.py and evaluate.py
+
+
+def _random_inception_state_dict(seed=0):
+    """Random weights with non-trivial batch-norm statistics that keep activations O(1) through all layers, so
+    a wrong branch, pool or ordering shows in the output."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in fid.InceptionV3().state_dict().items():
+        if k.endswith("conv.weight"):
+            sd[k] = torch.randn(v.shape, generator=g) * (2 / v[0].numel()) ** 0.5
+        elif k.endswith(("bn.weight", "running_var")):
+            sd[k] = 0.8 + 0.4 * torch.rand(v.shape, generator=g)
+        elif k.endswith(("bn.bias", "running_mean")):
+            sd[k] = 0.2 * torch.rand(v.shape, generator=g) - 0.1
+        elif k.startswith("fc."):
+            sd[k] = torch.randn(v.shape, generator=g) * 0.05
+        else:
+            sd[k] = v.clone()
+    return sd
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """(state dict, path of a .pth holding it) shared by the tests of this module."""
+    sd = _random_inception_state_dict()
+    path = str(tmp_path_factory.mktemp("inception") / fid.FID_WEIGHTS_NAME)
+    torch.save(sd, path)
+    return sd, path
+
+
+def _pytorch_fid_model(sd, monkeypatch):
+    import pytorch_fid.inception as pfi
+    # pytorch-fid always downloads its weights; hand it ours instead
+    monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: sd)
+    return pfi.InceptionV3([3]).eval()
+
+
+def _close(a, b, rel=1e-4):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    scale = b.abs().max().item()
+    assert scale > 1e-3, "degenerate reference output"
+    torch.testing.assert_close(a, b, rtol=rel, atol=rel * scale)
+
+
+def test_inception_state_dict_matches_manifest():
+    candidates = [os.path.join(ROOT, "..", "shared", "manifests", "pt_inception_fid_keys.json"),
+                  os.path.join(ROOT, "shared", "manifests", "pt_inception_fid_keys.json")]
+    path = next((p for p in candidates if os.path.isfile(p)), None)
+    assert path is not None, f"manifest not found in {candidates}"
+    with open(path) as f:
+        manifest = json.load(f)
+    ours = {k: list(v.shape) for k, v in fid.InceptionV3().state_dict().items()}
+    assert list(ours) == list(manifest)
+    assert ours == manifest
+
+
+def test_inception_matches_pytorch_fid(weights, monkeypatch):
+    sd, _ = weights
+    ref = _pytorch_fid_model(sd, monkeypatch)
+    spatial = {}
+    # ADM's sFID tensor "mixed_6/conv" is the 1x1 branch of Mixed_6d (block 2, index 6 in pytorch-fid)
+    ref.blocks[2][6].branch1x1.register_forward_hook(lambda m, i, o: spatial.setdefault("x", o))
+    ours = fid.InceptionV3()
+    ours.load_state_dict(sd, strict=True)
+    ours.eval()
+    x = torch.randint(0, 256, (3, 3, 40, 52), dtype=torch.uint8)
+    with torch.no_grad():
+        out = ours(x)
+        ref_pool = ref(x.float() / 255)[0].flatten(1)
+    _close(out["pool"], ref_pool)
+    _close(out["spatial"], spatial["x"][:, :7].permute(0, 2, 3, 1).reshape(3, -1))
+    _close(out["logits"], ref_pool @ sd["fc.weight"].t())
+    assert out["pool"].shape == (3, 2048) and out["spatial"].shape == (3, 2023) and out["logits"].shape == (3, 1008)
+
+
+def test_inception_tf1_resize_matches_torch_fidelity(weights):
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    sd, path = weights
+    ref = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased", "logits"],
+                                      feature_extractor_weights_path=path)
+    ours = fid.load_inception(path, "cpu", resize="tf1")
+    x = torch.randint(0, 256, (2, 3, 37, 45), dtype=torch.uint8)
+    with torch.no_grad():
+        pool, logits_unbiased, logits = ref(x)
+        out = ours(x)
+    _close(out["pool"], pool)
+    _close(out["logits"], logits_unbiased)  # the IS logits (no bias), as in ADM's graph
+    _close(out["logits"] + sd["fc.bias"], logits)
+    # and the two resizes really differ off 299x299, so the option is not a no-op
+    assert not torch.allclose(fid.InceptionV3("tf1").preprocess(x), fid.InceptionV3().preprocess(x), atol=1e-3)
+
+
+def test_compute_features_input_formats(weights):
+    _, path = weights
+    model = fid.load_inception(path, "cpu")
+    imgs = np.random.default_rng(0).integers(0, 256, (4, 24, 24, 3), dtype=np.uint8)
+    a = fid.compute_features(imgs, model, batch_size=3, progress=False)
+    b = fid.compute_features(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255, model, batch_size=4,
+                             progress=False)
+    c = fid.compute_features(iter([imgs[:1], imgs[1:]]), model, progress=False)
+    for k in ("pool", "spatial", "logits"):
+        assert a[k].shape[0] == 4 and a[k].dtype == np.float32
+        _close(b[k], a[k])
+        _close(c[k], a[k])
+
+
+def test_frechet_distance_matches_pytorch_fid():
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(300, 32)), rng.normal(0.3, 1.2, size=(250, 32)) @ rng.normal(size=(32, 32)) * 0.3
+    s1, s2 = fid.statistics(x), fid.statistics(y)
+    ours = fid.frechet_distance(*s1, *s2)
+    assert ours > 1
+    assert ours == pytest.approx(calculate_frechet_distance(*s1, *s2), rel=1e-8)
+    assert ours == pytest.approx(fid.frechet_distance(*s1, *s2, method="eigh"), rel=1e-9)
+    assert abs(fid.frechet_distance(*s1, *s1)) < 1e-6 and abs(fid.frechet_distance(*s1, *s1, method="eigh")) < 1e-6
+    # fewer samples than dimensions: singular covariances (the eps fallback or round-off path)
+    s3, s4 = fid.statistics(x[:10]), fid.statistics(y[:12])
+    singular = fid.frechet_distance(*s3, *s4)
+    assert np.isfinite(singular)
+    assert singular == pytest.approx(calculate_frechet_distance(*s3, *s4), rel=1e-5)
+    assert fid.frechet_distance(*s3, *s4, method="eigh") == pytest.approx(singular, rel=1e-4)
+
+
+def test_inception_score_matches_torch_fidelity():
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    logits = torch.from_numpy(np.random.default_rng(0).normal(0, 3, size=(1000, 1008)))
+    mean, std = fid.inception_score(logits.numpy(), splits=10)
+    ref = isc_features_to_metric(logits, splits=10, shuffle=False)
+    assert mean > 2
+    assert mean == pytest.approx(ref["inception_score_mean"], rel=1e-9)
+    assert std == pytest.approx(ref["inception_score_std"], rel=1e-7)
+    # ADM's rule: chunks of split_size, the last one possibly shorter (re-implemented here from evaluator.py)
+    p = torch.softmax(logits, 1).numpy()
+    scores = []
+    for i in range(0, len(p), 300):
+        part = p[i:i + 300]
+        kl = part * (np.log(part) - np.log(part.mean(0, keepdims=True)))
+        scores.append(np.exp(kl.sum(1).mean()))
+    assert fid.inception_score(logits.numpy(), split_size=300)[0] == pytest.approx(np.mean(scores), rel=1e-9)
+    assert fid.inception_score(np.zeros((100, 1008)))[0] == pytest.approx(1.0)
+
+
+def test_precision_recall_match_brute_force():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(150, 16)).astype(np.float32)
+    fake = (rng.normal(size=(120, 16)) * 1.3 + 0.4).astype(np.float32)
+    d = lambda a, b: np.sqrt(((a[:, None].astype(np.float64) - b[None]) ** 2).sum(-1))
+    r_real = np.sort(d(real, real), 1)[:, 3]  # index 0 is the point itself
+    r_fake = np.sort(d(fake, fake), 1)[:, 3]
+    precision = (d(fake, real) <= r_real[None]).any(1).mean()
+    recall = (d(real, fake) <= r_fake[None]).any(1).mean()
+    assert 0 < precision < 1 and 0 < recall < 1
+    # small blocks, so that the batching (and the running top-k across blocks) is exercised
+    p, r = fid.precision_recall(real, fake, k=3, batch_size=32, device=torch.device("cpu"))
+    assert p == pytest.approx(precision) and r == pytest.approx(recall)
+    nn = fid.nearest_distances(fake, real, 5, batch_size=16, device=torch.device("cpu"))
+    np.testing.assert_allclose(nn, np.sort(d(fake, real), 1)[:, :5], rtol=1e-4, atol=1e-4)
+
+
+def test_missing_weights_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    dest = os.path.join(str(tmp_path), "checkpoints", fid.FID_WEIGHTS_NAME)
+    with pytest.raises(FileNotFoundError) as e:
+        fid.load_inception(download=False)
+    for s in (fid.FID_WEIGHTS_NAME, fid.FID_WEIGHTS_URL, dest):
+        assert s in str(e.value)
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(FileNotFoundError) as e:
+        fid.load_inception()
+    assert fid.FID_WEIGHTS_URL in str(e.value) and dest in str(e.value) and "no network" in str(e.value)
+    with pytest.raises(FileNotFoundError) as e:
+        fid.load_inception(str(tmp_path / "nope.pth"))
+    assert "nope.pth" in str(e.value) and fid.FID_WEIGHTS_URL in str(e.value)
+
+
+def test_load_inception_from_hub_cache(tmp_path, monkeypatch, weights):
+    sd, path = weights
+    os.makedirs(tmp_path / "checkpoints")
+    os.symlink(path, tmp_path / "checkpoints" / fid.FID_WEIGHTS_NAME)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    model = fid.load_inception(download=False, device="cpu")
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
+
+
+def test_npz_streaming_reader(tmp_path):
+    a = np.random.default_rng(0).integers(0, 256, (7, 5, 6, 3), dtype=np.uint8)
+    for save in (np.savez, np.savez_compressed):
+        p = str(tmp_path / f"{save.__name__}.npz")
+        save(p, a, np.arange(7))
+        imgs = evaluate.open_images(p)
+        assert len(imgs) == 7 and imgs.resolution == 5 and list(imgs.labels) == list(range(7))
+        np.testing.assert_array_equal(np.concatenate(list(imgs.batches(3))), a)
+        assert len(imgs.batches(3)) == 3
+        np.testing.assert_array_equal(np.concatenate(list(evaluate.open_images(p, limit=4).batches(3))), a[:4])
+
+
+def test_relative_mahalanobis_brute_force():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 100)
+    means = rng.normal(0, 3, size=(3, 6))
+    train = means[labels] + rng.normal(size=(300, 6))
+    near, far = means[[0, 1, 2]] + rng.normal(size=(3, 6)) * 0.1, rng.normal(0, 30, size=(3, 6))
+    samples = np.concatenate([near, far])
+    within = train - means_hat(train, labels)[labels]
+    p, p0 = np.linalg.inv(within.T @ within / 300), np.linalg.inv(np.cov(train, rowvar=False))
+    mus = means_hat(train, labels)
+    md = np.array([[(x - m) @ p @ (x - m) for m in mus] for x in samples])
+    rmd = md.min(1) - np.array([(x - train.mean(0)) @ p0 @ (x - train.mean(0)) for x in samples])
+    ours = evaluate.relative_mahalanobis(samples, train, labels, top=1 / 6)  # top 1 of 6
+    assert ours == pytest.approx(rmd.max(), rel=1e-4)
+    assert rmd[3:].min() > rmd[:3].max()
+
+
+def means_hat(x, labels):
+    return np.stack([x[labels == c].mean(0) for c in np.unique(labels)])
+
+
+def test_evaluate_unknown_key():
+    with pytest.raises(ValueError, match="bogus"):
+        evaluate.main(["--samples", "x.npz", "--bogus", "1"])
+
+
+def test_evaluate_end_to_end_inception_with_cache(tmp_path, weights, monkeypatch):
+    _, path = weights
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "samples.npz", rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8), np.arange(6) % 3)
+    np.savez(tmp_path / "ref.npz", rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    calls = []
+    real_compute = fid.compute_features
+    monkeypatch.setattr(fid, "compute_features", lambda images, *a, **k: calls.append(1) or real_compute(images, *a, **k))
+    args = ["--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"), "--features=inception",
+            f"--inception_weights={path}", "--cache_dir", str(tmp_path / "cache"), "--progress=False",
+            "--device=cpu", "--out", str(tmp_path / "m.json"), "--fd_method=eigh"]  # eigh: 2048-d in seconds
+    first = evaluate.main(args)
+    assert len(calls) == 2 and first["ref_cache"] == "miss"
+    with open(tmp_path / "m.json") as f:
+        report = json.load(f)
+    assert report["feature_space"] == "inception-2015-12-05" and "resize=pytorch-fid" in report["feature_space_detail"]
+    for k in ("fid", "sfid", "is", "precision", "recall"):
+        assert report[k] is not None and np.isfinite(report[k]), k
+    assert report["fid"] > 0 and report["is"] >= 1 and report["num_samples"] == 6 and report["num_ref"] == 8
+    second = evaluate.main(args)
+    assert len(calls) == 3 and second["ref_cache"] == "hit"  # only the samples were run through the network
+    for k in ("fid", "sfid", "is", "precision", "recall"):
+        assert second[k] == pytest.approx(first[k], rel=1e-9)
+    # the cache file is itself a statistics file usable as --ref, features (for precision/recall) included
+    space = type("Space", (), {"name": fid.FEATURE_SPACE})()
+    stats, how, _ = evaluate.reference(first["ref_cache_path"], space, 8, "", 32, 0, 0, "ref")
+    assert how == "statistics file" and stats["features"].shape == (8, 2048) and stats["sigma_s"].shape == (2023, 2023)
+    # a pytorch-fid style statistics file (mu, sigma only) is read as statistics, without features
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    stats, how, _ = evaluate.reference(str(tmp_path / "stats.npz"), space, 8, "", 32, 0, 0, "ref")
+    assert how == "statistics file" and "features" not in stats and stats["sigma"].shape == (2048, 2048)
+    space.name = "synthetic-classifier"
+    with pytest.raises(ValueError, match="feature space"):
+        evaluate.reference(str(tmp_path / "stats.npz"), space, 8, "", 32, 0, 0, "ref")
+
+
+def test_evaluate_synthetic_classifier_and_memorisation(tmp_path):
+    from data import SyntheticShapes
+    ds = SyntheticShapes(size=40, resolution=16, seed=5)
+    np.savez(tmp_path / "s.npz", ds.images_uint8(), ds.labels)
+    base = ["--samples", str(tmp_path / "s.npz"), "--cache_dir", str(tmp_path / "cache"), "--progress=False",
+            "--device=cpu", "--classifier_size=200", "--classifier_epochs=1", "--synthetic_ref_size=60"]
+    res = evaluate.main(base + ["--train=synthetic", "--synthetic_train_size=50"])
+    assert res["feature_space"] == "synthetic-classifier" and res["is"] is None and res["sfid"] is None
+    assert 0 <= res["class_accuracy"] <= 1 and 0 <= res["precision"] <= 1 and res["fid"] >= 0
+    assert 0 <= res["memorisation_ratio"] <= 1 and res["avg_l2_top5"] > 0 and np.isfinite(res["rmd_top1"])
+    assert len([f for f in os.listdir(tmp_path / "cache") if f.startswith("synthetic_classifier")]) == 1
+    # samples that are the training images themselves: every one is memorised (nearest distance ~0)
+    again = evaluate.main(base + ["--train", str(tmp_path / "s.npz")])
+    assert again["memorisation_ratio"] == 1.0 and again["ref_cache"] == "hit"
+    assert again["classifier_val_accuracy"] == res["classifier_val_accuracy"]  # the cached classifier, reused
+
+
+def test_evaluate_cli_on_a_folder(tmp_path):
+    import subprocess
+    import sys
+    from PIL import Image
+    from data import SyntheticShapes
+    ds = SyntheticShapes(size=12, resolution=16, seed=3)
+    os.makedirs(tmp_path / "imgs")
+    for i, img in enumerate(ds.images_uint8()):
+        Image.fromarray(img).save(tmp_path / "imgs" / f"{i:03d}.png")
+    cmd = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--samples", str(tmp_path / "imgs"),
+           "--cache_dir", str(tmp_path / "cache"), "--progress=False", "--device=cpu", "--classifier_size=100",
+           "--classifier_epochs=1", "--synthetic_ref_size=30", "--out", str(tmp_path / "r.json")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr
+    assert "synthetic-classifier" in p.stdout and "fid" in p.stdout
+    with open(tmp_path / "r.json") as f:
+        report = json.load(f)
+    assert report["num_samples"] == 12 and report["feature_space"] == "synthetic-classifier"
+    assert "class_accuracy" not in report  # a flat folder has no labels
+    p = subprocess.run(cmd + ["--bogus_key=1"], capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert p.returncode != 0 and "bogus_key" in p.stderr
 
 
 # -----------------------------------------------------------------------------
