@@ -558,6 +558,19 @@ def test_resume_without_checkpoint_and_bad_config_fail_before_work(tmp_path):
     assert not os.path.exists(tmp_path / "bad" / "ckpt.pt")
 
 
+def test_asymmetric_corruption_in_training_reads_a_subset_file(tmp_path):
+    (tmp_path / "subset.txt").write_text("circle\nstar 1\n")  # class names (folder names) or indices
+    train(tmp_path / "run", "--corrupt=0.1", "--corrupt_type=asym", f"--corrupt_subset={tmp_path}/subset.txt",
+          "--max_steps=1")
+    record = json.loads((tmp_path / "run" / "corruption.json").read_text())
+    subset = {data.SyntheticShapes.classes.index(n) for n in ("circle", "star")} | {1}
+    assert set(record["subset"]) == subset
+    assert len(record["indices"]) == round(0.1 * 64) and set(record["original"]) | set(record["new"]) <= subset
+    result = train(tmp_path / "bad", "--corrupt=0.1", "--corrupt_type=asym", "--corrupt_subset=circle,blob",
+                   check=False)
+    assert result.returncode != 0 and "'blob' is neither a class index nor a class name" in result.stderr
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     result = train(tmp_path, "--max_steps=5", "--ckpt_every=1", "--lr=1e30", check=False)  # weights blow up at once
     assert result.returncode != 0 and "NaN or infinite between steps 1 and 2" in result.stderr

@@ -200,6 +200,11 @@ if corrupt > 0 and corrupt_mode == "fixed":
     if master:
         with open(os.path.join(out_dir, "corruption.json"), "w") as f:
             json.dump(dict(corruption, **record), f)
+if ddp:  # every rank decided alone; a dataset listed differently on another node would silently differ
+    records = [None] * world_size
+    dist.all_gather_object(records, corruption)
+    if any(r != corruption for r in records):
+        raise RuntimeError(f"the ranks corrupted different labels (is the dataset the same on every node?): {records}")
 
 # model, EMA, optimiser
 torch.manual_seed(seed)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
