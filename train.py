@@ -42,26 +42,26 @@ vae = ""                  # a folder of diffusers VAE (or VQ-f4) weights: encode
                           # VAE that decodes the grids, by default the one the cache was written with
 image_size = 32
 synthetic_size = 20000
-model = "DiT-Ti/4"        # any of model.DiT_models, e.g. DiT-XL/2
+model = "DiT-Ti/4"        # model.DiT_models (DiT-XL/2, ...) or model.UNet_models (LDM-4, LDM-S)
 learn_sigma = True
 class_dropout = 0.1       # label dropout to the null class, for classifier-free guidance
 # optimisation
-global_batch_size = 64
-max_steps = 4000
-lr = 3e-4                 # DiT: 1e-4 at batch 256
+global_batch_size = 32
+max_steps = 1500
+lr = 1e-3                 # DiT: 1e-4 at batch 256; a tiny model on a CPU budget takes more
 weight_decay = 0.0
 grad_clip = 1.0
-ema_decay = 0.999         # DiT: 0.9999 over 400K steps
+ema_decay = 0.995         # DiT: 0.9999 over 400K steps; a short run needs a short average
 seed = 0
 num_workers = 2
 compile = False
 dtype = "bfloat16"        # autocast dtype on CUDA; "float32" turns autocast off
 # logging, checkpoints, samples
 log_every = 100
-ckpt_every = 1000
+ckpt_every = 500
 sample_every = 0          # 0: a sample grid at the end only
 grid_cfg_scale = 4.0
-grid_steps = 100
+grid_steps = 50
 resume = False
 # corrupted conditions and CEP (the paper)
 corrupt = 0.0             # eta: the fraction of training samples whose condition is wrong
