@@ -107,8 +107,8 @@ def check_config():
     for key in ("max_steps", "log_every", "ckpt_every", "global_batch_size", "image_size", "synthetic_size"):
         if globals()[key] <= 0:
             raise ValueError(f"{key} must be > 0, got {globals()[key]}")
-    if dtype not in ("bfloat16", "float16", "float32"):
-        raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
+    if dtype not in ("bfloat16", "float32"):  # float16 would need a gradient scaler; bf16 does not
+        raise ValueError(f"dtype must be bfloat16 or float32, got {dtype!r}")
     if data_path and not os.path.isdir(data_path):
         raise FileNotFoundError(f"data_path {data_path!r} does not exist (expected a folder root/<class>/<image>)")
     if resume and not os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
