@@ -210,7 +210,7 @@ class SmallCNN(nn.Module):
         self.head = nn.Linear(4 * w, num_classes)
 
     def forward(self, x):
-        """x: uint8 NHWC -> (features [N, 128], logits [N, classes])."""
+        """x: uint8 NHWC -> (features [N, 4 * width], logits [N, classes])."""
         x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
         if x.shape[-1] != self.resolution:
             x = F.interpolate(x, size=(self.resolution,) * 2, mode="bilinear", antialias=True, align_corners=False)

@@ -719,6 +719,13 @@ class GaussianDiffusion:
         self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - self.alphas_cumprod)
+        # the per-step coefficients, computed once here rather than at every training or sampling step
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
+        self.log_betas = np.log(betas)
+        self.fixed_large_log_variance = np.log(np.append(self.posterior_variance[1], betas[1:]))
 
     def respaced(self, num_steps):
         """A diffusion over `num_steps` evenly spaced timesteps of this one, with the same alphas_cumprod there.
@@ -734,15 +741,15 @@ class GaussianDiffusion:
         return torch.as_tensor(arr, device=x.device)[t].float().view(-1, *([1] * (x.dim() - 1)))
 
     def q_sample(self, x0, t, noise):
-        return self._at(np.sqrt(self.alphas_cumprod), t, x0) * x0 + self._at(np.sqrt(1 - self.alphas_cumprod), t, x0) * noise
+        return self._at(self.sqrt_alphas_cumprod, t, x0) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
     def q_posterior(self, x0, x_t, t):
         mean = self._at(self.posterior_mean_coef1, t, x_t) * x0 + self._at(self.posterior_mean_coef2, t, x_t) * x_t
         return mean, self._at(self.posterior_log_variance_clipped, t, x_t)
 
     def predict_x0(self, x_t, t, eps):
-        return (self._at(np.sqrt(1 / self.alphas_cumprod), t, x_t) * x_t
-                - self._at(np.sqrt(1 / self.alphas_cumprod - 1), t, x_t) * eps)
+        return (self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+                - self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
 
     def p_mean_variance(self, model_output, x_t, t, clip_denoised=False):
         """Mean and log-variance of p(x_{t-1} | x_t), and the predicted x0 and eps."""
@@ -751,12 +758,12 @@ class GaussianDiffusion:
             eps, v = model_output[:, :C], model_output[:, C:]
             # The model outputs v in [-1, 1], interpolating the log-variance between beta_tilde_t and beta_t.
             min_log = self._at(self.posterior_log_variance_clipped, t, x_t)
-            max_log = self._at(np.log(self.betas), t, x_t)
+            max_log = self._at(self.log_betas, t, x_t)
             frac = (v.float() + 1) / 2
             log_var = frac * max_log + (1 - frac) * min_log
         else:  # DDPM's "fixed large" variance, as DiT uses without learned sigma
             eps = model_output
-            log_var = self._at(np.log(np.append(self.posterior_variance[1], self.betas[1:])), t, x_t)
+            log_var = self._at(self.fixed_large_log_variance, t, x_t)
         eps = eps.float()
         x0 = self.predict_x0(x_t, t, eps)
         if clip_denoised:
