@@ -703,14 +703,21 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
 
 class GaussianDiffusion:
     """Forward process, posterior, model mean/variance and the training loss. `betas` defaults to DDPM's linear
-    schedule; samplers with fewer steps build one from a subsequence of timesteps (`respaced`)."""
+    schedule; samplers with fewer steps build one from a subsequence of timesteps (`respaced`).
 
-    def __init__(self, num_timesteps=1000, learn_sigma=True, betas=None, timestep_map=None):
+    `prediction` is what the model's first C channels predict: "eps", the noise (DDPM, DiT, LDM), or "v" =
+    sqrt(a) eps - sqrt(1 - a) x0 with a = alphas_cumprod (Salimans & Ho, 2022). At high noise x_t is almost all
+    eps, so an eps-model must be very precise there for its x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) to mean anything;
+    v tends to -x0 there instead, which a small model on a short budget learns far sooner."""
+
+    def __init__(self, num_timesteps=1000, learn_sigma=True, prediction="eps", betas=None, timestep_map=None):
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
         if betas is None:
             betas = np.linspace(1e-4 * 1000 / num_timesteps, 0.02 * 1000 / num_timesteps, num_timesteps)
         self.betas = betas = np.asarray(betas, dtype=np.float64)  # float64: the schedule needs the precision
         self.num_timesteps = len(betas)
-        self.learn_sigma = learn_sigma
+        self.learn_sigma, self.prediction = learn_sigma, prediction
         self.timestep_map = np.arange(len(betas)) if timestep_map is None else np.asarray(timestep_map)
         self.alphas_cumprod = np.cumprod(1.0 - betas)
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
@@ -733,7 +740,8 @@ class GaussianDiffusion:
         use = np.round(np.linspace(0, self.num_timesteps - 1, num_steps)).astype(np.int64)
         acp = self.alphas_cumprod[use]
         betas = 1.0 - acp / np.append(1.0, acp[:-1])
-        return GaussianDiffusion(betas=betas, learn_sigma=self.learn_sigma, timestep_map=self.timestep_map[use])
+        return GaussianDiffusion(learn_sigma=self.learn_sigma, prediction=self.prediction, betas=betas,
+                                 timestep_map=self.timestep_map[use])
 
     @staticmethod
     def _at(arr, t, x):
@@ -747,40 +755,45 @@ class GaussianDiffusion:
         mean = self._at(self.posterior_mean_coef1, t, x_t) * x0 + self._at(self.posterior_mean_coef2, t, x_t) * x_t
         return mean, self._at(self.posterior_log_variance_clipped, t, x_t)
 
-    def predict_x0(self, x_t, t, eps):
+    def predict_x0(self, x_t, t, out):
+        """x0 from the model's prediction of eps or v."""
+        if self.prediction == "v":
+            return (self._at(self.sqrt_alphas_cumprod, t, x_t) * x_t
+                    - self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * out)
         return (self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-                - self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
+                - self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t) * out)
 
     def p_mean_variance(self, model_output, x_t, t, clip_denoised=False):
-        """Mean and log-variance of p(x_{t-1} | x_t), and the predicted x0 and eps."""
+        """Mean and log-variance of p(x_{t-1} | x_t), and the predicted x0."""
         C = x_t.shape[1]
         if self.learn_sigma:
-            eps, v = model_output[:, :C], model_output[:, C:]
+            out, v = model_output[:, :C], model_output[:, C:]
             # The model outputs v in [-1, 1], interpolating the log-variance between beta_tilde_t and beta_t.
             min_log = self._at(self.posterior_log_variance_clipped, t, x_t)
             max_log = self._at(self.log_betas, t, x_t)
             frac = (v.float() + 1) / 2
             log_var = frac * max_log + (1 - frac) * min_log
         else:  # DDPM's "fixed large" variance, as DiT uses without learned sigma
-            eps = model_output
+            out = model_output
             log_var = self._at(self.fixed_large_log_variance, t, x_t)
-        eps = eps.float()
-        x0 = self.predict_x0(x_t, t, eps)
+        x0 = self.predict_x0(x_t, t, out.float())
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
         mean, _ = self.q_posterior(x0, x_t, t)
-        return mean, log_var, x0, eps
+        return mean, log_var, x0
 
     def training_loss(self, model_output, x0, x_t, t, noise):
-        """Per-sample loss: MSE on eps, plus with a learned variance the variational bound (in bits per dim) of the
-        variance alone: the mean is detached so the VB term trains only the variance (improved DDPM's hybrid)."""
+        """Per-sample loss: MSE on eps (or v), plus with a learned variance the variational bound (in bits per dim) of
+        the variance alone: the mean is detached so the VB term trains only the variance (improved DDPM's hybrid)."""
         C = x0.shape[1]
         model_output = model_output.float()
-        mse = ((noise - model_output[:, :C]) ** 2).mean(dim=(1, 2, 3))
+        target = noise if self.prediction == "eps" else \
+            self._at(self.sqrt_alphas_cumprod, t, x0) * noise - self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+        mse = ((target - model_output[:, :C]) ** 2).mean(dim=(1, 2, 3))
         if not self.learn_sigma:
             return mse
         frozen = torch.cat([model_output[:, :C].detach(), model_output[:, C:]], dim=1)
-        mean, log_var, _, _ = self.p_mean_variance(frozen, x_t, t)
+        mean, log_var, _ = self.p_mean_variance(frozen, x_t, t)
         true_mean, true_log_var = self.q_posterior(x0, x_t, t)
         kl = normal_kl(true_mean, true_log_var, mean, log_var).mean(dim=(1, 2, 3)) / math.log(2.0)
         nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).mean(dim=(1, 2, 3)) / math.log(2.0)

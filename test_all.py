@@ -359,8 +359,9 @@ def test_q_sample_statistics():
         assert x_t.var().item() == pytest.approx(1 - a, rel=0.02, abs=1e-5)
 
 
-def test_hybrid_loss_against_a_direct_computation():
-    d = GaussianDiffusion()
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_hybrid_loss_against_a_direct_computation(prediction):
+    d = GaussianDiffusion(prediction=prediction)
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(4, 2, 3, 3, generator=g) * 2 - 1
     noise, out = torch.randn(4, 2, 3, 3, generator=g), torch.randn(4, 4, 3, 3, generator=g).clamp(-1, 1)
@@ -374,14 +375,17 @@ def test_hybrid_loss_against_a_direct_computation():
     ab_prev = np.append(1, ab[:-1])
     x0n, xtn, nn_, on = (v.double().numpy() for v in (x0, x_t, noise, out))
     for i, s in enumerate(t.tolist()):
-        eps, v = on[i, :2], on[i, 2:]
+        pred, v = on[i, :2], on[i, 2:]
         post_var = b * (1 - ab_prev) / (1 - ab)
         min_log = np.log(post_var[1]) if s == 0 else np.log(post_var[s])
         log_var = (v + 1) / 2 * np.log(b[s]) + (1 - v + 1 - 1) / 2 * min_log
-        pred_x0 = (xtn[i] - np.sqrt(1 - ab[s]) * eps) / np.sqrt(ab[s])
+        if prediction == "eps":
+            target, pred_x0 = nn_[i], (xtn[i] - np.sqrt(1 - ab[s]) * pred) / np.sqrt(ab[s])
+        else:
+            target, pred_x0 = np.sqrt(ab[s]) * nn_[i] - np.sqrt(1 - ab[s]) * x0n[i], np.sqrt(ab[s]) * xtn[i] - np.sqrt(1 - ab[s]) * pred
         c1, c2 = b[s] * np.sqrt(ab_prev[s]) / (1 - ab[s]), (1 - ab_prev[s]) * np.sqrt(1 - b[s]) / (1 - ab[s])
         mean, true_mean = c1 * pred_x0 + c2 * xtn[i], c1 * x0n[i] + c2 * xtn[i]
-        mse = np.mean((nn_[i] - eps) ** 2)
+        mse = np.mean((target - pred) ** 2)
         if s == 0:
             vb = -discretized_gaussian_log_likelihood(torch.tensor(x0n[i]), torch.tensor(mean),
                                                       torch.tensor(0.5 * log_var)).numpy().mean() / np.log(2)
@@ -389,6 +393,18 @@ def test_hybrid_loss_against_a_direct_computation():
             kl = 0.5 * (-1 + log_var - min_log + np.exp(min_log - log_var) + (true_mean - mean) ** 2 * np.exp(-log_var))
             vb = kl.mean() / np.log(2)
         assert loss[i] == pytest.approx(mse + vb, rel=1e-4)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_the_true_target_gives_back_x0(prediction):
+    d = GaussianDiffusion(learn_sigma=False, prediction=prediction)
+    x0, noise, t = torch.rand(3, 2, 4, 4) * 2 - 1, torch.randn(3, 2, 4, 4), torch.tensor([0, 500, 999])
+    x_t = d.q_sample(x0, t, noise)
+    a = torch.from_numpy(d.alphas_cumprod[t]).float().view(-1, 1, 1, 1)
+    target = noise if prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
+    assert d.training_loss(target, x0, x_t, t, noise).abs().max() < 1e-10
+    tol = 1e-4 if prediction == "v" else 0.05  # eps amplifies float32 rounding by 1 / sqrt(a) = 150 at t = 999
+    torch.testing.assert_close(d.p_mean_variance(target, x_t, t)[2], x0, atol=tol, rtol=0)
 
 
 def test_discretized_likelihood_sums_to_one_over_the_bins():
@@ -932,6 +948,31 @@ def test_ddim_eta0_is_deterministic_and_ddpm_is_not():
     # DDIM(eta=0) uses the generator for x_T only; DDPM also for the noise of every step
     ddpm = sample(model, y, sampler="ddpm", num_steps=5, generator=g())
     assert not torch.equal(ddpm, ddim[0]) and x_T.shape == ddpm.shape
+
+
+class GaussianDataDenoiser(torch.nn.Module):
+    """The exact eps-model of data N(mu, s^2) per pixel, whose probability-flow ODE has a closed form."""
+    in_channels, learn_sigma, mu, s = 1, False, 0.3, 0.2
+
+    def forward(self, x, t, y):
+        a = torch.from_numpy(GaussianDiffusion().alphas_cumprod).float()[t].view(-1, 1, 1, 1)
+        x0 = self.mu + a.sqrt() * self.s ** 2 / (a * self.s ** 2 + 1 - a) * (x - a.sqrt() * self.mu)
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+
+def test_dpm_solver_is_second_order_on_gaussian_data():
+    model, y = GaussianDataDenoiser(), torch.zeros(500, dtype=torch.long)
+    run_ = lambda sampler, n: sample(model, y, 1.0, sampler, n, generator=torch.Generator().manual_seed(0), size=4)
+    # exact: the flow keeps each pixel's standard score from x_T down to t = 0, where the last step takes x0
+    a = GaussianDiffusion().alphas_cumprod
+    x_T = torch.randn(500, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    z = (x_T - a[-1] ** 0.5 * model.mu) / (a[-1] * model.s ** 2 + 1 - a[-1]) ** 0.5
+    x_0 = a[0] ** 0.5 * model.mu + (a[0] * model.s ** 2 + 1 - a[0]) ** 0.5 * z
+    exact = model.mu + a[0] ** 0.5 * model.s ** 2 / (a[0] * model.s ** 2 + 1 - a[0]) * (x_0 - a[0] ** 0.5 * model.mu)
+    error = {(k, n): (run_(k, n) - exact).abs().mean().item() for k in ("ddim", "dpm++") for n in (100, 200)}
+    assert 1.7 < error["ddim", 100] / error["ddim", 200] < 2.3  # DDIM: first order, 2x the steps halve the error
+    assert error["dpm++", 100] / error["dpm++", 200] > 3.5  # second order: at least a quarter
+    assert error["dpm++", 100] < error["ddim", 100] / 5
 
 
 def test_sample_script_grid_and_torchrun_npz(tmp_path):
