@@ -926,7 +926,7 @@ def test_input_perturbation():
 
 def test_npz_format_and_reproducibility(tmp_path):
     model = randomize(tiny_dit()).eval()
-    kwargs = dict(num_samples=13, num_classes=5, batch_size=4, seed=1, cfg_scale=2.0, num_steps=3)
+    kwargs = dict(conditions=[i % 5 for i in range(13)], batch_size=4, seed=1, cfg_scale=2.0, num_steps=3)
     sample_npz(model, str(tmp_path / "a.npz"), **kwargs)
     sample_npz(model, str(tmp_path / "b.npz"), **kwargs)
     a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
