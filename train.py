@@ -231,7 +231,7 @@ else:
 if text_encoder:
     dataset = CaptionPairs(dataset, tokenize)  # the images and their captions' tokens
     num_classes = 0
-    grid_rows = [dataset.captions[i] for i in np.linspace(0, len(dataset) - 1, 8).round().astype(np.int64)]
+    grid_rows = [dataset.captions[i] for i in np.linspace(0, len(dataset) - 1, 8).round().astype(np.int64)]  # clean
 else:
     num_classes = len(dataset.classes)
     grid_rows = class_rows(num_classes)
@@ -300,7 +300,7 @@ loader = torch.utils.data.DataLoader(
 
 space = f"latents {in_channels}x{input_size}x{input_size} {'from ' + latents if latents else 'encoded on the fly'}" \
     if vae else "pixel space"
-conditions = f"{num_classes} classes" if not text_encoder else f"captions, text encoder: " + \
+conditions = f"{num_classes} classes" if not text_encoder else "captions, text encoder: " + \
     (f"CLIP {clip_model}, frozen" if text_encoder == "clip" else "small, trained")
 log(f"{model} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
     f"{sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6:.2f}M trained), {len(dataset)} images, "
