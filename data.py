@@ -8,7 +8,13 @@ cached on disk by this file's script, the fast path for latent diffusion:
 
 Every dataset returns (image or latent, label), an image being a float tensor [3, H, W] in [-1, 1], and exposes
 `labels` (np.int64 [N]) and `classes`; train.py replaces `labels` with the corrupted ones before training.
+Image-caption sets (ImageCaptions, folders or manifests) return (image, caption) and expose `captions`, as the
+built-in shapes and caches of either do; CaptionPairs serves any of them to text-conditional training.
+
+  python data.py --data_path=cc3m --captions --image_size=256 --vae=ldm-vq-f4 --out=latents/cc3m
 """
+import csv
+import io
 import json
 import math
 import os
@@ -172,6 +178,88 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 # -----------------------------------------------------------------------------
+# Image-caption sets
+
+
+def read_utf8(path, what):
+    """The text of a file that must be UTF-8 (a byte-order mark is dropped); anything else is an error naming it."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path!r} is not UTF-8 (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}): "
+                         "save it as UTF-8") from None
+
+
+class ImageCaptions(torch.utils.data.Dataset):
+    """(image, caption) pairs, in either of the layouts people have:
+    - a folder of images, each with a same-named .txt caption beside it (00000/000000001.jpg + 00000/000000001.txt,
+      what img2dataset writes for CC3M), searched recursively, in sorted order;
+    - a .tsv or .csv manifest with a header row naming an image column (`image`, or open_clip's `filepath`) and a
+      caption column (`caption`, or open_clip's `title`); image paths are relative to the manifest's folder.
+    Every caption is read here, so a missing or non-UTF-8 caption file fails before any training. ADM centre crop and
+    no flip: captions may say left and right."""
+
+    classes, labels = [], None  # captions, not classes
+
+    def __init__(self, root, resolution):
+        self.resolution = resolution
+        if os.path.isdir(root):
+            self.paths = sorted(os.path.join(dirpath, f) for dirpath, _, fs in os.walk(root, followlinks=True)
+                                for f in fs if f.lower().endswith(IMG_EXTENSIONS))
+            if not self.paths:
+                raise FileNotFoundError(f"{root!r} has no images ({', '.join(IMG_EXTENSIONS)})")
+            texts = [os.path.splitext(p)[0] + ".txt" for p in self.paths]
+            missing = [t for t in texts if not os.path.isfile(t)]
+            if missing:
+                raise FileNotFoundError(f"{len(missing)} images of {root!r} have no caption file, e.g. {missing[0]!r}: "
+                                        "each image needs its caption in a same-named .txt beside it")
+            self.captions = [read_utf8(t, "caption file").strip() for t in texts]
+        elif os.path.isfile(root) and root.lower().endswith((".tsv", ".csv")):
+            tsv = root.lower().endswith(".tsv")  # TSV has no quoting: a caption may hold a quote character
+            rows = list(csv.reader(io.StringIO(read_utf8(root, "manifest")), delimiter="\t" if tsv else ",",
+                                   quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL))
+            header = rows[0] if rows else []
+            image_col = next((header.index(k) for k in ("image", "filepath") if k in header), None)
+            caption_col = next((header.index(k) for k in ("caption", "title") if k in header), None)
+            if image_col is None or caption_col is None or len(rows) < 2:
+                raise ValueError(f"manifest {root!r}: needs a header row naming an image column (image or filepath) "
+                                 f"and a caption column (caption or title), then one row per image; header: {header}")
+            short = next((i for i, row in enumerate(rows[1:], 2) if len(row) <= max(image_col, caption_col)), None)
+            if short:
+                raise ValueError(f"manifest {root!r}, line {short}: fewer columns than the header {header}")
+            self.paths = [os.path.join(os.path.dirname(root), row[image_col]) for row in rows[1:]]
+            self.captions = [row[caption_col].strip() for row in rows[1:]]
+            missing = [p for p in self.paths if not os.path.isfile(p)]
+            if missing:
+                raise FileNotFoundError(f"manifest {root!r}: {len(missing)} images are missing, e.g. {missing[0]!r}")
+        else:
+            raise FileNotFoundError(f"caption data {root!r} is neither a folder of images with same-named .txt "
+                                    "captions nor a .tsv/.csv manifest")
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return to_tensor(center_crop_arr(load_image(self.paths[i]), self.resolution)), self.captions[i]
+
+
+class CaptionPairs(torch.utils.data.Dataset):
+    """(image or latent, caption tokens) for text-conditional training, from any dataset with `captions` (built-in
+    shapes, ImageCaptions, cached latents). `tokenize` (list of captions -> LongTensor [n, L]) runs in the loader's
+    workers. `captions` is a copy, which train.py replaces with corrupted ones."""
+
+    def __init__(self, dataset, tokenize):
+        self.dataset, self.tokenize, self.captions = dataset, tokenize, list(dataset.captions)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i][0], self.tokenize([self.captions[i]])[0]
+
+
+# -----------------------------------------------------------------------------
 # Cached latents
 
 
@@ -190,9 +278,9 @@ def shard_offset(path, shape):
 
 
 class LatentDataset(torch.utils.data.Dataset):
-    """Latents written by `python data.py` (extract_latents). Returns (latent [C, h, w] float32, label): the latent
-    of the image or, with probability 0.5 where the cache has flips, of its horizontal flip, as ImageFolder flips
-    pixels. Reads single latents straight from the shard files, so processes on one machine share the page cache."""
+    """Latents written by `python data.py` (extract_latents). Returns (latent [C, h, w] float32, label), or caption in
+    a cache of ImageCaptions: the latent of the image or, with probability 0.5 where the cache has flips, of its
+    horizontal flip, as ImageFolder flips pixels. Reads single latents straight from the shard files, so processes on one machine share the page cache."""
 
     def __init__(self, root):
         path = os.path.join(root, "meta.json")
@@ -202,19 +290,21 @@ class LatentDataset(torch.utils.data.Dataset):
             self.meta = json.load(f)
         # labels and captions move out of meta: train.py replaces self.labels with corrupted ones
         self.root, self.classes, self.captions = root, self.meta["classes"], self.meta.pop("captions")
-        self.labels = np.array(self.meta.pop("labels"), dtype=np.int64)
+        labels = self.meta.pop("labels")  # None in a cache of ImageCaptions
+        self.labels = None if labels is None else np.array(labels, dtype=np.int64)
         self.resolution, self.shard_size = self.meta["image_size"], self.meta["shard_size"]
         self.views = 2 if self.meta["flip"] else 1
         self.offsets = []
-        for k in range(math.ceil(len(self.labels) / self.shard_size)):
-            n = min(self.shard_size, len(self.labels) - k * self.shard_size)
+        self.n = len(self.captions if labels is None else labels)
+        for k in range(math.ceil(self.n / self.shard_size)):
+            n = min(self.shard_size, self.n - k * self.shard_size)
             self.offsets.append(shard_offset(shard_path(root, k), [n, self.views, *self.meta["latent_shape"]]))
             if self.offsets[-1] is None:
                 raise FileNotFoundError(f"latents: {shard_path(root, k)!r} is missing or incomplete; rerun the "
                                         f"extraction (python data.py --out={root} ...) to finish the cache")
 
     def __len__(self):
-        return len(self.labels)
+        return self.n
 
     def latent(self, i, flipped=False):
         k, j = divmod(i, self.shard_size)
@@ -224,7 +314,8 @@ class LatentDataset(torch.utils.data.Dataset):
         return torch.from_numpy(x).view(self.meta["latent_shape"])
 
     def __getitem__(self, i):
-        return self.latent(i, self.views == 2 and bool(torch.rand(()) < 0.5)), int(self.labels[i])
+        condition = self.captions[i] if self.labels is None else int(self.labels[i])
+        return self.latent(i, self.views == 2 and bool(torch.rand(()) < 0.5)), condition
 
 
 @torch.no_grad()
@@ -239,7 +330,8 @@ def extract_latents(dataset, vae, vae_path, out, flip, shard_size, batch_size, n
     n, C, h = len(dataset), vae.latent_channels, dataset.resolution // vae.factor
     meta = dict(image_size=dataset.resolution, latent_shape=[C, h, h], flip=flip, shard_size=shard_size,
                 vae=os.path.abspath(vae_path), scale=vae.scale, classes=list(dataset.classes),
-                labels=dataset.labels.tolist(), captions=getattr(dataset, "captions", None))
+                labels=None if dataset.labels is None else dataset.labels.tolist(),
+                captions=getattr(dataset, "captions", None))
     os.makedirs(out, exist_ok=True)
     meta_path = os.path.join(out, "meta.json")
     if os.path.isfile(meta_path):
@@ -308,6 +400,7 @@ if __name__ == "__main__":
     # latent pre-extraction (extract_latents); the defaults match train.py's, so that `python data.py --vae=V --out=L`
     # then `python train.py --latents=L` trains on what `python train.py --vae=V` encodes on the fly
     data_path = ""        # "": the built-in synthetic shapes; else an ImageNet-style folder root/<class>/<image>
+    captions = False      # data_path is an image-caption set (ImageCaptions: images with .txt beside, or a manifest)
     image_size = 32       # ImageNet for DiT / LDM-4: 256
     synthetic_size = 20000
     seed = 0              # of the synthetic shapes
@@ -327,9 +420,10 @@ if __name__ == "__main__":
     first_stage = load_first_stage(vae).to(device).eval()
     if image_size % first_stage.factor:
         raise ValueError(f"image_size={image_size} is not divisible by the VAE's downsampling {first_stage.factor}")
-    # the synthetic shapes are not flipped (their captions say left and right); folders are, as ImageFolder does
-    dataset = ImageFolder(data_path, image_size, flip=False) if data_path else \
-        SyntheticShapes(synthetic_size, image_size, seed)
-    written, total = extract_latents(dataset, first_stage, vae, out, bool(data_path), shard_size, batch_size,
-                                     num_workers, device, rank, world_size)
+    # captioned images are not flipped (captions say left and right); class folders are, as ImageFolder does
+    dataset = ImageCaptions(data_path, image_size) if captions else ImageFolder(data_path, image_size, flip=False) \
+        if data_path else SyntheticShapes(synthetic_size, image_size, seed)
+    flip = bool(data_path) and not captions
+    written, total = extract_latents(dataset, first_stage, vae, out, flip, shard_size, batch_size, num_workers, device,
+                                     rank, world_size)
     print(f"rank {rank}: encoded {written} shards, {total - written} were already complete; cache: {out}")

@@ -1,6 +1,6 @@
 """
 Evaluate generated samples against a reference set: FID, sFID, IS, precision and recall (fid.py), and, when
-training images are given, the paper's diversity / memorisation metrics.
+training images are given, the paper's diversity / memorisation metrics; for text-to-image samples, the CLIP score.
 
   python evaluate.py --samples out/samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # Inception features
   python evaluate.py --samples out/samples.npz --train synthetic   # built-in dataset, classifier features
@@ -15,6 +15,13 @@ Feature spaces: "inception" (the FID Inception, pt_inception-2015-12-05; every m
 small CNN trained on the built-in dataset and cached, for machines without the Inception weights: FID, precision,
 recall and the class accuracy of samples in its penultimate features; no IS/sFID). The report always names the
 space: numbers from different spaces are not comparable.
+
+CLIP score, when the samples have prompts (sample.py writes them beside the .npz, <name>_prompts.txt, one per line;
+or --prompts): 100 * max(cos(CLIP image embedding, CLIP text embedding), 0), averaged over the samples. That is
+torchmetrics' convention, clamped at 0 per sample (Hessel et al.'s CLIPScore is 2.5 * max(cos, 0)); the CLIP is
+ViT-L/14 (torchmetrics' default) unless --clip_model says otherwise, from ~/.cache/clip or a local file:
+
+  python evaluate.py --samples out/samples.npz --ref coco_val2014_256.npz --clip_model ViT-L-14.pt
 """
 import hashlib
 import json
@@ -27,8 +34,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 import fid
+from model import load_clip
 
 # -----------------------------------------------------------------------------
 samples = ""                  # .npz or folder of generated images
@@ -44,6 +53,8 @@ is_split_size = 0             # 5000: ADM's rule exactly
 fd_method = "sqrtm"           # sqrtm: pytorch-fid's algorithm exactly | eigh: the same number, ~5x faster (fid.py)
 pr_k = 3                      # Kynkaanniemi et al.
 memorisation_threshold = 0.12 # the paper: nearest training image closer than this in L2-normalised features
+prompts = ""                  # text-to-image: the samples' prompts, one per line; "": <samples>_prompts.txt if it exists
+clip_model = "ViT-L/14"       # CLIP score: a CLIP checkpoint file, or a clip model name (in ~/.cache/clip)
 synthetic_ref_size = 10000    # "synthetic" reference: a draw the model never saw (train.py trains on seed 0)
 synthetic_ref_seed = 1
 synthetic_train_size = 20000  # "synthetic" training set: train.py's defaults
@@ -356,6 +367,24 @@ def relative_mahalanobis(sample_feats, train_feats, train_labels, top=0.01):
     return float(np.sort(rmd)[-n:].mean())
 
 # -----------------------------------------------------------------------------
+# CLIP score
+
+
+@torch.inference_mode()
+def clip_score(images, prompts, model, preprocess, bs, dev):
+    """Mean over samples of 100 * max(cos(image embedding, text embedding), 0); images through CLIP's own
+    preprocessing (PIL bicubic resize of the short side, centre crop, normalisation), prompts cut to 77 tokens."""
+    import clip
+    scores, done = [], 0
+    for b in images.batches(bs):
+        x = torch.stack([preprocess(Image.fromarray(im)) for im in b]).to(dev)
+        tokens = clip.tokenize(prompts[done:done + len(b)], truncate=True).to(dev)
+        cos = F.cosine_similarity(model.encode_image(x).float(), model.encode_text(tokens).float(), dim=-1)
+        scores.append((100 * cos).clamp(min=0).cpu())
+        done += len(b)
+    return torch.cat(scores).double().mean().item()
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -416,12 +445,21 @@ def main(argv=None):
         res["train_cache"] = train_cache
         res.update(memorisation(s["pool"], t["features"], memorisation_threshold, dev))
         res["rmd_top1"] = relative_mahalanobis(s["pool"], t["features"], t["labels"]) if "labels" in t else None
+    prompts_file = prompts or os.path.splitext(samples.rstrip("/"))[0] + "_prompts.txt"  # sample.prompts_path
+    if prompts or os.path.isfile(prompts_file):
+        with open(prompts_file, encoding="utf-8") as f:
+            sample_prompts = f.read().split("\n")[:len(s_images)]
+        if len(sample_prompts) < len(s_images) or "" in sample_prompts:
+            raise ValueError(f"prompts {prompts_file!r}: {len(s_images)} samples need as many non-empty lines")
+        model, preprocess = load_clip(clip_model)
+        res["clip_score"] = clip_score(s_images, sample_prompts, model.to(dev), preprocess, batch_size, dev)
+        res["clip_model"], res["prompts"] = clip_model, os.path.abspath(prompts_file)
     res["seconds"] = round(time.time() - t0, 1)
     res["config"] = config
 
     print(f"{'metric':<22}{'value':>12}   ({space.name})")
     for k in ("fid", "sfid", "is", "precision", "recall", "class_accuracy", "memorisation_ratio", "avg_l2_top5",
-              "rmd_top1"):
+              "rmd_top1", "clip_score"):
         if k in res:
             v = res[k]
             print(f"{k:<22}{'-' if v is None else f'{v:.4f}':>12}")

@@ -67,6 +67,9 @@ class LabelEmbedder(nn.Module):
             emb = torch.where((labels != self.num_classes)[:, None], self.perturb(emb), emb)
         return emb
 
+    def null_like(self, labels):
+        return torch.full_like(labels, self.num_classes)
+
 
 class Attention(nn.Module):
     def __init__(self, dim, num_heads):
@@ -94,10 +97,9 @@ class Mlp(nn.Module):
 
 def forward_with_cfg(model, x, t, y, cfg_scale):
     """Classifier-free guidance in one batched forward: eps = eps(null) + s * (eps(y) - eps(null)), for the DiT and
-    the U-Net alike. Guides all channels (the official DiT guides only the first 3 of 4 latent channels, a bug not
-    copied here); the learned variance is taken from the conditional half."""
-    null = torch.full_like(y, model.num_classes)
-    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+    the U-Net alike, class labels or caption tokens. Guides all channels (the official DiT guides only the first 3 of
+    4 latent channels, a bug not copied here); the learned variance is taken from the conditional half."""
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, model.y_embedder.null_like(y)]))
     cond, uncond = out.chunk(2)
     c = model.in_channels
     return torch.cat([uncond[:, :c] + cfg_scale * (cond[:, :c] - uncond[:, :c]), cond[:, c:]], dim=1)
@@ -514,6 +516,109 @@ def load_first_stage(path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Text encoders over CLIP's tokenizer: CLIP's text transformer, frozen with OpenAI's weights (the paper trained a BERT;
+# this project uses CLIP's, or the same architecture small and trained from scratch on machines without the weights).
+# The clip package (clip-anytorch) is imported only here, when a text encoder is used.
+
+
+def tokenize(captions):
+    """Captions -> CLIP tokens [n, 77]: start, BPE, end, zero padding; longer captions are cut to 77 tokens. The BPE
+    vocabulary ships inside the clip package, so this works offline."""
+    import clip
+    return clip.tokenize(list(captions), truncate=True)
+
+
+class TextEncoder(nn.Module):
+    """CLIP's text transformer from clip-anytorch's modules, with OpenAI's parameter names, so the text half of a CLIP
+    checkpoint loads as it is: token and position embeddings, causally masked pre-LN blocks with heads of 64 channels,
+    a final layer norm. Returns the embedding of every token [B, 77, width], as Stable Diffusion conditions on CLIP,
+    not CLIP's pooled projection. Randomly initialised as CLIP is; `load_clip_text_encoder` gives OpenAI's weights."""
+
+    def __init__(self, width, layers, vocab_size=49408, context_length=77):
+        super().__init__()
+        from clip.model import LayerNorm, Transformer
+        self.width, self.layers = width, layers
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        mask = torch.full((context_length, context_length), float("-inf")).triu_(1)
+        self.transformer = Transformer(width, layers, max(1, width // 64), attn_mask=mask)
+        self.ln_final = LayerNorm(width)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)  # CLIP's initialisation
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        proj_std = width ** -0.5 * (2 * layers) ** -0.5
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+    def forward(self, tokens):
+        x = self.token_embedding(tokens) + self.positional_embedding
+        return self.ln_final(self.transformer(x.transpose(0, 1)).transpose(0, 1))  # clip's blocks are sequence-first
+
+
+def load_clip(name):
+    """OpenAI's CLIP through clip-anytorch, in float32 and eval mode, and its image preprocessing (as clip.load).
+    `name` is a checkpoint file (a TorchScript archive as OpenAI ships them, or a state dict), or one of clip's model
+    names (ViT-B/32, ViT-L/14, ...), looked up in clip's cache ~/.cache/clip and downloaded there when the machine is
+    online. A missing file is one error that names it and where to put it."""
+    import clip
+    path = name
+    if not os.path.isfile(name):
+        urls = clip.clip._MODELS
+        if name not in urls:
+            raise FileNotFoundError(f"CLIP weights {name!r}: no such file, and not one of clip's models "
+                                    f"({', '.join(urls)})")
+        root = os.path.expanduser("~/.cache/clip")
+        path = os.path.join(root, os.path.basename(urls[name]))
+        if not os.path.isfile(path):
+            try:
+                clip.clip._download(urls[name], root)
+            except Exception as e:  # no internet: the error says where the file goes
+                raise FileNotFoundError(f"CLIP {name} weights not found: {path} does not exist and the download "
+                                        f"failed ({e}). Download {urls[name]} and save it as {path}, or pass the "
+                                        f"path of the file.") from None
+    model, preprocess = clip.load(path, device="cpu", jit=False)
+    return model.float().eval(), preprocess
+
+
+def load_clip_text_encoder(name):
+    """The TextEncoder of a CLIP checkpoint (see load_clip), with its weights."""
+    clip_model, _ = load_clip(name)
+    encoder = TextEncoder(clip_model.transformer.width, clip_model.transformer.layers, clip_model.vocab_size,
+                          clip_model.context_length)
+    encoder.load_state_dict({k: v for k, v in clip_model.state_dict().items() if k in encoder.state_dict()})
+    return encoder
+
+
+class TextEmbedder(nn.Module):
+    """Caption tokens [B, 77] -> the U-Net's context [B, 77, width], through a TextEncoder. The empty caption is the null
+    condition of classifier-free guidance: in training, each caption is replaced by it with probability dropout_prob.
+    `perturb` as in LabelEmbedder (CEP, a delta per token): training mode only, never on a null caption. A frozen
+    encoder runs without gradients."""
+
+    def __init__(self, encoder, dropout_prob):
+        super().__init__()
+        self.encoder, self.dropout_prob, self.perturb = encoder, dropout_prob, None
+        self.register_buffer("null", tokenize([""])[0], persistent=False)
+
+    def null_like(self, tokens):
+        return self.null.expand_as(tokens)
+
+    def forward(self, tokens, force_drop_ids=None):
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(tokens.shape[0], device=tokens.device) < self.dropout_prob
+            tokens = torch.where(drop[:, None], self.null, tokens)
+        if force_drop_ids is not None:
+            tokens = torch.where(force_drop_ids[:, None], self.null, tokens)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder.token_embedding.weight.requires_grad):
+            emb = self.encoder(tokens)
+        if self.perturb is not None and self.training:
+            emb = torch.where((tokens != self.null).any(1)[:, None, None], self.perturb(emb), emb)
+        return emb
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The LDM U-Net (LDM's openaimodel.UNetModel with use_spatial_transformer): ADM-style residual blocks with the timestep
 # embedding, and transformer blocks (self-attention, cross-attention to a context [B, L, D], feed-forward) at chosen
 # downsampling factors. The condition enters only through the context: a class is one token, text is many.
@@ -591,11 +696,12 @@ class UNetLayers(nn.ModuleList):
 
 class UNet(nn.Module):
     """attention_resolutions are downsampling factors (LDM's convention): 2 means attention at 1/2 of the input size.
-    forward(x, t, y) for class ids y [B] (num_classes + 1 embedding rows, the last one null), or
-    forward(x, t, context=c) for a context c [B, L, context_dim] such as text tokens (then num_classes may be 0)."""
+    forward(x, t, y) for class ids y [B] (num_classes + 1 embedding rows, the last one null), or with text_layers > 0
+    for caption tokens y [B, 77] (a TextEncoder of width context_dim and text_layers layers; the empty caption is
+    null), or forward(x, t, context=c) for any context c [B, L, context_dim] (then num_classes may be 0)."""
 
     def __init__(self, in_channels, model_channels, channel_mult, num_res_blocks, attention_resolutions, num_heads,
-                 context_dim, num_classes, learn_sigma=False, class_dropout_prob=0.1):
+                 context_dim, num_classes, learn_sigma=False, class_dropout_prob=0.1, text_layers=0):
         super().__init__()
         self.in_channels, self.model_channels, self.learn_sigma = in_channels, model_channels, learn_sigma
         self.num_classes = num_classes
@@ -603,7 +709,8 @@ class UNet(nn.Module):
         emb_dim = 4 * model_channels
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # the table keeps nn.Embedding's N(0, 1) init, as LDM's (the DiT sets std 0.02 in its own init)
-        self.y_embedder = LabelEmbedder(num_classes, context_dim, class_dropout_prob) if num_classes else None
+        self.y_embedder = (TextEmbedder(TextEncoder(context_dim, text_layers), class_dropout_prob) if text_layers else
+                           LabelEmbedder(num_classes, context_dim, class_dropout_prob) if num_classes else None)
 
         def level(cin, cout, ds):
             layers = [UNetResBlock(cin, cout, emb_dim)]
@@ -641,7 +748,8 @@ class UNet(nn.Module):
     def forward(self, x, t, y=None, context=None, force_drop_ids=None):
         assert (y is None) != (context is None), "pass exactly one of y (class ids) and context"
         if y is not None:
-            context = self.y_embedder(y, force_drop_ids)[:, None]  # [B, 1, context_dim]
+            context = self.y_embedder(y, force_drop_ids)
+            context = context[:, None] if context.dim() == 2 else context  # a class is one token, text is many
         emb = self.time_embed(TimestepEmbedder.timestep_embedding(t, self.model_channels))
         hs, h = [], x
         for block in self.input_blocks:
@@ -667,7 +775,8 @@ UNet_models = {
 
 def build_model(name, input_size, **kwargs):
     """A DiT (DiT_models) or a U-Net (UNet_models) by name. kwargs: in_channels, num_classes, learn_sigma,
-    class_dropout_prob. The U-Net is convolutional: it takes any input_size divisible by 2^(levels - 1)."""
+    class_dropout_prob, and for the U-Net text_layers and context_dim (which overrides the model's). The U-Net is
+    convolutional: it takes any input_size divisible by 2^(levels - 1)."""
     if name in DiT_models:
         return DiT_models[name](input_size=input_size, **kwargs)
     if name in UNet_models:
@@ -675,7 +784,7 @@ def build_model(name, input_size, **kwargs):
         if input_size % 2 ** (levels - 1):
             raise ValueError(f"{name} downsamples {levels - 1} times: its input size must be divisible by "
                              f"{2 ** (levels - 1)}, got {input_size}")
-        return UNet(**UNet_models[name], **kwargs)
+        return UNet(**{**UNet_models[name], **kwargs})
     raise ValueError(f"model {name!r} is not one of {', '.join([*DiT_models, *UNet_models])}")
 
 

@@ -5,11 +5,15 @@ classifier-free guidance.
   python sample.py --ckpt out/ckpt.pt                           # a grid PNG, one row per class
   torchrun --nproc_per_node=8 sample.py --ckpt out/ckpt.pt --num_samples 50000 --cfg_scale 1.5
       # an .npz for evaluate.py: uint8 images NHWC in arr_0, class labels in arr_1 (the ADM evaluator's format)
+  python sample.py --ckpt out/ckpt.pt --prompts prompts.txt     # text-to-image: one row per prompt, captioned
+  torchrun --nproc_per_node=8 sample.py --ckpt out/ckpt.pt --prompts captions_val2014.json --num_samples 30000
+      # the .npz, and its prompts one per line beside it in <name>_prompts.txt
 
 Checkpoints: ours (EMA weights by default; DiT or U-Net, in pixel or latent space) or a bare DiT state dict
 (official or diffusers layout). Latents are decoded with the VAE the checkpoint records, or --vae; the official
 DiT checkpoints record none: python sample.py --ckpt DiT-XL-2-256x256.pt --vae sd-vae-ft-ema
 """
+import json
 import math
 import os
 import sys
@@ -20,7 +24,7 @@ import torch.distributed as dist
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from model import GaussianDiffusion, build_model, load_dit, load_first_stage
+from model import GaussianDiffusion, TextEmbedder, build_model, load_dit, load_first_stage, tokenize
 
 # -----------------------------------------------------------------------------
 ckpt = "out/ckpt.pt"
@@ -29,8 +33,9 @@ sampler = "dpm++"       # dpm++ (DPM-Solver++(2M), the paper's sampler) | ddpm |
 num_steps = 50          # the paper: DPM-Solver++ at 50; DDPM takes 250 for the same quality
 ddim_eta = 0.0
 cfg_scale = 4.0         # 1.0 = no guidance; DiT reports FID at 1.5, the paper at 1.75
-num_samples = 0         # 0: a grid; N > 0: an .npz of N class-balanced samples
-grid_classes = 10       # rows of the grid (evenly spaced over the classes)
+num_samples = 0         # 0: a grid; N > 0: an .npz of N class-balanced samples, or of the prompts in turn
+prompts = ""            # text-to-image: a file of prompts, one per line, or a COCO captions JSON
+grid_classes = 10       # rows of the grid: classes evenly spaced, or the first prompts
 grid_per_class = 8
 batch_size = 64
 seed = 0
@@ -101,24 +106,91 @@ def to_uint8(x):
     return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def sample_grid(model, path, num_classes, classes=10, per_class=8, seed=0, **kwargs):
-    """A PNG with one row per class (evenly spaced over the classes), `per_class` samples a row."""
-    device = next(model.parameters()).device
-    rows = np.unique(np.linspace(0, num_classes - 1, min(classes, num_classes)).round().astype(np.int64))
-    labels = torch.from_numpy(rows).repeat_interleave(per_class).to(device)
-    x = sample(model, labels, generator=torch.Generator(device).manual_seed(seed), **kwargs)
-    save_image((x + 1) / 2, path, nrow=per_class, padding=1)
+def read_prompts(path):
+    """Prompts from a text file, one per line, or a COCO-style captions JSON ({"annotations": [{"caption": ...}]}, in
+    the file's order); whitespace is normalised and empty prompts are dropped."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompts file {path!r} not found (one prompt per line, or a COCO captions JSON)")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            if not path.endswith(".json"):
+                prompts = f.read().split("\n")
+            else:
+                try:
+                    prompts = [a["caption"] for a in json.load(f)["annotations"]]
+                except (KeyError, TypeError):
+                    raise ValueError(f"prompts {path!r} is not a COCO captions JSON: it needs "
+                                     '{"annotations": [{"caption": ...}, ...]}') from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompts file {path!r} is not UTF-8 ({e.reason} at byte {e.start}): save it as UTF-8") from None
+    prompts = [p for p in (" ".join(p.split()) for p in prompts) if p]
+    if not prompts:
+        raise ValueError(f"prompts file {path!r} holds no prompts")
+    return prompts
 
 
-def sample_npz(model, path, num_samples, num_classes, batch_size, seed=0, rank=0, world_size=1, **kwargs):
-    """num_samples class-balanced samples in an .npz (arr_0: uint8 NHWC, arr_1: labels). Batch b is drawn by rank
-    b % world_size from a generator seeded with (seed, b), so the file does not depend on the number of ranks."""
+def prompts_path(npz):
+    """Where the prompts of a text-to-image .npz are, one per line (evaluate.py reads them from there)."""
+    return os.path.splitext(npz)[0] + "_prompts.txt"
+
+
+def class_rows(num_classes, n=10):
+    """n classes evenly spaced over the classes: the rows of a grid."""
+    return np.unique(np.linspace(0, num_classes - 1, min(n, num_classes)).round().astype(np.int64)).tolist()
+
+
+def as_condition(conditions, device):
+    """Class labels -> LongTensor [n]; prompts -> CLIP tokens [n, 77]."""
+    return (tokenize(conditions) if isinstance(conditions[0], str) else torch.as_tensor(conditions)).to(device)
+
+
+def captioned_grid(images, captions, ncol, cell=128):
+    """uint8 NHWC images in a grid, each scaled up (nearest) to at least `cell` pixels with its caption beneath."""
+    from PIL import Image, ImageDraw, ImageFont
+    font, size = ImageFont.load_default(), max(cell, images.shape[2])
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def wrap(text):
+        lines = [""]
+        for word in text.split():
+            if lines[-1] and measure.textlength(f"{lines[-1]} {word}", font=font) > size - 4:
+                lines.append(word)
+            else:
+                lines[-1] = f"{lines[-1]} {word}".strip()
+        return "\n".join(lines)
+
+    texts = [wrap(c) for c in captions]
+    text_h = max(measure.multiline_textbbox((0, 0), t, font=font)[3] for t in texts) + 6
+    rows = -(-len(images) // ncol)
+    grid = Image.new("RGB", (ncol * (size + 2), rows * (size + text_h + 2)), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, (image, text) in enumerate(zip(images, texts)):
+        x, y = (k % ncol) * (size + 2), (k // ncol) * (size + text_h + 2)
+        grid.paste(Image.fromarray(image).resize((size, size), Image.NEAREST), (x, y))
+        draw.multiline_text((x + 2, y + size + 2), text, fill="black", font=font)
+    return grid
+
+
+def sample_grid(model, path, rows, per_row=8, seed=0, **kwargs):
+    """A PNG with one row per condition, `per_row` samples a row: class labels, or prompts (written under each image)."""
     device = next(model.parameters()).device
-    labels = np.arange(num_samples) % num_classes
+    y = as_condition(rows, device).repeat_interleave(per_row, dim=0)
+    x = sample(model, y, generator=torch.Generator(device).manual_seed(seed), **kwargs)
+    if isinstance(rows[0], str):
+        captioned_grid(to_uint8(x), [r for r in rows for _ in range(per_row)], per_row).save(path)
+    else:
+        save_image((x + 1) / 2, path, nrow=per_row, padding=1)
+
+
+def sample_npz(model, path, conditions, batch_size, seed=0, rank=0, world_size=1, **kwargs):
+    """A sample for each of the conditions, in an .npz: arr_0 the uint8 NHWC images, arr_1 the class labels, or for
+    prompts the prompts beside it (prompts_path). Batch b is drawn by rank b % world_size from a generator seeded
+    with (seed, b), so the file does not depend on the number of ranks."""
+    device = next(model.parameters()).device
     shard = {}
-    batches = range(rank, (num_samples + batch_size - 1) // batch_size, world_size)
-    for b in tqdm(batches, disable=rank != 0, desc=f"sampling {num_samples}"):
-        y = torch.from_numpy(labels[b * batch_size:(b + 1) * batch_size]).to(device)
+    batches = range(rank, (len(conditions) + batch_size - 1) // batch_size, world_size)
+    for b in tqdm(batches, disable=rank != 0, desc=f"sampling {len(conditions)}"):
+        y = as_condition(conditions[b * batch_size:(b + 1) * batch_size], device)
         x = sample(model, y, generator=torch.Generator(device).manual_seed(seed * 1_000_003 + b), **kwargs)
         shard[b] = to_uint8(x)
     if world_size > 1:
@@ -128,7 +200,13 @@ def sample_npz(model, path, num_samples, num_classes, batch_size, seed=0, rank=0
     if rank == 0:
         images = np.concatenate([shard[b] for b in sorted(shard)])
         tmp = path + ".tmp.npz"
-        np.savez(tmp, images, labels)
+        if isinstance(conditions[0], str):
+            with open(prompts_path(path) + ".tmp", "w", encoding="utf-8") as f:
+                f.write("\n".join(conditions) + "\n")
+            os.replace(prompts_path(path) + ".tmp", prompts_path(path))
+            np.savez(tmp, images)
+        else:
+            np.savez(tmp, images, np.asarray(conditions))
         os.replace(tmp, path)
 
 
@@ -154,16 +232,24 @@ def main():
         trained = f"{model.in_channels} channels" + (f", scale {recorded['scale']}" if recorded else "")
         raise ValueError(f"vae {vae_path!r} ({first_stage.latent_channels} latent channels, scale {first_stage.scale}) "
                          f"does not match the model of {ckpt} ({trained})")
+    text = isinstance(model.y_embedder, TextEmbedder)
+    if text != bool(prompts):
+        raise ValueError(f"{ckpt} is a text-to-image model: pass --prompts, a file of prompts one per line or a COCO "
+                         "captions JSON" if text else f"--prompts: {ckpt} is class-conditional, it takes no prompts")
+    prompt_list = read_prompts(prompts) if text else None
     size = info["model_args"]["input_size"] if info else None
     kwargs = dict(cfg_scale=cfg_scale, sampler=sampler, num_steps=num_steps, ddim_eta=ddim_eta, size=size,
                   vae=first_stage, prediction=info.get("prediction", "eps"))  # official DiT checkpoints: eps
     stem = out or os.path.join(os.path.dirname(ckpt) or ".", f"samples_{sampler}{num_steps}_cfg{cfg_scale}")
     if num_samples > 0:
         path = stem if stem.endswith(".npz") else stem + ".npz"
-        sample_npz(model, path, num_samples, model.num_classes, batch_size, seed, rank, world_size, **kwargs)
+        conditions = [prompt_list[i % len(prompt_list)] for i in range(num_samples)] if text else \
+            (np.arange(num_samples) % model.num_classes).tolist()
+        sample_npz(model, path, conditions, batch_size, seed, rank, world_size, **kwargs)
     elif rank == 0:
         path = stem if stem.endswith(".png") else stem + ".png"
-        sample_grid(model, path, model.num_classes, grid_classes, grid_per_class, seed, progress=True, **kwargs)
+        rows = prompt_list[:grid_classes] if text else class_rows(model.num_classes, grid_classes)
+        sample_grid(model, path, rows, grid_per_class, seed, progress=True, **kwargs)
     if rank == 0:
         print(f"wrote {path}")
     if ddp:

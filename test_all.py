@@ -20,6 +20,7 @@ import data
 import evaluate
 import fid
 import gmm
+import model as model_lib
 from configurator import configure
 from model import (AutoencoderKL, DiT, DiT_models, GaussianDiffusion, UNet, UNet_models, VQModel, diffusers_to_dit,
                    discretized_gaussian_log_likelihood, load_dit, load_first_stage)
@@ -568,7 +569,12 @@ def test_resume_without_checkpoint_and_bad_config_fail_before_work(tmp_path):
     for args, message in [(["--resume"], "no checkpoint"), (["--corrupt=1.0"], "corrupt"),
                           (["--cep_scale=-1"], "cep_scale"), (["--global_batch_size=7"], "not divisible"),
                           (["--data_path=/nonexistent"], "data_path"), (["--model=DiT-Q/2"], "model"),
-                          (["--corrupt_tpye=sym"], "corrupt_tpye")]:
+                          (["--corrupt_tpye=sym"], "corrupt_tpye"), (["--text_encoder=small"], "cross-attention"),
+                          (["--corrupt=0.1", "--corrupt_type=swap"], "swap and rewrite need a text_encoder"),
+                          (["--model=LDM-S", "--text_encoder=small", "--corrupt=0.1", "--corrupt_type=rewrite"],
+                           "corrupt_rewrites"),
+                          (["--model=LDM-S", "--text_encoder=clip", "--clip_model=/nonexistent/clip.pt"],
+                           "/nonexistent/clip.pt")]:
         result = train(tmp_path / "bad", *args, check=False, torchrun=2 if "7" in args[0] else 0)
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-2000:])
     assert not os.path.exists(tmp_path / "bad" / "ckpt.pt")
@@ -926,7 +932,7 @@ def test_input_perturbation():
 
 def test_npz_format_and_reproducibility(tmp_path):
     model = randomize(tiny_dit()).eval()
-    kwargs = dict(num_samples=13, num_classes=5, batch_size=4, seed=1, cfg_scale=2.0, num_steps=3)
+    kwargs = dict(conditions=[i % 5 for i in range(13)], batch_size=4, seed=1, cfg_scale=2.0, num_steps=3)
     sample_npz(model, str(tmp_path / "a.npz"), **kwargs)
     sample_npz(model, str(tmp_path / "b.npz"), **kwargs)
     a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
@@ -1294,6 +1300,239 @@ def test_evaluate_cli_on_a_folder(tmp_path):
     assert "class_accuracy" not in report  # a flat folder has no labels
     p = subprocess.run(cmd + ["--bogus_key=1"], capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert p.returncode != 0 and "bogus_key" in p.stderr
+
+
+# -----------------------------------------------------------------------------
+# Text-to-image: caption sets, text encoders, caption corruption, CEP on tokens, prompts, CLIP score
+
+CLIP_TINY = dict(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=8,
+                 context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=2)
+
+
+def tiny_clip(path, seed=0, torchscript=True):
+    """A random CLIP with OpenAI's layout, its weights rounded to float16 as OpenAI ships them, saved as a TorchScript
+    archive (the form of OpenAI's files) or a state dict; returns it in float32."""
+    import clip
+    torch.manual_seed(seed)
+    model = clip.model.CLIP(**CLIP_TINY).eval()
+    clip.model.convert_weights(model)
+    model.float()
+    if torchscript:
+        torch.jit.trace(model, (torch.zeros(1, 3, 32, 32), clip.tokenize(["a"]))).save(str(path))
+    else:
+        torch.save(model.state_dict(), path)
+    return model
+
+
+def make_caption_folder(root, captions, size=(20, 12)):
+    """Images in two shard folders, as img2dataset writes them, each with its caption in a same-named .txt."""
+    for i, caption in enumerate(captions):
+        stem = root / f"{i // 4:05d}" / f"{i:09d}"
+        os.makedirs(stem.parent, exist_ok=True)
+        Image.new("RGB", size, (10 * i % 256, 100, 50)).save(f"{stem}.{'png' if i % 2 else 'jpg'}")
+        (stem.parent / f"{stem.name}.txt").write_text(caption + "\n", encoding="utf-8")
+
+
+def test_caption_folder_and_manifests_read_non_ascii_and_fail_clearly(tmp_path):
+    captions = ["un café crème — 日本語の猫 🙂", "a red circle", 'he said "hi", twice', "Zürich, naïve"]
+    make_caption_folder(tmp_path / "folder", captions)
+    ds = data.ImageCaptions(str(tmp_path / "folder"), 8)
+    assert ds.captions == captions and len(ds) == 4 and ds.labels is None
+    x, caption = ds[0]
+    assert x.shape == (3, 8, 8) and -1 <= x.min() and x.max() <= 1 and caption == captions[0]
+    files = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "folder").rglob("*.[jp][pn]g"))
+    (tmp_path / "m.tsv").write_text("caption\timage\n" + "".join(f"{c}\t{f}\n" for c, f in zip(captions, files)),
+                                    encoding="utf-8")
+    with open(tmp_path / "m.csv", "w", encoding="utf-8", newline="") as f:  # open_clip's column names
+        csv_writer = __import__("csv").writer(f)
+        csv_writer.writerows([["filepath", "title"]] + [[p, c] for p, c in zip(files, captions)])
+    for manifest in ("m.tsv", "m.csv"):
+        ds = data.ImageCaptions(str(tmp_path / manifest), 8)
+        assert ds.captions == captions and torch.equal(ds[3][0], data.ImageCaptions(str(tmp_path / "folder"), 8)[3][0])
+    # a missing caption file, a caption file that is not UTF-8, a manifest row whose image is missing
+    missing = tmp_path / "folder" / "00000" / "000000002.txt"
+    os.remove(missing)
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        data.ImageCaptions(str(tmp_path / "folder"), 8)
+    missing.write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{missing}.*not UTF-8"):
+        data.ImageCaptions(str(tmp_path / "folder"), 8)
+    (tmp_path / "bad.tsv").write_text("image\tcaption\nnope.png\ta cat\n", encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        data.ImageCaptions(str(tmp_path / "bad.tsv"), 8)
+    (tmp_path / "bad.csv").write_text("path,text\nx.png,a cat\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="caption column"):
+        data.ImageCaptions(str(tmp_path / "bad.csv"), 8)
+
+
+def test_caption_latents_keep_the_captions(tmp_path, cache):
+    captions = [f"caption {i} ü" for i in range(5)]
+    make_caption_folder(tmp_path / "folder", captions)
+    extract(tmp_path / "cache", cache / "vae", f"--data_path={tmp_path / 'folder'}", "--captions", "--image_size=16",
+            "--shard_size=2", "--batch_size=2", "--num_workers=0")
+    ds = data.LatentDataset(str(tmp_path / "cache"))
+    assert ds.captions == captions and ds.labels is None and ds.views == 1 and len(ds) == 5
+    latent, caption = ds[4]
+    assert latent.shape == (4, 8, 8) and caption == captions[4]
+
+
+def test_clip_text_encoder_has_clips_names_and_computes_what_clip_does(tmp_path, monkeypatch):
+    import clip
+    # the text half of OpenAI's checkpoints (ViT-B/32, ViT-L/14 hyperparameters, built by clip's own model) loads as it is
+    for width, embed in ((512, 512), (768, 768)):
+        with torch.device("meta"):
+            ref = clip.model.CLIP(**dict(CLIP_TINY, embed_dim=embed, transformer_width=width,
+                                         transformer_heads=width // 64, transformer_layers=12))
+            ours = model_lib.TextEncoder(width, 12)
+        text = {k: list(v.shape) for k, v in ref.state_dict().items()
+                if not k.startswith("visual.") and k not in ("text_projection", "logit_scale")}
+        assert {k: list(v.shape) for k, v in ours.state_dict().items()} == text
+        assert ours.transformer.resblocks[0].attn.num_heads == width // 64
+    # random weights from a TorchScript archive: every token's embedding, and at the end token CLIP's own encode_text
+    ref = tiny_clip(tmp_path / "clip.pt")
+    encoder = model_lib.load_clip_text_encoder(str(tmp_path / "clip.pt"))
+    tokens = model_lib.tokenize(["a small red circle", "un café 🙂", ""])
+    with torch.no_grad():
+        out = encoder(tokens)
+        x = ref.ln_final(ref.transformer((ref.token_embedding(tokens) + ref.positional_embedding).permute(1, 0, 2)))
+        torch.testing.assert_close(out, x.permute(1, 0, 2), rtol=1e-5, atol=1e-5)
+        pooled = out[torch.arange(3), tokens.argmax(-1)] @ ref.text_projection
+        torch.testing.assert_close(pooled, ref.encode_text(tokens), rtol=1e-5, atol=1e-5)
+    assert out.shape == (3, 77, 64) and (out[0] - out[1]).abs().max() > 1e-3
+    # missing weights: the file, or for a model name clip's cache file and where to get it
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        model_lib.load_clip(str(tmp_path / "nope.pt"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(clip.clip.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(FileNotFoundError) as e:
+        model_lib.load_clip("ViT-B/32")
+    expected = tmp_path / "home" / ".cache" / "clip" / "ViT-B-32.pt"
+    assert f"save it as {expected}" in str(e.value) and "openaipublic" in str(e.value)
+
+
+def test_tokenizer_works_offline():
+    code = ("import socket\n"
+            "def refuse(*a, **k): raise OSError('no network in this test')\n"
+            "socket.socket.connect = socket.create_connection = socket.getaddrinfo = refuse\n"
+            "import json, model\n"
+            "print(json.dumps(model.tokenize(['a café', '', 'word ' * 100]).tolist()))")
+    tokens = json.loads(run([sys.executable, "-c", code]).stdout.strip().splitlines()[-1])
+    from clip.simple_tokenizer import SimpleTokenizer
+    a, null, long = tokens
+    assert len(a) == len(null) == len(long) == 77 and a[0] == null[0] == 49406  # start of text
+    end = a.index(49407)
+    assert SimpleTokenizer().decode(a[1:end]).strip() == "a café" and not any(a[end + 1:])
+    assert null[:3] == [49406, 49407, 0] and long[-1] == 49407  # the empty caption; a long one cut to 77
+
+
+@pytest.mark.parametrize("kind", ["uniform", "gaussian"])
+def test_cep_per_token_skips_null_captions_and_sampling(kind):
+    torch.manual_seed(0)
+    embedder = model_lib.TextEmbedder(model_lib.TextEncoder(64, 1), dropout_prob=0.0)
+    embedder.perturb = cep.CEP(kind, 2.0)
+    captions = [f"a {c} shape number {i}" if i % 5 else "" for i, c in enumerate(["red", "blue"] * 100)]
+    tokens = model_lib.tokenize(captions)
+    with torch.no_grad():
+        clean = embedder.encoder(tokens)
+        delta = embedder.train()(tokens) - clean
+    null = torch.tensor([c == "" for c in captions])
+    assert torch.equal(delta[null], torch.zeros_like(delta[null]))  # the null caption is never perturbed
+    real = delta[~null]  # [160, 77, 64]: a delta per token, d = 64
+    bound = 2.0 / math.sqrt(64)
+    assert real.std().item() == pytest.approx(bound / math.sqrt(3) if kind == "uniform" else bound, rel=0.01)
+    if kind == "uniform":
+        assert real.abs().max().item() <= bound * (1 + 1e-4)
+    per_token = real.std(dim=(0, 2))  # every token position is perturbed alike, each with its own draw
+    assert per_token.min() > 0.95 * per_token.max() and not torch.allclose(real[:, 0], real[:, 1])
+    with torch.no_grad():
+        assert torch.equal(embedder.eval()(tokens), clean)  # never at sampling
+    embedder.train().dropout_prob = 0.5
+    with torch.no_grad():
+        out = embedder(tokens)
+    dropped = (out == embedder.encoder(embedder.null_like(tokens))).all(dim=(1, 2))
+    assert 70 < dropped.sum() < 130 and dropped[null].all()  # dropped captions get the exact, unperturbed null
+
+
+def test_clip_score_matches_a_direct_computation(tmp_path):
+    import clip
+    ref = tiny_clip(tmp_path / "clip.pt", torchscript=False)
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (7, 24, 24, 3), dtype=np.uint8)
+    prompts = [f"a photo of {w}" for w in ("a cat", "a dog", "cafés", "red", "blue", "two birds", "the sea")]
+    np.savez(tmp_path / "s.npz", images)
+    model, preprocess = model_lib.load_clip(str(tmp_path / "clip.pt"))
+    score = evaluate.clip_score(evaluate.open_images(str(tmp_path / "s.npz")), prompts, model, preprocess, 3, "cpu")
+    cos = []
+    with torch.no_grad():
+        for image, prompt in zip(images, prompts):
+            logits, _ = ref(preprocess(Image.fromarray(image))[None], clip.tokenize([prompt]))
+            cos.append(logits.item() / ref.logit_scale.exp().item())
+    cos = np.array(cos)
+    assert (cos < 0).any() and (cos > 0).any()  # the clamp at 0 matters here
+    assert score == pytest.approx(np.mean(np.maximum(100 * cos, 0)), rel=1e-5)
+
+
+def test_caption_swap_and_rewrite_are_exact_in_training(tmp_path):
+    captions = [f"caption {i}, ä" for i in range(30)]
+    make_caption_folder(tmp_path / "folder", captions)
+    text = [f"--data_path={tmp_path / 'folder'}", "--model=LDM-S", "--text_encoder=small", "--max_steps=1",
+            "--grid_steps=2", "--image_size=8"]
+    train(tmp_path / "swap", *text, "--corrupt=0.1", "--corrupt_type=swap")
+    record = json.loads((tmp_path / "swap" / "corruption.json").read_text(encoding="utf-8"))
+    assert len(record["indices"]) == round(0.1 * 30) == 3  # odd: one 3-cycle
+    assert record["original"] == [captions[i] for i in record["indices"]]
+    assert all(o != n for o, n in zip(record["original"], record["new"])) and sorted(record["new"]) == sorted(record["original"])
+    _, direct = corrupt.swap_captions(captions, 0.1, seed=0)
+    assert record["indices"] == direct["indices"] and record["new"] == direct["new"]
+    state = torch.load(tmp_path / "swap" / "ckpt.pt", weights_only=True)
+    assert state["corruption"]["count"] == 3 and state["corruption"]["type"] == "swap"
+    assert "text encoder: small, trained" in (tmp_path / "swap" / "log.txt").read_text()
+    (tmp_path / "rewrites.json").write_text(json.dumps({str(i): f"rewritten {i}" for i in range(0, 30, 2)}))
+    train(tmp_path / "rewrite", *text, "--corrupt=0.2", "--corrupt_type=rewrite",
+          f"--corrupt_rewrites={tmp_path / 'rewrites.json'}")
+    record = json.loads((tmp_path / "rewrite" / "corruption.json").read_text(encoding="utf-8"))
+    assert len(record["indices"]) == 6 and record["new"] == [f"rewritten {i}" for i in record["indices"]]
+
+
+def test_text_to_image_end_to_end_on_the_builtin_captions(tmp_path):
+    """Train with a frozen CLIP text encoder (random weights in a local file) on the built-in captions, with CEP;
+    sample a captioned grid and an .npz from prompts; CLIP score it."""
+    ref = tiny_clip(tmp_path / "clip.pt", torchscript=False)
+    out = tmp_path / "run"
+    train(out, "--model=LDM-S", "--text_encoder=clip", f"--clip_model={tmp_path / 'clip.pt'}", "--max_steps=2",
+          "--grid_steps=2", "--cep")
+    log = (out / "log.txt").read_text()
+    assert f"CLIP {tmp_path / 'clip.pt'}, frozen" in log and "CEP: uniform" in log and len(logged_losses(out)) == 2
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    assert state["model_args"]["text_layers"] == 2 and state["model_args"]["context_dim"] == 64
+    for weights in (state["model"], state["ema"]):  # frozen: trained around, never changed
+        assert torch.equal(weights["y_embedder.encoder.token_embedding.weight"], ref.token_embedding.weight)
+        assert torch.equal(weights["y_embedder.encoder.transformer.resblocks.1.mlp.c_fc.weight"],
+                           ref.transformer.resblocks[1].mlp.c_fc.weight)
+    assert state["model"]["out.2.weight"].abs().sum() > 0  # the U-Net did train
+    assert Image.open(out / "samples_0000002.png").size[0] == 8 * 130
+    (tmp_path / "prompts.txt").write_text("a red circle\n\n  un cœur  rouge 🙂 \n", encoding="utf-8")
+    args = [sys.executable, "sample.py", f"--ckpt={out}/ckpt.pt", "--num_steps=2"]
+    run(args + [f"--prompts={tmp_path / 'prompts.txt'}", "--grid_per_class=3", f"--out={tmp_path}/grid.png"])
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape[1] == 3 * 130 and grid.shape[0] > 2 * 130  # two prompts, three samples each, text beneath
+    assert (grid[128:150, :120] < 100).any()  # the caption is written under the first image
+    coco = {"annotations": [{"image_id": 1, "caption": "A large blue star."}, {"image_id": 2, "caption": "a ring"}]}
+    (tmp_path / "captions_val.json").write_text(json.dumps(coco))
+    run(args + [f"--prompts={tmp_path / 'captions_val.json'}", "--num_samples=4", "--batch_size=3",
+                f"--out={tmp_path}/s.npz"])
+    npz = np.load(tmp_path / "s.npz")
+    assert list(npz.keys()) == ["arr_0"] and npz["arr_0"].shape == (4, 16, 16, 3)
+    prompts = ["A large blue star.", "a ring"] * 2  # in turn
+    assert (tmp_path / "s_prompts.txt").read_text(encoding="utf-8") == "\n".join(prompts) + "\n"
+    result = run(args, check=False)
+    assert result.returncode != 0 and "--prompts" in result.stderr.splitlines()[-1]
+    report = evaluate.main(["--samples", str(tmp_path / "s.npz"), f"--clip_model={tmp_path / 'clip.pt'}",
+                            "--cache_dir", str(tmp_path / "cache"), "--progress=False", "--device=cpu",
+                            "--classifier_size=100", "--classifier_epochs=1", "--synthetic_ref_size=30"])
+    model, preprocess = model_lib.load_clip(str(tmp_path / "clip.pt"))
+    direct = evaluate.clip_score(evaluate.open_images(str(tmp_path / "s.npz")), prompts, model, preprocess, 3, "cpu")
+    assert report["clip_score"] == pytest.approx(direct) and report["prompts"] == str(tmp_path / "s_prompts.txt")
 
 
 # -----------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """
-Train a class-conditional DiT or LDM U-Net, optionally on corrupted conditions (corrupt.py) and with CEP (cep.py).
+Train a class- or text-conditional DiT or LDM U-Net, optionally on corrupted conditions (corrupt.py) and with CEP
+(cep.py). Text conditioning changes only the condition encoder: captions -> CLIP tokens -> a text transformer ->
+token embeddings, the U-Net's cross-attention context.
 
   python train.py                                        # the embedded default: built-in shapes, CPU, minutes
   torchrun --nproc_per_node=8 train.py --corrupt 0.05 --cep
   python train.py my_config.py --max_steps=1000          # a config file, then overrides
   python train.py --latents=latents/in256 --model=DiT-XL/2   # on latents cached by data.py (the fast path)
   python train.py --data_path=imagenet/train --image_size=256 --vae=sd-vae-ft-ema --model=LDM-S  # encoded on the fly
+  python train.py --model=LDM-S --text_encoder=small     # text-to-image on the built-in shapes' captions
 
 Defaults are the variables below (nanoGPT style, see configurator.py). The RNG is re-seeded at every step from
 (seed, step, rank), so timesteps, noise, label dropout, CEP and random-mode corruption are a function of the step:
@@ -28,15 +31,17 @@ from tqdm import tqdm
 
 from cep import CEP, input_perturbation
 from configurator import configure
-from corrupt import corrupt_batch, corrupt_labels
-from data import ImageFolder, LatentDataset, StepBatches, SyntheticShapes
-from model import DiT_models, GaussianDiffusion, UNet_models, build_model, load_first_stage
-from sample import sample_grid
+from corrupt import corrupt_batch, corrupt_labels, rewrite_captions, swap_captions
+from data import CaptionPairs, ImageCaptions, ImageFolder, LatentDataset, StepBatches, SyntheticShapes
+from model import (DiT_models, GaussianDiffusion, UNet_models, build_model, load_clip_text_encoder, load_first_stage,
+                   tokenize)
+from sample import class_rows, sample_grid
 
 # -----------------------------------------------------------------------------
 # data and model
 out_dir = "out"
-data_path = ""            # "": the built-in synthetic shapes; else an ImageNet-style folder root/<class>/<image>
+data_path = ""            # "": the built-in synthetic shapes; else an ImageNet-style folder root/<class>/<image>, or
+                          # with a text encoder an image-caption set (data.ImageCaptions: .txt beside, or a manifest)
 latents = ""              # a cache written by data.py: train on its latents instead of images (the fast path)
 vae = ""                  # a folder of diffusers VAE (or VQ-f4) weights: encode images on the fly; with latents, the
                           # VAE that decodes the grids, by default the one the cache was written with
@@ -46,7 +51,9 @@ model = "DiT-Ti/4"        # model.DiT_models (DiT-XL/2, ...) or model.UNet_model
 learn_sigma = True
 prediction = "v"         # v | eps: what the model predicts. DiT and LDM predict eps; v learns far sooner on a
                           # short budget (model.GaussianDiffusion), so the CPU default uses it
-class_dropout = 0.1       # label dropout to the null class, for classifier-free guidance
+class_dropout = 0.1       # label dropout to the null class (the empty caption), for classifier-free guidance
+text_encoder = ""         # "": class-conditional | clip: CLIP's text transformer, frozen | small: 4 layers, trained
+clip_model = "ViT-L/14"   # text_encoder=clip: a CLIP checkpoint file, or a clip model name (in ~/.cache/clip)
 # optimisation
 global_batch_size = 32
 max_steps = 1500
@@ -67,9 +74,10 @@ grid_steps = 50           # DPM-Solver++ steps
 resume = False
 # corrupted conditions and CEP (the paper)
 corrupt = 0.0             # eta: the fraction of training samples whose condition is wrong
-corrupt_type = "sym"      # sym | asym (swap | rewrite are for caption datasets)
+corrupt_type = "sym"      # class labels: sym | asym; captions: swap | rewrite
 corrupt_mode = "fixed"    # fixed: decided once from the seed | random: each label flipped with prob eta every step
 corrupt_subset = ""       # asym: class indices "1,5,9", or a file of class indices or folder names
+corrupt_rewrites = ""     # rewrite: a JSON file {"index": "rewritten caption", ...}
 cep = False
 cep_type = "uniform"      # uniform (CEP-U) | gaussian (CEP-G)
 cep_scale = 1.0           # gamma
@@ -88,9 +96,18 @@ def check_config():
         raise ValueError(f"corrupt (eta) must be in [0, 1), got {corrupt}")
     if corrupt_type not in ("sym", "asym", "swap", "rewrite"):
         raise ValueError(f"corrupt_type must be sym, asym, swap or rewrite, got {corrupt_type!r}")
-    if corrupt_type in ("swap", "rewrite") and corrupt > 0:
-        raise ValueError(f"corrupt_type={corrupt_type} corrupts captions, but this is a class-conditional run; "
-                         "use sym or asym")
+    if text_encoder not in ("", "clip", "small"):
+        raise ValueError(f"text_encoder must be '' (class-conditional), clip or small, got {text_encoder!r}")
+    if text_encoder and model not in UNet_models:
+        raise ValueError(f"text_encoder={text_encoder}: text enters through cross-attention, which the DiT has not; "
+                         f"use a U-Net ({', '.join(UNet_models)})")
+    if corrupt > 0 and (corrupt_type in ("swap", "rewrite")) != bool(text_encoder):
+        raise ValueError(f"corrupt_type={corrupt_type} does not apply to this " +
+                         ("text-conditional run: use swap or rewrite" if text_encoder else
+                          "class-conditional run: use sym or asym (swap and rewrite need a text_encoder)"))
+    if corrupt_type == "rewrite" and corrupt > 0 and not os.path.isfile(corrupt_rewrites):
+        raise FileNotFoundError(f"corrupt_type=rewrite needs corrupt_rewrites, a JSON file of rewritten captions "
+                                f"{{\"index\": \"caption\"}}; got {corrupt_rewrites!r}")
     if corrupt_type == "asym" and corrupt > 0 and not corrupt_subset:
         raise ValueError("corrupt_type=asym needs corrupt_subset: class indices '1,5,9' or a file of them")
     if corrupt_mode not in ("fixed", "random"):
@@ -113,8 +130,9 @@ def check_config():
         raise ValueError(f"prediction must be eps or v, got {prediction!r}")
     if dtype not in ("bfloat16", "float32"):  # float16 would need a gradient scaler; bf16 does not
         raise ValueError(f"dtype must be bfloat16 or float32, got {dtype!r}")
-    if data_path and not os.path.isdir(data_path):
-        raise FileNotFoundError(f"data_path {data_path!r} does not exist (expected a folder root/<class>/<image>)")
+    if data_path and not os.path.exists(data_path):
+        raise FileNotFoundError(f"data_path {data_path!r} does not exist (expected a folder root/<class>/<image>, or "
+                                "with a text encoder images with .txt captions or a .tsv/.csv manifest)")
     if resume and not os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
         raise FileNotFoundError(f"resume=True but there is no checkpoint {os.path.join(out_dir, 'ckpt.pt')!r}")
     try:
@@ -139,9 +157,21 @@ def read_subset(spec, classes):
         raise ValueError(f"corrupt_subset: {e.args[0]!r} is neither a class index nor a class name") from None
 
 
+def read_rewrites(path):
+    """corrupt_type=rewrite: the user's rewritten captions (e.g. by an LLM, as in the paper), {index: caption}."""
+    with open(path, encoding="utf-8") as f:
+        rewrites = json.load(f)
+    try:
+        return {int(k): str(v) for k, v in rewrites.items()}
+    except (AttributeError, ValueError):
+        raise ValueError(f"corrupt_rewrites {path!r} must be a JSON object {{\"index\": \"rewritten caption\", ...}}") \
+            from None
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+    pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]  # frozen CLIP: as it is
+    torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1 - decay)
 
 
 def save_checkpoint(path, state):
@@ -174,12 +204,16 @@ def log(msg):
             f.write(msg + "\n")
 
 
-# data, and the corruption of its labels (decided once, from the seed: identical on every rank)
+# data, and the corruption of its labels or captions (decided once, from the seed: identical on every rank)
 if latents:
     dataset = LatentDataset(latents)
+elif data_path:
+    dataset = ImageCaptions(data_path, image_size) if text_encoder else ImageFolder(data_path, image_size)
 else:
-    dataset = SyntheticShapes(synthetic_size, image_size, seed) if not data_path else ImageFolder(data_path, image_size)
-num_classes = len(dataset.classes)
+    dataset = SyntheticShapes(synthetic_size, image_size, seed)
+if (text_encoder and dataset.captions is None) or (not text_encoder and dataset.labels is None):
+    raise ValueError(f"the cache {latents!r} holds " + ("no captions: extract it from captioned images" if text_encoder
+                     else "captions, not classes: set text_encoder"))
 # the first stage: encodes images on the fly (without a cache) and decodes the sample grids
 vae = vae or (dataset.meta["vae"] if latents else "")
 first_stage = load_first_stage(vae).to(device).eval().requires_grad_(False) if vae else None
@@ -194,13 +228,25 @@ elif first_stage:
     in_channels, input_size = first_stage.latent_channels, image_size // first_stage.factor
 else:
     in_channels, input_size = 3, image_size
-prior = torch.from_numpy(np.bincount(dataset.labels, minlength=num_classes)).float().to(device)
+if text_encoder:
+    dataset = CaptionPairs(dataset, tokenize)  # the images and their captions' tokens
+    num_classes = 0
+    grid_rows = [dataset.captions[i] for i in np.linspace(0, len(dataset) - 1, 8).round().astype(np.int64)]  # clean
+else:
+    num_classes = len(dataset.classes)
+    grid_rows = class_rows(num_classes)
+    prior = torch.from_numpy(np.bincount(dataset.labels, minlength=num_classes)).float().to(device)
 corruption = dict(eta=corrupt, type=corrupt_type, mode=corrupt_mode, count=0)
 if corrupt > 0 and corrupt_mode == "fixed":
-    subset = read_subset(corrupt_subset, dataset.classes) if corrupt_type == "asym" else None
-    dataset.labels, record = corrupt_labels(dataset.labels, corrupt, seed, subset)
-    corruption.update(count=len(record["indices"]), subset=subset,
-                      digest=hashlib.sha256(np.array([record["indices"], record["new"]]).tobytes()).hexdigest()[:16])
+    if corrupt_type == "swap":
+        dataset.captions, record = swap_captions(dataset.captions, corrupt, seed)
+    elif corrupt_type == "rewrite":
+        dataset.captions, record = rewrite_captions(dataset.captions, corrupt, seed, read_rewrites(corrupt_rewrites))
+    else:
+        corruption["subset"] = read_subset(corrupt_subset, dataset.classes) if corrupt_type == "asym" else None
+        dataset.labels, record = corrupt_labels(dataset.labels, corrupt, seed, corruption["subset"])
+    corruption.update(count=len(record["indices"]), digest=hashlib.sha256(
+        json.dumps([record["indices"], record["new"]]).encode()).hexdigest()[:16])
     if master:
         with open(os.path.join(out_dir, "corruption.json"), "w") as f:
             json.dump(dict(corruption, **record), f)
@@ -211,12 +257,21 @@ if ddp:  # every rank decided alone; a dataset listed differently on another nod
         raise RuntimeError(f"the ranks corrupted different labels (is the dataset the same on every node?): {records}")
 
 # model, EMA, optimiser
-torch.manual_seed(seed)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
 # what sample.py needs to rebuild the model and decode its samples, in the checkpoint (plain types: weights_only loads)
 model_args = dict(name=model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
                   learn_sigma=learn_sigma, class_dropout_prob=class_dropout)
+if text_encoder == "clip":
+    clip_text = load_clip_text_encoder(clip_model)
+    model_args.update(context_dim=clip_text.width, text_layers=clip_text.layers)
+elif text_encoder == "small":
+    model_args.update(text_layers=4)  # of the U-Net's context width (our choice: small enough for a CPU)
 first_stage_args = dict(vae=os.path.abspath(vae), scale=first_stage.scale) if vae else None
+torch.manual_seed(seed)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
 net = build_model(**model_args).to(device)
+if text_encoder == "clip":
+    net.y_embedder.encoder.load_state_dict(clip_text.state_dict())
+    net.y_embedder.encoder.requires_grad_(False)
+    del clip_text
 if cep:
     net.y_embedder.perturb = CEP(cep_type, cep_scale)
 elif emb_dropout > 0:
@@ -245,8 +300,11 @@ loader = torch.utils.data.DataLoader(
 
 space = f"latents {in_channels}x{input_size}x{input_size} {'from ' + latents if latents else 'encoded on the fly'}" \
     if vae else "pixel space"
-log(f"{model} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters), {len(dataset)} images, {space}, "
-    f"{num_classes} classes, {world_size} process(es) on {device}; corruption: {corruption}; "
+conditions = f"{num_classes} classes" if not text_encoder else "captions, text encoder: " + \
+    (f"CLIP {clip_model}, frozen" if text_encoder == "clip" else "small, trained")
+log(f"{model} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
+    f"{sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6:.2f}M trained), {len(dataset)} images, "
+    f"{space}, {conditions}, {world_size} process(es) on {device}; corruption: {corruption}; "
     f"CEP: {f'{cep_type} gamma={cep_scale}' if cep else 'off'}; IP: {ip}; embedding dropout: {emb_dropout}")
 net.train()
 loss_sum = torch.zeros((), device=device)  # read only at log intervals: no host-device sync per step
@@ -302,7 +360,7 @@ for x, y in loader:
                                         prediction=prediction, first_stage=first_stage_args))
     if master and (step == max_steps or (sample_every and step % sample_every == 0)):
         grid = os.path.join(out_dir, f"samples_{step:07d}.png")
-        sample_grid(ema, grid, num_classes, seed=seed, cfg_scale=grid_cfg_scale, sampler="dpm++",
+        sample_grid(ema, grid, grid_rows, seed=seed, cfg_scale=grid_cfg_scale, sampler="dpm++",
                     num_steps=grid_steps, size=input_size, vae=first_stage, prediction=prediction)
         log(f"sample grid (EMA, cfg {grid_cfg_scale}, {grid_steps} DPM-Solver++ steps): {grid}")
 progress.close()
