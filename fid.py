@@ -439,6 +439,9 @@ def precision_recall(real, fake, k=3, batch_size=None, device=None, progress=Fal
     batch_size = batch_size or (10000 if device.type == "cuda" else 2048)
     real = torch.as_tensor(np.asarray(real, np.float32))
     fake = torch.as_tensor(np.asarray(fake, np.float32))
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall with k={k} need more than {k} real and fake samples, "
+                         f"got {len(real)} and {len(fake)}")
     # k + 1 because each point is its own nearest neighbour at distance 0
     r_real = torch.from_numpy(nearest_distances(real, real, k + 1, batch_size, device, progress)[:, k])
     r_fake = torch.from_numpy(nearest_distances(fake, fake, k + 1, batch_size, device, progress)[:, k])

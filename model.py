@@ -846,6 +846,8 @@ class GaussianDiffusion:
     def respaced(self, num_steps):
         """A diffusion over `num_steps` evenly spaced timesteps of this one, with the same alphas_cumprod there.
         Call the model with `timestep_map[t]`."""
+        if not 2 <= num_steps <= self.num_timesteps:
+            raise ValueError(f"the number of sampling steps must be in [2, {self.num_timesteps}], got {num_steps}")
         use = np.round(np.linspace(0, self.num_timesteps - 1, num_steps)).astype(np.int64)
         acp = self.alphas_cumprod[use]
         betas = 1.0 - acp / np.append(1.0, acp[:-1])

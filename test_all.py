@@ -570,6 +570,7 @@ def test_resume_without_checkpoint_and_bad_config_fail_before_work(tmp_path):
                           (["--cep_scale=-1"], "cep_scale"), (["--global_batch_size=7"], "not divisible"),
                           (["--data_path=/nonexistent"], "data_path"), (["--model=DiT-Q/2"], "model"),
                           (["--corrupt_tpye=sym"], "corrupt_tpye"), (["--text_encoder=small"], "cross-attention"),
+                          (["--grid_steps=1"], "grid_steps"), (["--prediction=x0"], "prediction"),
                           (["--corrupt=0.1", "--corrupt_type=swap"], "swap and rewrite need a text_encoder"),
                           (["--model=LDM-S", "--text_encoder=small", "--corrupt=0.1", "--corrupt_type=rewrite"],
                            "corrupt_rewrites"),
@@ -1156,6 +1157,8 @@ def test_precision_recall_match_brute_force():
     assert p == pytest.approx(precision) and r == pytest.approx(recall)
     nn = fid.nearest_distances(fake, real, 5, batch_size=16, device=torch.device("cpu"))
     np.testing.assert_allclose(nn, np.sort(d(fake, real), 1)[:, :5], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="need more than 3 real and fake samples, got 150 and 3"):
+        fid.precision_recall(real, fake[:3], k=3)
 
 
 def test_missing_weights_error(tmp_path, monkeypatch):

@@ -126,6 +126,8 @@ def check_config():
     for key in ("max_steps", "log_every", "ckpt_every", "global_batch_size", "image_size", "synthetic_size"):
         if globals()[key] <= 0:
             raise ValueError(f"{key} must be > 0, got {globals()[key]}")
+    if grid_steps < 2:
+        raise ValueError(f"grid_steps must be >= 2, got {grid_steps}")
     if prediction not in ("eps", "v"):
         raise ValueError(f"prediction must be eps or v, got {prediction!r}")
     if dtype not in ("bfloat16", "float32"):  # float16 would need a gradient scaler; bf16 does not
