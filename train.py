@@ -291,6 +291,11 @@ if resume:
     opt.load_state_dict(state["opt"])
     step = state["step"]
     del state
+    if step >= max_steps:  # a finished run: no data loader, no grid, checkpoint untouched (study.py resumes every run)
+        log(f"{ckpt_path} is at step {step}, max_steps={max_steps}: nothing to train")
+        if ddp:
+            dist.destroy_process_group()
+        sys.exit()
 train_net = torch.compile(net) if compile else net
 if ddp:
     train_net = DDP(train_net, device_ids=[device] if cuda else None)
