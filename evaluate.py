@@ -13,8 +13,9 @@ file (path, size, mtime) and the feature space, and reused.
 
 Feature spaces: "inception" (the FID Inception, pt_inception-2015-12-05; every metric) or "classifier" (a
 small CNN trained on the built-in dataset and cached, for machines without the Inception weights: FID, precision,
-recall and the class accuracy of samples in its penultimate features; no IS/sFID). The report always names the
-space: numbers from different spaces are not comparable.
+recall and the class accuracy of samples in its penultimate features, and "IS (classifier)", is_classifier: the
+Inception Score's formula on its softmax over the 10 classes (at most 10), not the Inception IS; no sFID). The
+report always names the space: numbers from different spaces are not comparable.
 
 CLIP score, when the samples have prompts (sample.py writes them beside the .npz, <name>_prompts.txt, one per line;
 or --prompts): 100 * max(cos(CLIP image embedding, CLIP text embedding), 0), averaged over the samples. That is
@@ -426,10 +427,12 @@ def main(argv=None):
     res["fid"] = fid.frechet_distance(mu, sigma, r["mu"], r["sigma"], method=fd_method)
     res["sfid"] = (fid.frechet_distance(*fid.statistics(s["spatial"]), r["mu_s"], r["sigma_s"], method=fd_method)
                    if "spatial" in s and "mu_s" in r else None)
+    # the IS formula on the space's own classifier: Inception's, or in the classifier space an analogue under its
+    # own name ("IS (classifier)", at most the 10 classes), so that nobody takes one for the other
     res["is"] = res["is_std"] = None
-    if space.name == fid.FEATURE_SPACE:
-        res["is"], res["is_std"] = fid.inception_score(s["logits"], is_splits, is_split_size or None)
-        res["is_splits"] = f"chunks of {is_split_size}" if is_split_size else f"{is_splits} equal splits"
+    is_key = "is" if space.name == fid.FEATURE_SPACE else "is_classifier"
+    res[is_key], res[is_key + "_std"] = fid.inception_score(s["logits"], is_splits, is_split_size or None)
+    res["is_splits"] = f"chunks of {is_split_size}" if is_split_size else f"{is_splits} equal splits"
     res["precision"] = res["recall"] = None
     if "features" in r:
         res["precision"], res["recall"] = fid.precision_recall(r["features"], s["pool"], pr_k, device=dev)
@@ -458,8 +461,8 @@ def main(argv=None):
     res["config"] = config
 
     print(f"{'metric':<22}{'value':>12}   ({space.name})")
-    for k in ("fid", "sfid", "is", "precision", "recall", "class_accuracy", "memorisation_ratio", "avg_l2_top5",
-              "rmd_top1", "clip_score"):
+    for k in ("fid", "sfid", "is", "is_classifier", "precision", "recall", "class_accuracy", "memorisation_ratio",
+              "avg_l2_top5", "rmd_top1", "clip_score"):
         if k in res:
             v = res[k]
             print(f"{k:<22}{'-' if v is None else f'{v:.4f}':>12}")

@@ -1247,6 +1247,7 @@ def test_evaluate_end_to_end_inception_with_cache(tmp_path, weights, monkeypatch
     for k in ("fid", "sfid", "is", "precision", "recall"):
         assert report[k] is not None and np.isfinite(report[k]), k
     assert report["fid"] > 0 and report["is"] >= 1 and report["num_samples"] == 6 and report["num_ref"] == 8
+    assert "is_classifier" not in report
     second = evaluate.main(args)
     assert len(calls) == 3 and second["ref_cache"] == "hit"  # only the samples were run through the network
     for k in ("fid", "sfid", "is", "precision", "recall"):
@@ -1279,6 +1280,27 @@ def test_evaluate_synthetic_classifier_and_memorisation(tmp_path):
     again = evaluate.main(base + ["--train", str(tmp_path / "s.npz")])
     assert again["memorisation_ratio"] == 1.0 and again["ref_cache"] == "hit"
     assert again["classifier_val_accuracy"] == res["classifier_val_accuracy"]  # the cached classifier, reused
+
+
+def test_classifier_is_is_the_is_formula_on_its_softmax(tmp_path):
+    from data import SyntheticShapes
+    torch.manual_seed(0)
+    net = evaluate.SmallCNN(10, 16)
+    with torch.no_grad():
+        net.head.weight.normal_(0, 300)  # the untrained features barely vary: large weights spread the softmax
+    torch.save({"model": net.state_dict(), "resolution": 16, "num_classes": 10, "val_accuracy": 0.5}, tmp_path / "c.pt")
+    images = SyntheticShapes(size=40, resolution=16, seed=5).images_uint8()
+    np.savez(tmp_path / "s.npz", images)
+    res = evaluate.main(["--samples", str(tmp_path / "s.npz"), "--classifier_path", str(tmp_path / "c.pt"),
+                         "--cache_dir", str(tmp_path / "cache"), "--progress=False", "--device=cpu", "--is_splits=4",
+                         "--synthetic_ref_size=20"])
+    with torch.no_grad():
+        p = net.eval()(torch.from_numpy(images))[1].double().softmax(1).numpy()
+    # exp(E_x KL(p(y|x) || p(y))) on each of 4 equal splits, p(y) the split's mean prediction
+    direct = [np.exp((q * (np.log(q) - np.log(q.mean(0)))).sum(1).mean()) for q in np.split(p, 4)]
+    assert res["is_classifier"] == pytest.approx(np.mean(direct), rel=1e-6) and res["is_classifier"] > 1.5
+    assert res["is_classifier_std"] == pytest.approx(np.std(direct), rel=1e-5, abs=1e-9)
+    assert res["is"] is None and res["is_splits"] == "4 equal splits"  # never under the Inception IS's name
 
 
 def test_evaluate_cli_on_a_folder(tmp_path):
