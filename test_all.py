@@ -1,4 +1,5 @@
 """The test suite: `python -m pytest -q test_all.py`. Tiny configs, CPU, real files, real torchrun."""
+import csv
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import evaluate
 import fid
 import gmm
 import model as model_lib
+import study
 from configurator import configure
 from model import (AutoencoderKL, DiT, DiT_models, GaussianDiffusion, UNet, UNet_models, VQModel, diffusers_to_dit,
                    discretized_gaussian_log_likelihood, load_dit, load_first_stage)
@@ -1558,6 +1560,99 @@ def test_text_to_image_end_to_end_on_the_builtin_captions(tmp_path):
     model, preprocess = model_lib.load_clip(str(tmp_path / "clip.pt"))
     direct = evaluate.clip_score(evaluate.open_images(str(tmp_path / "s.npz")), prompts, model, preprocess, 3, "cpu")
     assert report["clip_score"] == pytest.approx(direct) and report["prompts"] == str(tmp_path / "s_prompts.txt")
+
+
+# -----------------------------------------------------------------------------
+# study.py
+
+STUDY_EVAL = ("--train=synthetic --synthetic_train_size=64 --synthetic_ref_size=60 --classifier_size=200 "
+              "--classifier_epochs=1 --progress=False --device=cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """A 2-run study (clean, eta 10%) of 2 training steps, 20 samples at one scale: (its arguments, out_dir, rows)."""
+    out = tmp_path_factory.mktemp("study")
+    args = [f"--out_dir={out}", "--runs=clean,eta10", "--cfg_scales=2", "--samplers=dpm++3", "--num_samples=20",
+            "--train_args=" + " ".join(TINY + ["--max_steps=2"]), f"--eval_args={STUDY_EVAL} --cache_dir={out}/cache"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        rows = study.main(args)
+    return args, out, rows
+
+
+def test_study_trains_each_run_and_writes_the_table_and_plots(tiny_study):
+    _, out, rows = tiny_study
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["run", "eta", "sampler", "cfg_scale", "num_samples", "feature_space", *study.METRICS]
+    assert [(r["run"], r["eta"], r["sampler"], r["cfg_scale"], r["num_samples"]) for r in table] == \
+        [("clean", "0.0", "dpm++3", "2.0", "20"), ("eta10", "10.0", "dpm++3", "2.0", "20")]
+    report = json.loads((out / "eta10" / "samples_dpm++3_cfg2.0_n20_metrics.json").read_text())
+    for key in ("fid", "is_classifier", "precision", "recall", "class_accuracy", "memorisation_ratio", "avg_l2_top5",
+                "rmd_top1"):
+        assert float(table[1][key]) == report[key] == rows[1][key], key  # evaluate.py's numbers, every metric
+    assert table[1]["feature_space"] == "synthetic-classifier" and table[1]["is"] == table[1]["sfid"] == ""
+    markdown = (out / "results.md").read_text()
+    assert "| eta10 | 10 | dpm++3 | 2 | 20 |" in markdown and "IS (classifier) ↑" in markdown and "sFID" not in markdown
+    # the runs are what their names say
+    assert json.loads((out / "eta10" / "corruption.json").read_text())["eta"] == 0.1
+    assert not os.path.exists(out / "clean" / "corruption.json")
+    for png, size in [("metrics_vs_eta.png", None), ("guidance.png", None), ("grids.png", (2 * 280, 360))]:
+        with Image.open(out / png) as image:
+            assert image.format == "PNG" and (size is None or image.size == size), png
+            image.verify()
+
+
+def test_study_reuses_what_exists_and_sweeps_guidance_scales(tiny_study, monkeypatch):
+    args, out, _ = tiny_study
+    done = [out / "clean" / name for name in ("ckpt.pt", "samples_0000002.png", "samples_dpm++3_cfg2.0_n20.npz",
+                                               "samples_dpm++3_cfg2.0_n20_metrics.json")]
+    before = [os.path.getmtime(p) for p in done]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rows = study.main(args + ["--runs=clean", "--cfg_scales=2,4"])
+    assert [os.path.getmtime(p) for p in done] == before  # not retrained, resampled or re-evaluated
+    assert "ckpt.pt is at step 2, max_steps=2: nothing to train" in (out / "clean" / "log.txt").read_text()
+    assert [(r["run"], r["cfg_scale"]) for r in rows] == [("clean", 2.0), ("clean", 4.0)]
+    assert np.load(out / "clean" / "samples_dpm++3_cfg4.0_n20.npz")["arr_0"].shape == (20, 16, 16, 3)
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+
+
+def test_study_sweeps_a_checkpoint_with_two_samplers_through_torchrun(tiny_study, monkeypatch):
+    args, out, _ = tiny_study
+    log = (out / "eta10" / "log.txt").read_text()
+    reused = out / "eta10" / "samples_dpm++3_cfg2.0_n20.npz"
+    before = os.path.getmtime(reused)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rows = study.main(args + [f"--ckpt={out}/eta10/ckpt.pt", "--samplers=dpm++3,ddpm4", "--nproc=2"])
+    assert (out / "eta10" / "log.txt").read_text() == log and os.path.getmtime(reused) == before  # trains nothing
+    assert [(r["run"], r["sampler"], r["eta"]) for r in rows] == [("eta10", "dpm++3", None), ("eta10", "ddpm4", None)]
+    assert rows[1]["num_samples"] == 20 and np.isfinite(rows[1]["fid"])
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--runs=clean,eta150", "eta150"), ("--runs=cep", "'cep'"), ("--samplers=dpm50", "dpm50"),
+    ("--train_args=--max_steps 9 --corrupt 0.1", "set corrupt"), ("--sample_args=--cfg_scale 2", "set cfg_scale"),
+    ("--eval_args=--reff synthetic", "reff"), ("--ckpt=/nonexistent/ckpt.pt", "not found")])
+def test_study_rejects_bad_settings_before_any_work(tmp_path, arg, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        study.main([f"--out_dir={tmp_path}/study", arg])
+    assert not os.path.exists(tmp_path / "study")
+
+
+def test_study_plots_cep_and_ip_as_reference_lines(tmp_path):
+    rows = [dict(dict.fromkeys(study.METRICS), run=run, eta=eta, sampler="dpm++50", cfg_scale=scale, num_samples=100,
+                 feature_space="synthetic-classifier", fid=10 + eta - scale, is_classifier=5 + scale,
+                 is_classifier_std=0.1, precision=0.5, recall=0.4)
+            for run, eta in [("clean", 0.0), ("eta5", 5.0), ("eta20", 20.0), ("cep-u", 0.0), ("ip", 0.0)]
+            for scale in (1.5, 4.0)]
+    study.plot_metrics_vs_eta(rows, tmp_path / "eta.png")
+    study.plot_guidance(rows, tmp_path / "guidance.png")
+    with Image.open(tmp_path / "eta.png") as image:
+        assert image.size == (4 * 4 * 80, int(3.2 * 80))  # a panel per measured metric, none for the stds
+    with Image.open(tmp_path / "guidance.png") as image:
+        assert image.format == "PNG"
 
 
 # -----------------------------------------------------------------------------

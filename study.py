@@ -1,0 +1,273 @@
+"""
+The paper's study end to end: train each run (clean; eta% of the labels wrong; CEP-U and CEP-G; the IP baseline),
+sample it with each sampler at each guidance scale, evaluate the samples, and write a results table and plots.
+Orchestrating runs is a concern of its own, hence this file; it does none of the work itself: it launches train.py,
+sample.py and evaluate.py as subprocesses (through torchrun when nproc > 1) and reads the files they write.
+
+  python study.py                                                 # the whole study on the built-in dataset
+  python study.py --runs clean,eta5,eta20,cep-u --cfg_scales 2 --num_samples 500   # a reduced one (README)
+  python study.py --runs clean --cfg_scales 1,1.5,2,3,4           # a guidance sweep of one run
+  python study.py --ckpt out/ckpt.pt --cfg_scales 1,2,4           # ... of a checkpoint trained elsewhere
+  python study.py --runs clean --samplers dpm++50,ddpm250         # DPM-Solver++ at 50 steps against DDPM at 250
+
+out_dir/<run>/ holds train.py's output (ckpt.pt, log.txt, the grids) and, for each sampler and scale,
+samples_<sampler><steps>_cfg<scale>_n<N>.npz and its _metrics.json. Nothing is done twice: a run with a checkpoint
+is resumed (train.py finishes it, or does nothing when it is done), and a sample file or a report is made again
+only when it is missing or older than what it is made from. Results of the runs, samplers and scales asked for:
+out_dir/results.md and results.csv (one row per run, sampler and scale; every metric), metrics_vs_eta.png,
+guidance.png (FID against IS and precision against recall over the guidance scales, a curve per run) and
+grids.png (each run's last training grid).
+"""
+import csv
+import glob
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import evaluate
+import sample
+from configurator import configure
+
+# -----------------------------------------------------------------------------
+out_dir = "study"
+runs = "clean,eta2.5,eta5,eta7.5,eta10,eta20,cep-u,cep-g,ip"  # clean | eta<percent> | cep-u | cep-g | ip
+ckpt = ""                 # sweep this checkpoint instead of training runs (the run is named after its folder)
+cfg_scales = "4.0"        # guidance scales, comma separated
+samplers = "dpm++50"      # <sampler><steps>, comma separated; sampler: dpm++ | ddpm | ddim (sample.py)
+num_samples = 1000        # per run, sampler and scale (the paper: 50000)
+nproc = 1                 # processes of each train.py and sample.py, through torchrun: the GPUs of a node
+train_args = ""           # passed to train.py: "--max_steps 3000", ImageNet's "--latents L --model DiT-XL/2 ..."
+sample_args = ""          # passed to sample.py: "--batch_size 256", "--vae sd-vae-ft-ema" for official DiT weights
+eval_args = "--train synthetic"  # passed to evaluate.py; ImageNet: "--ref VIRTUAL_imagenet256_labeled.npz"
+# -----------------------------------------------------------------------------
+_DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+HERE = os.path.dirname(os.path.abspath(__file__))
+# the paper's runs besides eta<percent>: CEP with gamma = 1 (its headline setting), IP with lambda = 0.1 (Ning et al.)
+RUNS = {"clean": [], "cep-u": ["--cep", "--cep_type=uniform", "--cep_scale=1.0"],
+        "cep-g": ["--cep", "--cep_type=gaussian", "--cep_scale=1.0"], "ip": ["--ip=0.1"]}
+# what the study sets per run, sampler and scale: the same key in the pass-through arguments would be ambiguous
+OWNED = {"train.py": {"out_dir", "resume", "corrupt", "cep", "cep_type", "cep_scale", "ip"},
+         "sample.py": {"ckpt", "sampler", "num_steps", "cfg_scale", "num_samples", "out"},
+         "evaluate.py": {"samples", "out"}}
+# evaluate.py's report keys, with the arrow of the better direction; IS (classifier) is not the Inception IS
+METRICS = {"fid": "FID ↓", "sfid": "sFID ↓", "is": "IS (Inception) ↑", "is_std": "IS (Inception) std",
+           "is_classifier": "IS (classifier) ↑", "is_classifier_std": "IS (classifier) std",
+           "precision": "precision ↑", "recall": "recall ↑", "class_accuracy": "class accuracy ↑",
+           "memorisation_ratio": "memorisation ratio ↓", "avg_l2_top5": "L2 to 5 nearest train ↑",
+           "rmd_top1": "top-1% RMD ↑"}
+
+
+def run_flags(name):
+    """(eta in %, train.py flags) of a run of the study, from its name."""
+    if name in RUNS:
+        return 0.0, RUNS[name]
+    eta = re.fullmatch(r"eta(\d+(?:\.\d+)?)", name)
+    if eta and 0 < float(eta[1]) < 100:
+        return float(eta[1]), [f"--corrupt={float(eta[1]) / 100}"]
+    raise ValueError(f"run {name!r}: expected clean, eta<percent> (e.g. eta2.5), cep-u, cep-g or ip")
+
+
+def on_eta_axis(row):
+    return row["run"] == "clean" or row["run"].startswith("eta")
+
+
+def passthrough(script, args):
+    """The pass-through argument string of a script as a list; keys the study sets itself are an error."""
+    argv = shlex.split(args)
+    clash = sorted({a[2:].split("=")[0] for a in argv if a.startswith("--")} & OWNED[script])
+    if clash:
+        raise ValueError(f"{script} arguments {args!r} set {', '.join(clash)}, which the study sets for each run; "
+                         f"leave them out (runs, cfg_scales, samplers, num_samples, out_dir are the study's keys)")
+    return argv
+
+
+def launch(script, *args):
+    """Run a script to its end, through torchrun with nproc > 1 (evaluate.py is a single process)."""
+    cmd = [sys.executable]
+    if nproc > 1 and script != "evaluate.py":
+        cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += [os.path.join(HERE, script), *args]
+    print("$ " + shlex.join(cmd), flush=True)
+    if subprocess.run(cmd).returncode:
+        raise RuntimeError(f"{script} failed (its output is above); rerun the study when it is fixed: "
+                           "finished work is reused")
+
+
+def fresh(path, source):
+    return os.path.isfile(path) and os.path.getmtime(path) >= os.path.getmtime(source)
+
+
+def last_grid(folder):
+    """train.py's last sample grid in folder (samples_<step>.png), or None."""
+    grids = sorted(glob.glob(os.path.join(folder, "samples_[0-9]*.png")))
+    return grids[-1] if grids else None
+
+
+def write_table(rows, out):
+    """out.csv with every column, out.md with the metrics that were measured, labelled."""
+    keys = ["run", "eta", "sampler", "cfg_scale", "num_samples", "feature_space"]
+    metrics = [k for k in METRICS if any(r[k] is not None for r in rows)]
+    with open(out + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, keys + list(METRICS))
+        writer.writeheader()
+        writer.writerows(rows)
+    cell = lambda v: "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = [f"Feature space: {', '.join(sorted({r['feature_space'] for r in rows}))} (numbers from different spaces "
+             "are not comparable; IS (classifier) is the IS formula on the built-in dataset's classifier).", "",
+             "| " + " | ".join(["run", "eta %", "sampler", "cfg", "samples"] + [METRICS[k] for k in metrics]) + " |",
+             "|" + "---|" * (5 + len(metrics))]
+    lines += ["| " + " | ".join(cell(r[k]) for k in keys[:5] + metrics) + " |" for r in rows]
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot_metrics_vs_eta(rows, path):
+    """A panel per metric: clean and the eta runs against eta (black), the other runs (CEP, IP: trained on clean
+    data) as horizontal lines, a colour per run; a line style per sampler and scale."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    metrics = [k for k in METRICS if not k.endswith("_std") and any(r[k] is not None for r in rows)]
+    series = sorted({(r["sampler"], r["cfg_scale"]) for r in rows})
+    colours = {run: f"C{i}" for i, run in enumerate(dict.fromkeys(r["run"] for r in rows if not on_eta_axis(r)))}
+    n_rows, cols = -(-len(metrics) // 4), min(len(metrics), 4)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4 * cols, 3.2 * n_rows), squeeze=False)
+    for ax, key in zip(axes.flat, metrics):
+        for (sampler, scale), ls in zip(series, ["-", "--", ":", "-."] * len(series)):
+            mine = [r for r in rows if (r["sampler"], r["cfg_scale"]) == (sampler, scale) and r[key] is not None]
+            suffix = "" if len(series) == 1 else f" ({sampler}, cfg {scale:g})"
+            points = sorted((r["eta"], r[key]) for r in mine if on_eta_axis(r))
+            if points:
+                ax.plot(*zip(*points), "o", ls=ls, color="k", label="clean and eta" + suffix)
+            for r in mine:
+                if not on_eta_axis(r):
+                    ax.axhline(r[key], color=colours[r["run"]], ls=ls, lw=1.2, label=r["run"] + suffix)
+        ax.set(xlabel="eta (% of labels wrong)", title=METRICS[key])
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(metrics):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_guidance(rows, path):
+    """FID against IS and precision against recall, a curve per run and sampler over the guidance scales (each
+    point labelled with its scale), as the paper presents its guidance sweeps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    is_key = "is" if any(r["is"] is not None for r in rows) else "is_classifier"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    curves = list(dict.fromkeys((r["run"], r["sampler"]) for r in rows))
+    for i, (run, sampler) in enumerate(curves):
+        mine = sorted((r for r in rows if (r["run"], r["sampler"]) == (run, sampler)), key=lambda r: r["cfg_scale"])
+        label = run if len({c[1] for c in curves}) == 1 else f"{run}, {sampler}"
+        for ax, (x, y) in zip(axes, ((is_key, "fid"), ("recall", "precision"))):
+            points = [(r[x], r[y], r["cfg_scale"]) for r in mine if r[x] is not None and r[y] is not None]
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=f"C{i}", label=label)
+            for px, py, scale in points:
+                ax.annotate(f"{scale:g}", (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    axes[0].set(xlabel=METRICS[is_key], ylabel=METRICS["fid"], title="FID against IS (points: guidance scale)")
+    axes[1].set(xlabel=METRICS["recall"], ylabel=METRICS["precision"], title="precision against recall")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_grids(grids, path):
+    """The runs' sample grids side by side, each with its run's name above."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(grids), figsize=(2.8 * len(grids), 3.6), squeeze=False)
+    for ax, (name, png) in zip(axes[0], grids):
+        ax.imshow(plt.imread(png), interpolation="nearest")
+        ax.set_title(name)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    globals().update(_DEFAULTS)  # main() may run more than once in a process (tests): start from the defaults
+    configure(globals(), sys.argv[1:] if argv is None else argv)
+    # every setting is checked here, before the first run starts
+    scales = [float(s) for s in cfg_scales.split(",")]
+    specs = []
+    for spec in samplers.split(","):
+        m = re.fullmatch(r"(dpm\+\+|ddpm|ddim)(\d+)", spec)
+        if not m:
+            raise ValueError(f"samplers: {spec!r} is not <sampler><steps> with sampler dpm++, ddpm or ddim (dpm++50)")
+        specs.append((m[1], int(m[2])))
+    if num_samples <= 0 or nproc <= 0:
+        raise ValueError(f"num_samples and nproc must be > 0, got {num_samples} and {nproc}")
+    train_argv = passthrough("train.py", train_args)
+    sample_argv, eval_argv = passthrough("sample.py", sample_args), passthrough("evaluate.py", eval_args)
+    configure(dict(vars(sample)), sample_argv)  # misspelt keys fail now, not after the first training run
+    configure(dict(vars(evaluate)), eval_argv)
+    if ckpt:
+        if not os.path.isfile(ckpt):
+            raise FileNotFoundError(f"ckpt {ckpt!r} not found")
+        path = os.path.abspath(ckpt)
+        name = os.path.basename(os.path.dirname(path)) if os.path.basename(path) == "ckpt.pt" else \
+            os.path.splitext(os.path.basename(path))[0]
+        plan = [(name, path, None, None)]
+    else:
+        plan = [(name, os.path.join(out_dir, name, "ckpt.pt"), *run_flags(name)) for name in runs.split(",")]
+
+    rows = []
+    for name, ckpt_path, eta, flags in plan:
+        run_dir = os.path.join(out_dir, name)
+        os.makedirs(run_dir, exist_ok=True)
+        if flags is not None:
+            launch("train.py", *train_argv, *flags, f"--out_dir={run_dir}",
+                   *(["--resume"] if os.path.isfile(ckpt_path) else []))
+        for sampler, steps in specs:
+            for scale in scales:
+                stem = os.path.join(run_dir, f"samples_{sampler}{steps}_cfg{scale}_n{num_samples}")
+                npz, report = stem + ".npz", stem + "_metrics.json"
+                if fresh(npz, ckpt_path):
+                    print(f"reusing {npz}")
+                else:
+                    launch("sample.py", *sample_argv, f"--ckpt={ckpt_path}", f"--sampler={sampler}",
+                           f"--num_steps={steps}", f"--cfg_scale={scale}", f"--num_samples={num_samples}",
+                           f"--out={npz}")
+                if fresh(report, npz):
+                    print(f"reusing {report}")
+                else:
+                    launch("evaluate.py", *eval_argv, f"--samples={npz}", f"--out={report}")
+                with open(report) as f:
+                    res = json.load(f)
+                rows.append(dict(run=name, eta=eta, sampler=f"{sampler}{steps}", cfg_scale=scale,
+                                 num_samples=res["num_samples"], feature_space=res["feature_space"],
+                                 **{k: res.get(k) for k in METRICS}))
+
+    written = [os.path.join(out_dir, "results.csv"), os.path.join(out_dir, "results.md")]
+    write_table(rows, os.path.join(out_dir, "results"))
+    if len({r["eta"] for r in rows if on_eta_axis(r)}) > 1:
+        written.append(os.path.join(out_dir, "metrics_vs_eta.png"))
+        plot_metrics_vs_eta(rows, written[-1])
+    written.append(os.path.join(out_dir, "guidance.png"))
+    plot_guidance(rows, written[-1])
+    grids = [(name, last_grid(os.path.dirname(ckpt_path))) for name, ckpt_path, *_ in plan]
+    if any(png for _, png in grids):
+        written.append(os.path.join(out_dir, "grids.png"))
+        plot_grids([(name, png) for name, png in grids if png], written[-1])
+    with open(written[1]) as f:
+        print(f.read())
+    print("wrote " + ", ".join(written))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
