@@ -1,11 +1,16 @@
 """The test suite: `python -m pytest -q test_all.py`. Tiny configs, CPU, real files, real torchrun."""
 import csv
+import contextlib
+import glob
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import urllib.error
 
 import numpy as np
@@ -32,20 +37,74 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 MANIFESTS = os.path.join(ROOT, "..", "shared", "manifests")
 TINY = ["--model=DiT-Ti/8", "--image_size=16", "--synthetic_size=64", "--global_batch_size=8", "--num_workers=0",
         "--grid_steps=4", "--log_every=1"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def run(args, cwd=ROOT, check=True, **kw):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, **kw)
+    result = subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600, **kw)
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
 
 
-def train(out_dir, *extra, torchrun=0, check=True):
+def train_args(out_dir, *extra, torchrun=0):
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--standalone"] \
         if torchrun else [sys.executable]
-    return run(launcher + ["train.py", f"--out_dir={out_dir}"] + TINY + list(extra), check=check)
+    return launcher + ["train.py", f"--out_dir={out_dir}"] + TINY + list(extra)
+
+
+def train(out_dir, *extra, torchrun=0, check=True):
+    return run(train_args(out_dir, *extra, torchrun=torchrun), check=check)
+
+
+@pytest.fixture
+def start_train():
+    """train.py in the background, to be killed; its output goes to out_dir.out (a pipe nobody reads would fill up
+    and block it). Whatever still runs at the end of the test is killed (torchrun's workers have sessions of their
+    own: the whole tree)."""
+    procs = []
+
+    def start(out_dir, *extra, torchrun=0):
+        with open(f"{out_dir}.out", "w") as f:
+            procs.append(subprocess.Popen(train_args(out_dir, *extra, torchrun=torchrun), cwd=ROOT, env=ENV,
+                                          stdout=f, stderr=subprocess.STDOUT))
+        return procs[-1]
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            for pid in [proc.pid] + descendants(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_until(condition, proc, timeout=120):
+    """Polls condition() while proc runs; returns its first true value."""
+    deadline = time.time() + timeout
+    while not (value := condition()):
+        assert proc.poll() is None and time.time() < deadline, f"exit code {proc.returncode}, or {timeout}s passed"
+        time.sleep(0.02)
+    return value
+
+
+def children(pid):
+    return [int(c) for f in glob.glob(f"/proc/{pid}/task/*/children") for c in open(f).read().split()]
+
+
+def descendants(pid):
+    return [d for c in children(pid) for d in [c] + descendants(c)]
+
+
+def rank_pid(launcher, rank):
+    """The pid of torchrun's worker process of this rank, once it runs."""
+    for pid in children(launcher.pid):
+        with open(f"/proc/{pid}/environ") as f:
+            if f"RANK={rank}" in f.read().split("\0"):
+                return pid
+
+
+def read(path):
+    return open(path).read() if os.path.exists(path) else ""
 
 
 def logged_losses(out_dir):
@@ -567,20 +626,22 @@ def test_exact_resume(tmp_path):
     assert os.path.isfile(straight / "samples_0000006.png")
 
 
-def test_resume_without_checkpoint_and_bad_config_fail_before_work(tmp_path):
-    for args, message in [(["--resume"], "no checkpoint"), (["--corrupt=1.0"], "corrupt"),
-                          (["--cep_scale=-1"], "cep_scale"), (["--global_batch_size=7"], "not divisible"),
-                          (["--data_path=/nonexistent"], "data_path"), (["--model=DiT-Q/2"], "model"),
-                          (["--corrupt_tpye=sym"], "corrupt_tpye"), (["--text_encoder=small"], "cross-attention"),
-                          (["--grid_steps=1"], "grid_steps"), (["--prediction=x0"], "prediction"),
-                          (["--corrupt=0.1", "--corrupt_type=swap"], "swap and rewrite need a text_encoder"),
-                          (["--model=LDM-S", "--text_encoder=small", "--corrupt=0.1", "--corrupt_type=rewrite"],
-                           "corrupt_rewrites"),
-                          (["--model=LDM-S", "--text_encoder=clip", "--clip_model=/nonexistent/clip.pt"],
-                           "/nonexistent/clip.pt")]:
-        result = train(tmp_path / "bad", *args, check=False, torchrun=2 if "7" in args[0] else 0)
-        assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-2000:])
-    assert not os.path.exists(tmp_path / "bad" / "ckpt.pt")
+@pytest.mark.parametrize("args, message", [
+    (["--resume"], "no checkpoint"), (["--corrupt_tpye=sym"], "unknown config key 'corrupt_tpye'"),
+    (["--max_steps=1.5"], "--max_steps=1.5: expected a int"), (["--corrupt=1.0"], "corrupt (eta) must be in [0, 1)"),
+    (["--cep_scale=-1"], "cep_scale must be >= 0"), (["--model=DiT-Q/2"], "model 'DiT-Q/2' is not one of"),
+    (["--global_batch_size=7"], "global_batch_size=7 is not divisible by the 2 processes"),
+    (["--data_path=/nonexistent"], "data_path '/nonexistent' does not exist"),
+    (["--out_dir=/dev/null/run"], "out_dir '/dev/null/run' cannot be written"),
+    (["--text_encoder=small"], "cross-attention"), (["--grid_steps=1"], "grid_steps"),
+    (["--prediction=x0"], "prediction"),
+    (["--corrupt=0.1", "--corrupt_type=swap"], "swap and rewrite need a text_encoder"),
+    (["--model=LDM-S", "--text_encoder=small", "--corrupt=0.1", "--corrupt_type=rewrite"], "corrupt_rewrites"),
+    (["--model=LDM-S", "--text_encoder=clip", "--clip_model=/nonexistent/clip.pt"], "/nonexistent/clip.pt")])
+def test_resume_without_checkpoint_and_bad_config_fail_before_work(tmp_path, args, message):
+    result = train(tmp_path / "bad", *args, check=False, torchrun=2 if "batch" in args[0] else 0)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "bad" / "log.txt")
 
 
 def test_asymmetric_corruption_in_training_reads_a_subset_file(tmp_path):
@@ -619,6 +680,32 @@ def test_torchrun_design_card_command(tmp_path):
     _, direct = corrupt.corrupt_labels(labels, 0.05, seed=0)
     assert record["indices"] == direct["indices"] and record["new"] == direct["new"]
     assert result.returncode == 0
+
+
+def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, start_train):
+    train(tmp_path, "--max_steps=2")
+    tmp = tmp_path / "ckpt.pt.tmp"
+    os.mkfifo(tmp)  # torch.save blocks writing into it: the kill lands mid-write, every time
+    proc = start_train(tmp_path, "--max_steps=4", "--resume")
+    with open(os.open(tmp, os.O_RDONLY | os.O_NONBLOCK), "rb", buffering=0) as fifo:
+        partial = wait_until(lambda: fifo.read(4096), proc)  # the first bytes of the checkpoint of step 4
+        proc.kill()
+    assert proc.wait() == -signal.SIGKILL and partial.startswith(b"PK")  # killed inside a zip being written
+    tmp.unlink()
+    tmp.write_bytes(partial)  # what the kill leaves on a real disk
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+    train(tmp_path, "--max_steps=4", "--resume")
+    losses = logged_losses(tmp_path)  # steps 1-2; 3-4 of the killed run; 3-4 again, continued from step 2
+    assert len(losses) == 6 and losses[2:4] == losses[4:6]
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4 and not tmp.exists()
+
+
+def test_a_rank_killed_under_torchrun_brings_the_others_down(tmp_path, start_train):
+    proc = start_train(tmp_path, "--max_steps=100000", torchrun=2)
+    wait_until(lambda: "step 2 |" in read(tmp_path / "log.txt"), proc)
+    start = time.time()
+    os.kill(rank_pid(proc, 1), signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0 and time.time() - start < 60
 
 
 def test_step_batches_split_ranks_and_resume():
