@@ -700,6 +700,25 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, sta
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4 and not tmp.exists()
 
 
+def test_sigterm_under_torchrun_saves_and_stops_every_rank_then_resumes_on_one_process(tmp_path, start_train):
+    args = ["--corrupt=0.1", "--log_every=1000", "--max_steps=100000"]
+    proc = start_train(tmp_path, *args, "--num_workers=1", torchrun=2)
+    wait_until(lambda: re.search(r"\| [1-9]\d*/100000", read(f"{tmp_path}.out")), proc)  # rank 0 made a step
+    rank1 = rank_pid(proc, 1)
+    for pid in [rank1] + children(rank1):  # one rank only, and its loader's worker (SLURM signals every process)
+        os.kill(pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, read(f"{tmp_path}.out")[-3000:]  # every rank exited cleanly
+    stop = int(re.search(r"SIGTERM: saved \S+ at step (\d+) and stopped", read(tmp_path / "log.txt"))[1])
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert state["step"] == stop and stop % 10 == 0  # the ranks agree at a check, every 10 steps when logs are rare
+    record = read(tmp_path / "corruption.json")
+    train(tmp_path, *args[:2], f"--max_steps={stop + 2}", "--resume")  # 2 processes, then 1: the same global batch
+    log = read(tmp_path / "log.txt")
+    assert "1 process(es)" in log and f"step {stop + 2} |" in log and read(tmp_path / "corruption.json") == record
+    resumed = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert resumed["step"] == stop + 2 and resumed["corruption"] == state["corruption"]
+
+
 def test_a_rank_killed_under_torchrun_brings_the_others_down(tmp_path, start_train):
     proc = start_train(tmp_path, "--max_steps=100000", torchrun=2)
     wait_until(lambda: "step 2 |" in read(tmp_path / "log.txt"), proc)

@@ -14,10 +14,14 @@ Defaults are the variables below (nanoGPT style, see configurator.py). The RNG i
 (seed, step, rank), so timesteps, noise, label dropout, CEP and random-mode corruption are a function of the step:
 that is what makes --resume continue exactly, with no RNG state to save.
 """
+import atexit
 import hashlib
 import json
+import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from copy import deepcopy
@@ -206,6 +210,13 @@ def log(msg):
             f.write(msg + "\n")
 
 
+# SIGTERM, a scheduler's notice before preemption: noted here, and at the next check every rank saves and exits
+# cleanly. SLURM sends it to every process: the loader's workers ignore it, but for the one multiprocessing sends
+# them at exit, once `exiting` is set
+sigterm, exiting = threading.Event(), multiprocessing.Event()
+signal.signal(signal.SIGTERM, lambda *_: sigterm.set())
+atexit.register(exiting.set)  # runs before multiprocessing's own exit function, which stops the workers
+
 # data, and the corruption of its labels or captions (decided once, from the seed: identical on every rank)
 if latents:
     dataset = LatentDataset(latents)
@@ -303,7 +314,8 @@ diffusion = GaussianDiffusion(learn_sigma=learn_sigma, prediction=prediction)
 autocast = torch.autocast("cuda", dtype=getattr(torch, dtype)) if cuda and dtype != "float32" else nullcontext()
 loader = torch.utils.data.DataLoader(
     dataset, batch_sampler=StepBatches(len(dataset), global_batch_size, rank, world_size, seed, step),
-    num_workers=num_workers, pin_memory=cuda, persistent_workers=num_workers > 0)
+    num_workers=num_workers, pin_memory=cuda, persistent_workers=num_workers > 0,
+    worker_init_fn=lambda _: signal.signal(signal.SIGTERM, lambda *_: exiting.is_set() and os._exit(0)))
 
 space = f"latents {in_channels}x{input_size}x{input_size} {'from ' + latents if latents else 'encoded on the fly'}" \
     if vae else "pixel space"
@@ -314,8 +326,9 @@ log(f"{model} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters,
     f"{space}, {conditions}, {world_size} process(es) on {device}; corruption: {corruption}; "
     f"CEP: {f'{cep_type} gamma={cep_scale}' if cep else 'off'}; IP: {ip}; embedding dropout: {emb_dropout}")
 net.train()
-loss_sum = torch.zeros((), device=device)  # read only at log intervals: no host-device sync per step
+loss_sum = torch.zeros((), device=device)  # read at the checks only: no host-device sync per step
 nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+preempted = False
 last_log_step, last_log_time, start_time = step, time.time(), time.time()
 progress = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)
 for x, y in loader:
@@ -344,27 +357,31 @@ for x, y in loader:
     step += 1
     progress.update()
     at_log, at_ckpt = step % log_every == 0 or step == max_steps, step % ckpt_every == 0 or step == max_steps
-    if at_ckpt:  # a step can leave non-finite weights behind a finite loss: they must never reach a checkpoint
+    if at_log or at_ckpt or step % 10 == 0:  # the host-device sync, every 10 steps at most: the loss, the checks
+        # a step can leave non-finite weights behind a finite loss: they must never reach a checkpoint
         nonfinite |= ~torch.stack([torch.isfinite(p).all() for p in net.parameters()]).all()
-    if at_log or at_ckpt:
-        stats = torch.stack([loss_sum, nonfinite.float()])
+        stats = torch.stack([loss_sum, nonfinite.float(), torch.tensor(float(sigterm.is_set()), device=device)])
         if ddp:
             dist.all_reduce(stats)
-        if stats[1] > 0:  # every rank sees it, so every rank stops
+        loss_total, nonfinite_ranks, preempted = stats.tolist()  # sums over the ranks: every rank agrees
+        if nonfinite_ranks:
             kept = f"the last good checkpoint {ckpt_path!r} is kept" if os.path.isfile(ckpt_path) else "no checkpoint was written"
             raise FloatingPointError(f"the loss or the weights became NaN or infinite between steps {last_log_step} "
                                      f"and {step}; {kept}")
     if at_log:
         now = time.time()
-        log(f"step {step} | loss {stats[0].item() / world_size / (step - last_log_step):.4f} | "
+        log(f"step {step} | loss {loss_total / world_size / (step - last_log_step):.4f} | "
             f"{(step - last_log_step) * global_batch_size / (now - last_log_time):.1f} img/s | "
             f"elapsed {now - start_time:.0f}s")
         loss_sum.zero_()
         last_log_step, last_log_time = step, now
-    if at_ckpt and master:
+    if (at_ckpt or preempted) and master:
         save_checkpoint(ckpt_path, dict(model=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                                         step=step, config=config, corruption=corruption, model_args=model_args,
                                         prediction=prediction, first_stage=first_stage_args))
+    if preempted:
+        log(f"SIGTERM: saved {ckpt_path} at step {step} and stopped; continue with --resume")
+        break
     if master and (step == max_steps or (sample_every and step % sample_every == 0)):
         grid = os.path.join(out_dir, f"samples_{step:07d}.png")
         sample_grid(ema, grid, grid_rows, seed=seed, cfg_scale=grid_cfg_scale, sampler="dpm++",
