@@ -148,9 +148,12 @@ def load_image(path):
 
 class ImageFolder(torch.utils.data.Dataset):
     """root/<class>/<image>, classes in sorted order (as torchvision's ImageFolder), ADM centre crop, and a random
-    horizontal flip."""
+    horizontal flip. An image that cannot be read is an error naming it or, given a `skipped` counter (a
+    multiprocessing.Value, shared by the DataLoader's forked workers), counted there and replaced by the next image
+    of the folder: the batch keeps its size, the data order its determinism. Files are not checked up front: a
+    header check of ImageNet's 1.28M files would take minutes on every rank and still miss truncated JPEGs."""
 
-    def __init__(self, root, resolution, flip=True):
+    def __init__(self, root, resolution, flip=True, skipped=None):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data_path {root!r} is not a folder; it should hold one subfolder per class")
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
@@ -165,13 +168,22 @@ class ImageFolder(torch.utils.data.Dataset):
             self.paths += files
             labels += [label] * len(files)
         self.labels = np.array(labels, dtype=np.int64)
-        self.resolution, self.flip = resolution, flip
+        self.resolution, self.flip, self.skipped = resolution, flip, skipped
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        arr = center_crop_arr(load_image(self.paths[i]), self.resolution)
+        try:
+            image = load_image(self.paths[i])
+        except RuntimeError as e:
+            if self.skipped is None:
+                raise RuntimeError(f"{e} Or train on without it: skip_bad_images=True.") from e.__cause__
+            with self.skipped.get_lock():
+                self.skipped.value += 1
+            print(f"skipped: {e}", file=sys.stderr)
+            return self[(i + 1) % len(self)]
+        arr = center_crop_arr(image, self.resolution)
         if self.flip and torch.rand(()) < 0.5:
             arr = arr[:, ::-1]
         return to_tensor(arr), int(self.labels[i])

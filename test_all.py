@@ -4,6 +4,7 @@ import contextlib
 import glob
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
@@ -565,16 +566,30 @@ def test_image_folder_classes_crop_and_flip(tmp_path):
     assert 5 < sum(firsts) < 35
 
 
-def test_corrupt_image_file_names_the_file(tmp_path):
+def test_bad_image_files_are_named_or_skipped_and_counted(tmp_path):
     make_folder(tmp_path)
     good = (tmp_path / "n01" / "0.jpg").read_bytes()
     (tmp_path / "n01" / "0.jpg").write_bytes(good[: len(good) // 2])  # truncated JPEG
+    (tmp_path / "n02" / "0.jpg").write_bytes(b"")  # empty
     (tmp_path / "n02" / "1.png").write_bytes(b"not an image at all")
     ds = data.ImageFolder(str(tmp_path), 16)
-    with pytest.raises(RuntimeError, match="0.jpg"):
-        ds[0]
-    with pytest.raises(RuntimeError, match="1.png"):
-        ds[3]
+    for i, path in [(0, "n01/0.jpg"), (2, "n02/0.jpg"), (3, "n02/1.png")]:
+        with pytest.raises(RuntimeError, match=re.escape(str(tmp_path / path)) + ".*skip_bad_images=True"):
+            ds[i]
+    skipping = data.ImageFolder(str(tmp_path), 16, flip=False, skipped=multiprocessing.Value("q", 0))
+    x, y = skipping[2]  # 2, 3 and (wrapping round) 0 cannot be read: 1 stands in, with its label
+    assert torch.equal(x, skipping[1][0]) and y == 0 and skipping.skipped.value == 3
+
+
+def test_skipped_images_are_counted_in_the_log_across_loader_workers(tmp_path):
+    make_folder(tmp_path / "images", sizes=[(20, 20)] * 8)
+    for bad in ("n01/3.png", "n02/5.png"):
+        (tmp_path / "images" / bad).write_bytes(b"")
+    result = train(tmp_path / "run", f"--data_path={tmp_path}/images", "--skip_bad_images", "--num_workers=1",
+                   "--max_steps=2")  # an epoch of 16 images: each bad one read once, or twice when prefetched
+    last = (tmp_path / "run" / "log.txt").read_text().splitlines()[-2]
+    assert last.startswith("step 2 |") and re.search(r"\| [234] unreadable images skipped$", last), last
+    assert all(f"skipped: cannot read image {tmp_path}/images/{bad}" in result.stderr for bad in ("n01/3.png", "n02/5.png"))
 
 
 def test_image_folder_errors(tmp_path):
@@ -637,7 +652,8 @@ def test_exact_resume(tmp_path):
     (["--prediction=x0"], "prediction"),
     (["--corrupt=0.1", "--corrupt_type=swap"], "swap and rewrite need a text_encoder"),
     (["--model=LDM-S", "--text_encoder=small", "--corrupt=0.1", "--corrupt_type=rewrite"], "corrupt_rewrites"),
-    (["--model=LDM-S", "--text_encoder=clip", "--clip_model=/nonexistent/clip.pt"], "/nonexistent/clip.pt")])
+    (["--model=LDM-S", "--text_encoder=clip", "--clip_model=/nonexistent/clip.pt"], "/nonexistent/clip.pt"),
+    (["--model=LDM-S", "--text_encoder=small", "--skip_bad_images"], "skip_bad_images=True works on class folders")])
 def test_resume_without_checkpoint_and_bad_config_fail_before_work(tmp_path, args, message):
     result = train(tmp_path / "bad", *args, check=False, torchrun=2 if "batch" in args[0] else 0)
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]

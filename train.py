@@ -46,6 +46,8 @@ from sample import class_rows, sample_grid
 out_dir = "out"
 data_path = ""            # "": the built-in synthetic shapes; else an ImageNet-style folder root/<class>/<image>, or
                           # with a text encoder an image-caption set (data.ImageCaptions: .txt beside, or a manifest)
+skip_bad_images = False   # an unreadable image of a class folder stops the run naming it; True: the next image
+                          # stands in, and the log counts them
 latents = ""              # a cache written by data.py: train on its latents instead of images (the fast path)
 vae = ""                  # a folder of diffusers VAE (or VQ-f4) weights: encode images on the fly; with latents, the
                           # VAE that decodes the grids, by default the one the cache was written with
@@ -102,6 +104,8 @@ def check_config():
         raise ValueError(f"corrupt_type must be sym, asym, swap or rewrite, got {corrupt_type!r}")
     if text_encoder not in ("", "clip", "small"):
         raise ValueError(f"text_encoder must be '' (class-conditional), clip or small, got {text_encoder!r}")
+    if skip_bad_images and text_encoder:  # a stand-in image would be paired with the caption of the one it replaces
+        raise ValueError("skip_bad_images=True works on class folders; drop it for an image-caption set")
     if text_encoder and model not in UNet_models:
         raise ValueError(f"text_encoder={text_encoder}: text enters through cross-attention, which the DiT has not; "
                          f"use a U-Net ({', '.join(UNet_models)})")
@@ -218,10 +222,12 @@ signal.signal(signal.SIGTERM, lambda *_: sigterm.set())
 atexit.register(exiting.set)  # runs before multiprocessing's own exit function, which stops the workers
 
 # data, and the corruption of its labels or captions (decided once, from the seed: identical on every rank)
+bad_images = multiprocessing.Value("q", 0)  # the count of images skipped (skip_bad_images), shared with the workers
 if latents:
     dataset = LatentDataset(latents)
 elif data_path:
-    dataset = ImageCaptions(data_path, image_size) if text_encoder else ImageFolder(data_path, image_size)
+    dataset = ImageCaptions(data_path, image_size) if text_encoder else \
+        ImageFolder(data_path, image_size, skipped=bad_images if skip_bad_images else None)
 else:
     dataset = SyntheticShapes(synthetic_size, image_size, seed)
 if (text_encoder and dataset.captions is None) or (not text_encoder and dataset.labels is None):
@@ -360,10 +366,11 @@ for x, y in loader:
     if at_log or at_ckpt or step % 10 == 0:  # the host-device sync, every 10 steps at most: the loss, the checks
         # a step can leave non-finite weights behind a finite loss: they must never reach a checkpoint
         nonfinite |= ~torch.stack([torch.isfinite(p).all() for p in net.parameters()]).all()
-        stats = torch.stack([loss_sum, nonfinite.float(), torch.tensor(float(sigterm.is_set()), device=device)])
+        host = torch.tensor([sigterm.is_set(), bad_images.value], device=device)
+        stats = torch.cat([torch.stack([loss_sum, nonfinite.float()]), host])
         if ddp:
             dist.all_reduce(stats)
-        loss_total, nonfinite_ranks, preempted = stats.tolist()  # sums over the ranks: every rank agrees
+        loss_total, nonfinite_ranks, preempted, skipped = stats.tolist()  # sums over the ranks: every rank agrees
         if nonfinite_ranks:
             kept = f"the last good checkpoint {ckpt_path!r} is kept" if os.path.isfile(ckpt_path) else "no checkpoint was written"
             raise FloatingPointError(f"the loss or the weights became NaN or infinite between steps {last_log_step} "
@@ -372,7 +379,7 @@ for x, y in loader:
         now = time.time()
         log(f"step {step} | loss {loss_total / world_size / (step - last_log_step):.4f} | "
             f"{(step - last_log_step) * global_batch_size / (now - last_log_time):.1f} img/s | "
-            f"elapsed {now - start_time:.0f}s")
+            f"elapsed {now - start_time:.0f}s" + (f" | {skipped:.0f} unreadable images skipped" if skipped else ""))
         loss_sum.zero_()
         last_log_step, last_log_time = step, now
     if (at_ckpt or preempted) and master:
