@@ -641,11 +641,10 @@ def test_exact_resume(tmp_path):
     assert os.path.isfile(straight / "samples_0000006.png")
 
 
-@pytest.mark.parametrize("args, message", [
+BAD_CONFIGS = [
     (["--resume"], "no checkpoint"), (["--corrupt_tpye=sym"], "unknown config key 'corrupt_tpye'"),
     (["--max_steps=1.5"], "--max_steps=1.5: expected a int"), (["--corrupt=1.0"], "corrupt (eta) must be in [0, 1)"),
     (["--cep_scale=-1"], "cep_scale must be >= 0"), (["--model=DiT-Q/2"], "model 'DiT-Q/2' is not one of"),
-    (["--global_batch_size=7"], "global_batch_size=7 is not divisible by the 2 processes"),
     (["--data_path=/nonexistent"], "data_path '/nonexistent' does not exist"),
     (["--out_dir=/dev/null/run"], "out_dir '/dev/null/run' cannot be written"),
     (["--text_encoder=small"], "cross-attention"), (["--grid_steps=1"], "grid_steps"),
@@ -653,11 +652,34 @@ def test_exact_resume(tmp_path):
     (["--corrupt=0.1", "--corrupt_type=swap"], "swap and rewrite need a text_encoder"),
     (["--model=LDM-S", "--text_encoder=small", "--corrupt=0.1", "--corrupt_type=rewrite"], "corrupt_rewrites"),
     (["--model=LDM-S", "--text_encoder=clip", "--clip_model=/nonexistent/clip.pt"], "/nonexistent/clip.pt"),
-    (["--model=LDM-S", "--text_encoder=small", "--skip_bad_images"], "skip_bad_images=True works on class folders")])
-def test_resume_without_checkpoint_and_bad_config_fail_before_work(tmp_path, args, message):
-    result = train(tmp_path / "bad", *args, check=False, torchrun=2 if "batch" in args[0] else 0)
-    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
-    assert not os.path.exists(tmp_path / "bad" / "log.txt")
+    (["--model=LDM-S", "--text_encoder=small", "--skip_bad_images"], "skip_bad_images=True works on class folders")]
+
+
+@pytest.fixture(scope="module")
+def bad_config_errors(tmp_path_factory):
+    """train.py's error under each of BAD_CONFIGS, and whether it logged (began work): the script run by runpy, as
+    `python train.py` runs it, in one process (torch imported once, not once a case)."""
+    out = tmp_path_factory.mktemp("bad")
+    argvs = [train_args(out / str(i), *args)[1:] for i, (args, _) in enumerate(BAD_CONFIGS)]
+    code = ("import json, runpy, sys\nerrors = []\n"
+            "for sys.argv in json.loads(sys.argv[1]):\n"
+            "    try:\n        runpy.run_path('train.py', run_name='__main__')\n        errors.append('no error')\n"
+            "    except Exception as e:\n        errors.append(f'{type(e).__name__}: {e}')\n"
+            "print(json.dumps(errors))")
+    errors = json.loads(run([sys.executable, "-c", code, json.dumps(argvs)]).stdout.splitlines()[-1])
+    return [(error, os.path.exists(out / str(i) / "log.txt")) for i, error in enumerate(errors)]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_CONFIGS)), ids=[" ".join(args) for args, _ in BAD_CONFIGS])
+def test_bad_config_and_missing_files_fail_before_work(case, bad_config_errors):
+    error, logged = bad_config_errors[case]
+    assert BAD_CONFIGS[case][1] in error and not logged, error
+
+
+def test_global_batch_not_divisible_by_the_processes_under_torchrun(tmp_path):
+    result = train(tmp_path, "--global_batch_size=7", torchrun=2, check=False)
+    assert result.returncode != 0 and "global_batch_size=7 is not divisible by the 2 processes" in result.stderr
+    assert not os.path.exists(tmp_path / "log.txt")
 
 
 def test_asymmetric_corruption_in_training_reads_a_subset_file(tmp_path):
