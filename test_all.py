@@ -1,6 +1,6 @@
 """The test suite: `python -m pytest -q test_all.py`. Tiny configs, CPU, real files, real torchrun."""
-import csv
 import contextlib
+import csv
 import glob
 import json
 import math
