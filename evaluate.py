@@ -189,7 +189,16 @@ def synthetic_images(size, seed, resolution):
     def batches(bs):
         for i in range(0, len(ds), bs):
             yield np.stack([ds.render(j) for j in range(i, min(i + bs, len(ds)))])
-    return Images(len(ds), batches, ds.labels, f"synthetic:{size}:{seed}:{resolution}", resolution)
+    return Images(len(ds), batches, ds.labels, f"synthetic:{size}:{seed}:{resolution}:{synthetic_digest(resolution)}",
+                  resolution)
+
+
+def synthetic_digest(resolution):
+    """A fingerprint of how data.py draws the built-in dataset, in every cache key of it: a change to the drawing
+    must not meet features or a classifier cached from the old one."""
+    from data import SyntheticShapes
+    ds = SyntheticShapes(size=16, resolution=resolution, seed=0)
+    return hashlib.sha1(np.stack([ds.render(i) for i in range(16)]).tobytes()).hexdigest()[:8]
 
 # -----------------------------------------------------------------------------
 # feature spaces
@@ -410,7 +419,7 @@ def main(argv=None):
     else:
         path = classifier_path or os.path.join(
             cache, f"synthetic_classifier_r{s_images.resolution}_n{classifier_size}_s{classifier_seed}"
-                   f"_e{classifier_epochs}.pt")
+                   f"_e{classifier_epochs}_{synthetic_digest(s_images.resolution)}.pt")
         space = ClassifierSpace(path, s_images.resolution, dev)
     print(f"feature space: {space.description}")
 
