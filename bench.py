@@ -1,65 +1,323 @@
 """
-Training-step throughput of the denoisers on 32x32x4 latents (forward, backward, AdamW), eager and compiled.
+Throughput, in one table: training steps of the DiTs (on 32x32x4 latents) and the U-Nets, each DiT side by side with
+diffusers' DiTTransformer2DModel on the same weights; sampling with guidance; FID Inception features, side by side
+with pytorch-fid.
 
-  python bench.py                                   # DiT-S/2, batch 32, eager and compiled
-  python bench.py --models=DiT-S/2,DiT-XL/2 --batch_size=256 --dtype=bfloat16    # on a GPU
+  python bench.py                               # CPU: DiT-S/2 and LDM-S, small batches, eager (a few minutes)
+  python bench.py --compile=both --csv=bench.csv
+  python bench.py                               # GPU: DiT-S/2, DiT-B/2, DiT-XL/2, LDM-S, LDM-4 at batch 64, eager and
+                                                # compiled, TF32 and bf16, with model FLOPs utilisation (MFU)
 
-Prints one table; every number is the median over `steps` timed steps after `warmup` untimed ones.
+A training step is train.py's: autocast, hybrid loss, backward, gradient clipping, fused AdamW, EMA. Sampling is
+sample.py's sample() with guidance, which runs the conditional and unconditional halves in one forward of twice the
+batch. Each number is the median of `steps` timed repeats after `warmup` untimed ones (which also compile); the
+implementations that are compared run in turn, repeat by repeat, so that both see the same load of a shared machine.
+FLOPs are counted from the layer shapes (forward_flops); a training step is 3 forwards' worth (the backward is two),
+and MFU divides the model FLOP/s by the GPU's dense peak (the TF32 peak for float32: train.py turns TF32 on).
+bfloat16 on CPU is autocast as on GPU: native on CPUs with AVX512-BF16 or AMX, emulated and slow elsewhere.
+The diffusers and pytorch-fid rows need those packages (requirements-test.txt); without them the rows are skipped.
 """
+import gc
+import statistics
 import sys
 import time
 
+import numpy as np
 import torch
+import torch.nn as nn
 
+import fid
 from configurator import configure
-from model import DiT_models, GaussianDiffusion
+from model import DiT, DiT_models, DiT_sizes, GaussianDiffusion, SpatialTransformer, UNet, UNetResBlock, \
+    build_model, load_dit
+from sample import sample
 
-models = "DiT-S/2"
-batch_size = 32
-steps = 10
-warmup = 3
-compile = "both"        # off | on | both
-dtype = "float32"       # autocast dtype on CUDA: float32 | bfloat16
+device = "cuda" if torch.cuda.is_available() else "cpu"  # the defaults below follow the machine
+models = "DiT-S/2,DiT-B/2,DiT-XL/2,LDM-S,LDM-4" if device == "cuda" else "DiT-S/2,LDM-S"
+batch_size = 64 if device == "cuda" else 4
+sample_batch_size = 64 if device == "cuda" else 2   # images; the guided forward sees twice as many
+compile = "both" if device == "cuda" else "off"     # off | on | both
+dtypes = "float32,bfloat16"
+steps = 10 if device == "cuda" else 3
+warmup = 3 if device == "cuda" else 1
+sampler = "ddim"                        # sample.py's sampler (DPM-Solver++ costs the same: one forward a step)
+sample_steps = 50
+cfg_scale = 4.0
+fid_images = 512 if device == "cuda" else 16       # 256x256 uint8 images through the FID Inception; 0: none
+compare = True                          # the diffusers and pytorch-fid rows, when those packages are installed
+csv = ""                                # also write the table to this CSV file
 seed = 0
 
+# dense tensor-core peaks in TFLOP/s (bfloat16, TF32), from NVIDIA's data sheets; the first name found in the
+# device's name is taken
+PEAK_TFLOPS = {"H100 PCIe": (756, 378), "H100": (989, 494), "H200": (989, 494), "A100": (312, 156)}
 
-def train_step_throughput(name, use_compile):
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    torch.manual_seed(seed)
-    net = DiT_models[name](input_size=32, in_channels=4, num_classes=1000).to(device)
-    step_net = torch.compile(net) if use_compile else net
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4, fused=cuda)
-    diffusion = GaussianDiffusion()
-    x0 = torch.randn(batch_size, 4, 32, 32, device=device)
-    y = torch.randint(0, 1000, (batch_size,), device=device)
-    autocast = torch.autocast(device, dtype=getattr(torch, dtype), enabled=cuda and dtype != "float32")
-    times = []
+
+def forward_flops(model, input_size, context_len=1):
+    """FLOPs (2 per multiply-add) of the matmuls, convolutions and attention of one forward pass on one sample,
+    counted from the layer shapes. Norms, activations and other elementwise work are left out, as in MFU."""
+    lin = lambda m, n=1: 2 * m.weight.numel() * n  # a linear layer applied to n tokens
+    if isinstance(model, DiT):
+        n, d = (input_size // model.patch_size) ** 2, model.pos_embed.shape[-1]
+        # the adaLN and timestep MLPs see one vector per sample, every other layer each of the n tokens
+        flops = sum(lin(m, 1 if "adaLN" in name or "t_embedder" in name else n)
+                    for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+        return flops + len(model.blocks) * 4 * n * n * d  # q k^T and attn v
+    assert isinstance(model, UNet), type(model)
+    conv = lambda m, side: lin(m, (side // m.stride[0]) ** 2)
+
+    def layers(modules, side):
+        flops = 0
+        for m in modules:
+            if isinstance(m, nn.Conv2d):
+                flops += conv(m, side)
+                side //= m.stride[0]
+            elif isinstance(m, nn.Sequential):  # nearest upsampling, then a conv
+                side *= 2
+                flops += conv(m[1], side)
+            elif isinstance(m, UNetResBlock):
+                flops += conv(m.conv1, side) + conv(m.conv2, side) + lin(m.emb)
+                flops += conv(m.skip, side) if isinstance(m.skip, nn.Conv2d) else 0
+            else:
+                assert isinstance(m, SpatialTransformer), type(m)
+                n, c = side ** 2, m.proj_in.out_channels
+                per_token = [m.proj_in, m.proj_out, m.attn1.q, m.attn1.kv, m.attn1.proj, m.attn2.q, m.attn2.proj,
+                             m.ff_in, m.ff_out]
+                flops += sum(lin(l, n) for l in per_token) + lin(m.attn2.kv, context_len)
+                flops += 4 * n * n * c + 4 * n * context_len * c
+        return flops, side
+
+    flops, side = lin(model.time_embed[0]) + lin(model.time_embed[2]), input_size
+    for block in [*model.input_blocks, model.middle_block, *model.output_blocks]:
+        f, side = layers(block, side)
+        flops += f
+    return flops + conv(model.out[-1], side)
+
+
+def sync():
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fns, warmup_fns=None):
+    """Median seconds per call of each function; the functions are called in turn, so that they share the load."""
+    times = [[] for _ in fns]
     for i in range(warmup + steps):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        t = torch.randint(0, 1000, (batch_size,), device=device)
+        for fn, warm, ts in zip(fns, warmup_fns or fns, times):
+            sync()
+            start = time.perf_counter()
+            (warm if i < warmup else fn)()
+            sync()
+            if i >= warmup:
+                ts.append(time.perf_counter() - start)
+    return [statistics.median(ts) for ts in times]
+
+
+def train_step(net, forward, channels, side, dtype, learn_sigma):
+    """train.py's training step on random latents, for forward(x_t, t, y) -> model output."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    ema = [p.detach().clone() for p in params]
+    diffusion = GaussianDiffusion(learn_sigma=learn_sigma)
+    x0 = torch.randn(batch_size, channels, side, side, device=device)
+    y = torch.randint(0, 1000, (batch_size,), device=device)
+
+    def step():
+        t = torch.randint(0, diffusion.num_timesteps, (batch_size,), device=device)
         noise = torch.randn_like(x0)
         x_t = diffusion.q_sample(x0, t, noise)
-        with autocast:
-            out = step_net(x_t, t, y)
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+            out = forward(x_t, t, y)
         loss = diffusion.training_loss(out, x0, x_t, t, noise).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return batch_size / sorted(times)[len(times) // 2]
+        torch._foreach_lerp_(ema, params, 1e-4)
+    return step
+
+
+def diffusers_twin(name):
+    """diffusers' DiTTransformer2DModel configured as DiT_models[name], and our DiT with its weights. The embedders
+    that diffusers keeps in every block are made copies of block 0's, as in converted checkpoints, and its timestep
+    frequencies k/127 set to the official k/128 (neither changes its speed), so that both compute the same function.
+    None, None where diffusers is not installed."""
+    try:
+        from diffusers import DiTTransformer2DModel
+    except ImportError:
+        return None, None
+    size, patch = name[len("DiT-"):].split("/")
+    depth, hidden, heads = DiT_sizes[size]
+    ref = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=4,
+                                out_channels=8, num_layers=depth, sample_size=32, patch_size=int(patch),
+                                num_embeds_ada_norm=1000, norm_eps=1e-6)
+    for block in ref.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 0
+        block.norm1.emb.load_state_dict(ref.transformer_blocks[0].norm1.emb.state_dict())
+    return load_dit(ref.state_dict(), input_size=32, num_heads=heads), ref
+
+
+def bench_model(name, use_compile, dtype):
+    """Rows for the training step (diffusers' beside ours for a DiT) and for sampling of one model, and notes."""
+    torch.manual_seed(seed)
+    channels, side = (3, 64) if name == "LDM-4" else (4, 32)  # LDM-4 on its 64x64x3 VQ-f4 latents
+    dit, notes = name in DiT_models, []
+    net, ref = diffusers_twin(name) if dit and compare else (None, None)
+    if dit and compare and ref is None:
+        notes.append(f"diffusers is not installed: the diffusers row of {name} is skipped (pip install diffusers)")
+    if ref is not None:
+        x, t, y = torch.randn(2, 4, 32, 32), torch.tensor([10, 900]), torch.tensor([1, 1000])
+        with torch.no_grad():
+            a, b = net.eval()(x, t, y), ref.eval()(x, t, y).sample
+        notes.append(f"{name}: on the same weights, ours and diffusers' outputs differ by "
+                     f"{((a - b).abs().max() / b.abs().max()).item():.1e} of their largest value")
+    net = net or build_model(name, side, in_channels=channels, num_classes=1000, learn_sigma=dit)
+    if isinstance(net, UNet):  # as train.py: NHWC convolutions
+        net = net.to(memory_format=torch.channels_last)
+    impls = [(net, net)] + ([(ref, lambda x, t, y: ref(x, t, y).sample)] if ref is not None else [])
+    for module, _ in impls:
+        module.to(device).train()
+        if use_compile:
+            module.compile()  # in place, so that forward_with_cfg, which sample() calls, runs compiled too
+    times = timed([train_step(module, forward, channels, side, dtype, dit) for module, forward in impls])
+    rows = [dict(task="train", model=model, input=f"{side}x{side}x{channels}", batch=batch_size, seconds=s,
+                 images=batch_size, flops=3 * forward_flops(net, side) * batch_size)
+            for model, s in zip([name, f"{name} (diffusers)"], times)]
+    if len(times) == 2:
+        notes.append(f"{name} training, {'compiled' if use_compile else 'eager'}, {dtype_name(dtype)}: ours is "
+                     f"{times[1] / times[0]:.2f}x as fast as diffusers")
+    del impls, ref
+    net.eval()
+    labels = torch.arange(sample_batch_size, device=device) % 1000
+    autocast = torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def sampling(num_steps):
+        def run():
+            with autocast:
+                sample(net, labels, cfg_scale, sampler, num_steps, size=side,
+                       generator=torch.Generator(device).manual_seed(seed))
+        return run
+    s, = timed([sampling(sample_steps)], [sampling(2)])  # the warm-up: 2 steps (and the compilation)
+    forwards = sample_steps * sample_batch_size * (1 if cfg_scale == 1 else 2)
+    rows.append(dict(task=f"sample, {sampler} {sample_steps} steps, cfg {cfg_scale}", model=name,
+                     input=f"{side}x{side}x{channels}", batch=sample_batch_size, seconds=s, images=sample_batch_size,
+                     flops=forwards * forward_flops(net, side)))
+    return rows, notes
+
+
+def random_inception():
+    """The FID Inception with random weights that keep activations O(1), like trained ones (tiny weights would
+    push activations into denormals, slow on CPU and unrealistic). The state dict is returned for pytorch-fid."""
+    g = torch.Generator().manual_seed(seed)
+    model, sd = fid.InceptionV3().eval(), {}
+    for k, v in model.state_dict().items():
+        if k.endswith("conv.weight"):
+            sd[k] = torch.randn(v.shape, generator=g) * (2 / v[0].numel()) ** 0.5
+        elif k.endswith(("bn.weight", "running_var")):
+            sd[k] = 0.8 + 0.4 * torch.rand(v.shape, generator=g)
+        elif v.is_floating_point():
+            sd[k] = 0.1 * torch.randn(v.shape, generator=g)
+        else:
+            sd[k] = v
+    model.load_state_dict(sd)
+    return model.to(device), sd
+
+
+def bench_inception():
+    """fid.py's features of uint8 images, and pytorch-fid's inner loop (uint8 -> float -> model, no file decoding:
+    that favours it) on the same weights and images."""
+    ours, sd = random_inception()
+    images = np.random.default_rng(seed).integers(0, 256, (fid_images, 256, 256, 3), dtype=np.uint8)
+    fns = [lambda: fid.compute_features(images, ours, batch_size, device, progress=False, keys=("pool",))]
+    names, notes = ["fid.py"], []
+    try:
+        import pytorch_fid.inception as pfi
+    except ImportError:
+        pfi = None
+        if compare:
+            notes.append("pytorch-fid is not installed: its row is skipped (pip install pytorch-fid)")
+    if pfi is not None and compare:
+        pfi.load_state_dict_from_url = lambda *a, **k: sd  # no download: the same random weights
+        ref = pfi.InceptionV3([3]).eval().to(device)
+
+        @torch.inference_mode()
+        def run_ref():
+            for i in range(0, fid_images, batch_size):
+                x = torch.from_numpy(images[i:i + batch_size]).to(device).permute(0, 3, 1, 2).float().div(255)
+                ref(x)[0].squeeze(3).squeeze(2).cpu()
+        fns.append(run_ref)
+        names.append("pytorch-fid")
+    times = timed(fns)
+    rows = [dict(task="FID Inception features", model=f"Inception-v3 ({n})", input="256x256x3 uint8",
+                 batch=batch_size, seconds=s, images=fid_images, flops=0, compile="no", dtype="float32")
+            for n, s in zip(names, times)]
+    if len(times) == 2:
+        notes.append(f"FID features: fid.py is {times[1] / times[0]:.2f}x as fast as pytorch-fid")
+    return rows, notes
+
+
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def main(argv):
+    """Prints the table and its notes, and returns the table (a list of rows, as in the CSV)."""
+    configure(globals(), argv)
+    if compile not in ("off", "on", "both"):
+        raise ValueError(f"compile must be off, on or both, got {compile!r}")
+    unknown = [n for n in models.split(",") if n not in DiT_models and n not in ("LDM-4", "LDM-S")]
+    if unknown:
+        raise ValueError(f"unknown models {unknown}: choose from {', '.join(DiT_models)}, LDM-4, LDM-S")
+    kinds = [getattr(torch, d, None) for d in dtypes.split(",")]
+    if any(k not in (torch.float32, torch.bfloat16) for k in kinds):
+        raise ValueError(f"dtypes must be float32 and/or bfloat16, got {dtypes!r}")
+    cuda, notes = device.startswith("cuda"), []
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
+        if torch.bfloat16 in kinds and not torch.cuda.is_bf16_supported():
+            kinds.remove(torch.bfloat16)
+            notes.append(f"{torch.cuda.get_device_name()} does not support bfloat16: those rows are skipped")
+    machine = torch.cuda.get_device_name() if cuda else f"CPU ({torch.backends.cpu.get_cpu_capability()})"
+    peak = next((p for k, p in PEAK_TFLOPS.items() if k in machine), None) if cuda else None
+    rows = []
+    for name in models.split(","):
+        for use_compile in {"off": [False], "on": [True], "both": [False, True]}[compile]:
+            for dtype in kinds:
+                torch._dynamo.reset()  # no graphs of the previous model (nor its recompilations, which are limited)
+                config = dict(compile="yes" if use_compile else "no", dtype=dtype_name(dtype))
+                try:
+                    new, new_notes = bench_model(name, use_compile, dtype)
+                except torch.cuda.OutOfMemoryError:
+                    new, new_notes = [], [f"{name}, {dtype_name(dtype)}, compile {config['compile']}: out of memory "
+                                          f"at batch {batch_size} (lower --batch_size)"]
+                rows += [dict(r, **config) for r in new]
+                notes += new_notes
+                gc.collect()
+                if cuda:
+                    torch.cuda.empty_cache()
+    if fid_images:
+        new, new_notes = bench_inception()
+        rows += new
+        notes += new_notes
+    header = ["task", "model", "input", "batch", "compile", "dtype", "images/s", "TFLOP/s", "MFU"]
+    table = []
+    for r in rows:
+        tflops = r["flops"] / r["seconds"] / 1e12
+        mfu = f"{tflops / peak[r['dtype'] == 'float32']:.1%}" if peak and r["flops"] else "-"
+        table.append([r["task"], r["model"], r["input"], r["batch"], r["compile"], r["dtype"],
+                      f"{r['images'] / r['seconds']:.3g}", f"{tflops:.3g}" if r["flops"] else "-", mfu])
+    print(f"{machine}, {torch.get_num_threads()} threads, torch {torch.__version__}: medians of {steps} repeats")
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for line in table:
+        print("| " + " | ".join(map(str, line)) + " |")
+    for note in dict.fromkeys(notes):  # once each, in order
+        print(f"- {note}")
+    if csv:
+        import csv as csv_module  # here: `csv` is the name of the option
+        with open(csv, "w", newline="") as f:
+            csv_module.writer(f).writerows([header] + table)
+    return table
 
 
 if __name__ == "__main__":
-    configure(globals(), sys.argv[1:])
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"training step, batch {batch_size}, 32x32x4 latents, {dtype}, {device}, torch {torch.__version__}")
-    print(f"| model | compile | images/s |\n|---|---|---|")
-    for name in models.split(","):
-        for use_compile in {"off": [False], "on": [True], "both": [False, True]}[compile]:
-            print(f"| {name} | {'yes' if use_compile else 'no'} | {train_step_throughput(name, use_compile):.1f} |", flush=True)
+    main(sys.argv[1:])

@@ -1128,6 +1128,14 @@ def test_dpm_solver_is_second_order_on_gaussian_data():
     assert error["dpm++", 100] < error["ddim", 100] / 5
 
 
+def test_guided_sampling_is_one_forward_a_step_on_both_halves():
+    model = randomize(tiny_dit()).eval()
+    batches = []
+    model.register_forward_hook(lambda module, args, out: batches.append(len(args[0])))
+    sample(model, torch.tensor([0, 1, 2]), cfg_scale=4.0, sampler="ddim", num_steps=5)
+    assert batches == [6] * 5
+
+
 def test_sample_script_grid_and_torchrun_npz(tmp_path):
     out = tmp_path / "run"
     train(out, "--max_steps=2")
@@ -1951,3 +1959,49 @@ def test_configure_overrides_and_rejects_unknown_keys(monkeypatch):
         gmm.configure(["--nonsense=1"])
     with pytest.raises(SystemExit, match="draws"):
         gmm.configure(["--draws=many"])
+
+
+# -----------------------------------------------------------------------------
+# bench.py
+
+
+def test_forward_flops_match_the_flop_counter():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    import bench
+    three_levels = {**TINY_UNET, "channel_mult": (1, 2, 3), "attention_resolutions": (1, 4)}
+    for model, size in [(tiny_dit(), 8), (UNet(in_channels=4, **TINY_UNET), 16), (UNet(in_channels=3, **three_levels), 16)]:
+        x, t, y = torch.randn(2, model.in_channels, size, size), torch.tensor([1, 999]), torch.tensor([0, 1])
+        # the math backend: FlopCounterMode does not count the CPU flash-attention kernel
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as forward:
+            loss = model(x, t, y).square().mean()
+        assert forward.get_total_flops() == 2 * bench.forward_flops(model, size)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as backward:
+            loss.backward()
+        # a training step as 3 forwards: the backward is 2, less the input gradient of the first layer
+        assert 1.9 < backward.get_total_flops() / forward.get_total_flops() <= 2
+
+
+def test_bench_table_rows_with_and_without_diffusers(tmp_path, monkeypatch, capsys):
+    import bench
+    args = ["--models=DiT-Ti/8,LDM-S", "--batch_size=2", "--sample_batch_size=1", "--sample_steps=2", "--steps=1",
+            "--warmup=0", "--dtypes=float32", "--fid_images=1", f"--csv={tmp_path}/bench.csv"]
+    table = bench.main(args)
+    out = capsys.readouterr().out
+    sample = "sample, ddim 2 steps, cfg 4.0"
+    assert [row[:2] for row in table] == [
+        ["train", "DiT-Ti/8"], ["train", "DiT-Ti/8 (diffusers)"], [sample, "DiT-Ti/8"], ["train", "LDM-S"],
+        [sample, "LDM-S"], ["FID Inception features", "Inception-v3 (fid.py)"],
+        ["FID Inception features", "Inception-v3 (pytorch-fid)"]], out
+    assert all(float(row[6]) > 0 for row in table)
+    assert "| train | DiT-Ti/8 (diffusers) | 32x32x4 | 2 | no | float32 |" in out
+    assert "ours and diffusers' outputs differ by 0.0e+00" in out and "as fast as diffusers" in out
+    with open(tmp_path / "bench.csv", newline="") as f:
+        assert list(csv.reader(f)) == [["task", "model", "input", "batch", "compile", "dtype", "images/s", "TFLOP/s",
+                                        "MFU"]] + [list(map(str, row)) for row in table]
+    # without diffusers (its import fails): the same table less its row, and a message that says so
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    table = bench.main(args[:-2] + ["--fid_images=0"])
+    assert [row[:2] for row in table] == [["train", "DiT-Ti/8"], [sample, "DiT-Ti/8"], ["train", "LDM-S"],
+                                          [sample, "LDM-S"]]
+    assert "diffusers is not installed: the diffusers row of DiT-Ti/8 is skipped" in capsys.readouterr().out
