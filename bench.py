@@ -113,6 +113,18 @@ def timed(fns, warmup_fns=None):
     return [statistics.median(ts) for ts in times]
 
 
+def host_syncs(fn):
+    """Whether fn makes the host wait for the GPU, which starves the GPU of queued kernels."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return "makes no host-device sync"
+    except RuntimeError as e:
+        return f"syncs: {str(e).splitlines()[0]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def train_step(net, forward, channels, side, dtype, learn_sigma):
     """train.py's training step on random latents, for forward(x_t, t, y) -> model output."""
     params = [p for p in net.parameters() if p.requires_grad]
@@ -172,21 +184,24 @@ def bench_model(name, use_compile, dtype):
         notes.append(f"{name}: on the same weights, ours and diffusers' outputs differ by "
                      f"{((a - b).abs().max() / b.abs().max()).item():.1e} of their largest value")
     net = net or build_model(name, side, in_channels=channels, num_classes=1000, learn_sigma=dit)
-    if isinstance(net, UNet):  # as train.py: NHWC convolutions
+    if isinstance(net, UNet) and not device.startswith("cuda"):  # as train.py
         net = net.to(memory_format=torch.channels_last)
     impls = [(net, net)] + ([(ref, lambda x, t, y: ref(x, t, y).sample)] if ref is not None else [])
     for module, _ in impls:
         module.to(device).train()
         if use_compile:
             module.compile()  # in place, so that forward_with_cfg, which sample() calls, runs compiled too
-    times = timed([train_step(module, forward, channels, side, dtype, dit) for module, forward in impls])
+    step_fns = [train_step(module, forward, channels, side, dtype, dit) for module, forward in impls]
+    times = timed(step_fns)
+    if device.startswith("cuda"):
+        notes.append(f"{name}, {dtype_name(dtype)}: our training step {host_syncs(step_fns[0])}")
     rows = [dict(task="train", model=model, input=f"{side}x{side}x{channels}", batch=batch_size, seconds=s,
                  images=batch_size, flops=3 * forward_flops(net, side) * batch_size)
             for model, s in zip([name, f"{name} (diffusers)"], times)]
     if len(times) == 2:
         notes.append(f"{name} training, {'compiled' if use_compile else 'eager'}, {dtype_name(dtype)}: ours is "
                      f"{times[1] / times[0]:.2f}x as fast as diffusers")
-    del impls, ref
+    del impls, ref, step_fns
     net.eval()
     labels = torch.arange(sample_batch_size, device=device) % 1000
     autocast = torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
@@ -230,13 +245,13 @@ def bench_inception():
     images = np.random.default_rng(seed).integers(0, 256, (fid_images, 256, 256, 3), dtype=np.uint8)
     fns = [lambda: fid.compute_features(images, ours, batch_size, device, progress=False, keys=("pool",))]
     names, notes = ["fid.py"], []
-    try:
-        import pytorch_fid.inception as pfi
-    except ImportError:
-        pfi = None
-        if compare:
+    pfi = None
+    if compare:
+        try:
+            import pytorch_fid.inception as pfi
+        except ImportError:
             notes.append("pytorch-fid is not installed: its row is skipped (pip install pytorch-fid)")
-    if pfi is not None and compare:
+    if pfi is not None:
         pfi.load_state_dict_from_url = lambda *a, **k: sd  # no download: the same random weights
         ref = pfi.InceptionV3([3]).eval().to(device)
 

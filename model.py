@@ -842,6 +842,7 @@ class GaussianDiffusion:
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
         self.log_betas = np.log(betas)
         self.fixed_large_log_variance = np.log(np.append(self.posterior_variance[1], betas[1:]))
+        self._device_tables = {}
 
     def respaced(self, num_steps):
         """A diffusion over `num_steps` evenly spaced timesteps of this one, with the same alphas_cumprod there.
@@ -854,10 +855,13 @@ class GaussianDiffusion:
         return GaussianDiffusion(learn_sigma=self.learn_sigma, prediction=self.prediction, betas=betas,
                                  timestep_map=self.timestep_map[use])
 
-    @staticmethod
-    def _at(arr, t, x):
-        """arr[t] as a tensor broadcastable to x."""
-        return torch.as_tensor(arr, device=x.device)[t].float().view(-1, *([1] * (x.dim() - 1)))
+    def _at(self, arr, t, x):
+        """arr[t] as a float32 tensor broadcastable to x. Each table goes to x's device once: a copy from host memory at
+        every call would make the host wait for the GPU (a sync) several times a training or sampling step."""
+        key = (id(arr), x.device)
+        if key not in self._device_tables:  # the entry holds arr too, so that its id is never another array's
+            self._device_tables[key] = arr, torch.as_tensor(arr, dtype=torch.float32, device=x.device)
+        return self._device_tables[key][1][t].view(-1, *([1] * (x.dim() - 1)))
 
     def q_sample(self, x0, t, noise):
         return self._at(self.sqrt_alphas_cumprod, t, x0) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise

@@ -291,13 +291,16 @@ if text_encoder == "clip":
     net.y_embedder.encoder.load_state_dict(clip_text.state_dict())
     net.y_embedder.encoder.requires_grad_(False)
     del clip_text
+if model in UNet_models and not cuda:  # NHWC convolutions and group norms of oneDNN: ~4% faster on CPU; PyTorch's
+    net = net.to(memory_format=torch.channels_last)  # eager CUDA group norm would convert back to NCHW at each norm
 if cep:
     net.y_embedder.perturb = CEP(cep_type, cep_scale)
 elif emb_dropout > 0:
     net.y_embedder.perturb = nn.Dropout(emb_dropout)
 ema = deepcopy(net).requires_grad_(False).eval()
+# fused: one kernel over all parameters, on GPU and on CPU (there ~4x faster than the foreach implementation)
 opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay,
-                        fused=cuda)
+                        fused=True)
 step = 0
 if resume:
     state = torch.load(ckpt_path, map_location=device, weights_only=True)
