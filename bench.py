@@ -5,13 +5,14 @@ with pytorch-fid.
 
   python bench.py                               # CPU: DiT-S/2 and LDM-S, small batches, eager (a few minutes)
   python bench.py --compile=both --csv=bench.csv
-  python bench.py                               # GPU: DiT-S/2, DiT-B/2, DiT-XL/2, LDM-S, LDM-4 at batch 64, eager and
+  python bench.py                               # GPU: DiT-S/2, DiT-B/2, DiT-XL/2, LDM-S, LDM-4 at batch 32, eager and
                                                 # compiled, TF32 and bf16, with model FLOPs utilisation (MFU)
 
 A training step is train.py's: autocast, hybrid loss, backward, gradient clipping, fused AdamW, EMA. Sampling is
 sample.py's sample() with guidance, which runs the conditional and unconditional halves in one forward of twice the
-batch. Each number is the median of `steps` timed repeats after `warmup` untimed ones (which also compile); the
-implementations that are compared run in turn, repeat by repeat, so that both see the same load of a shared machine.
+batch. Training and features are the medians of `steps` timed repeats after `warmup` untimed ones (which also
+compile); the implementations that are compared run in turn, repeat by repeat, so that both see the same load of a
+shared machine. Sampling is one timed run after a warm-up of 2 steps.
 FLOPs are counted from the layer shapes (forward_flops); a training step is 3 forwards' worth (the backward is two),
 and MFU divides the model FLOP/s by the GPU's dense peak (the TF32 peak for float32: train.py turns TF32 on).
 bfloat16 on CPU is autocast as on GPU: native on CPUs with AVX512-BF16 or AMX, emulated and slow elsewhere.
@@ -34,8 +35,8 @@ from sample import sample
 
 device = "cuda" if torch.cuda.is_available() else "cpu"  # the defaults below follow the machine
 models = "DiT-S/2,DiT-B/2,DiT-XL/2,LDM-S,LDM-4" if device == "cuda" else "DiT-S/2,LDM-S"
-batch_size = 64 if device == "cuda" else 4
-sample_batch_size = 64 if device == "cuda" else 2   # images; the guided forward sees twice as many
+batch_size = 32 if device == "cuda" else 4         # 32: DiT's per-GPU batch (256 on 8 GPUs)
+sample_batch_size = 32 if device == "cuda" else 2   # images; the guided forward sees twice as many
 compile = "both" if device == "cuda" else "off"     # off | on | both
 dtypes = "float32,bfloat16"
 steps = 10 if device == "cuda" else 3
@@ -83,7 +84,7 @@ def forward_flops(model, input_size, context_len=1):
                 n, c = side ** 2, m.proj_in.out_channels
                 per_token = [m.proj_in, m.proj_out, m.attn1.q, m.attn1.kv, m.attn1.proj, m.attn2.q, m.attn2.proj,
                              m.ff_in, m.ff_out]
-                flops += sum(lin(l, n) for l in per_token) + lin(m.attn2.kv, context_len)
+                flops += sum(lin(layer, n) for layer in per_token) + lin(m.attn2.kv, context_len)
                 flops += 4 * n * n * c + 4 * n * context_len * c
         return flops, side
 
@@ -94,23 +95,20 @@ def forward_flops(model, input_size, context_len=1):
     return flops + conv(model.out[-1], side)
 
 
-def sync():
+def seconds(fn):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
-def timed(fns, warmup_fns=None):
+def timed(fns):
     """Median seconds per call of each function; the functions are called in turn, so that they share the load."""
-    times = [[] for _ in fns]
-    for i in range(warmup + steps):
-        for fn, warm, ts in zip(fns, warmup_fns or fns, times):
-            sync()
-            start = time.perf_counter()
-            (warm if i < warmup else fn)()
-            sync()
-            if i >= warmup:
-                ts.append(time.perf_counter() - start)
-    return [statistics.median(ts) for ts in times]
+    times = [[seconds(fn) for fn in fns] for _ in range(warmup + steps)][warmup:]
+    return [statistics.median(ts) for ts in zip(*times)]
 
 
 def host_syncs(fn):
@@ -193,14 +191,14 @@ def bench_model(name, use_compile, dtype):
             module.compile()  # in place, so that forward_with_cfg, which sample() calls, runs compiled too
     step_fns = [train_step(module, forward, channels, side, dtype, dit) for module, forward in impls]
     times = timed(step_fns)
+    config = f"{name}, {'compiled' if use_compile else 'eager'}, {dtype_name(dtype)}"
     if device.startswith("cuda"):
-        notes.append(f"{name}, {dtype_name(dtype)}: our training step {host_syncs(step_fns[0])}")
+        notes.append(f"{config}: our training step {host_syncs(step_fns[0])}")
     rows = [dict(task="train", model=model, input=f"{side}x{side}x{channels}", batch=batch_size, seconds=s,
                  images=batch_size, flops=3 * forward_flops(net, side) * batch_size)
             for model, s in zip([name, f"{name} (diffusers)"], times)]
     if len(times) == 2:
-        notes.append(f"{name} training, {'compiled' if use_compile else 'eager'}, {dtype_name(dtype)}: ours is "
-                     f"{times[1] / times[0]:.2f}x as fast as diffusers")
+        notes.append(f"{config}: our training step is {times[1] / times[0]:.2f}x as fast as diffusers'")
     del impls, ref, step_fns
     net.eval()
     labels = torch.arange(sample_batch_size, device=device) % 1000
@@ -212,7 +210,8 @@ def bench_model(name, use_compile, dtype):
                 sample(net, labels, cfg_scale, sampler, num_steps, size=side,
                        generator=torch.Generator(device).manual_seed(seed))
         return run
-    s, = timed([sampling(sample_steps)], [sampling(2)])  # the warm-up: 2 steps (and the compilation)
+    sampling(2)()  # the warm-up (and the compilation); then one run, itself an average over sample_steps forwards
+    s = seconds(sampling(sample_steps))
     forwards = sample_steps * sample_batch_size * (1 if cfg_scale == 1 else 2)
     rows.append(dict(task=f"sample, {sampler} {sample_steps} steps, cfg {cfg_scale}", model=name,
                      input=f"{side}x{side}x{channels}", batch=sample_batch_size, seconds=s, images=sample_batch_size,
@@ -321,7 +320,8 @@ def main(argv):
         mfu = f"{tflops / peak[r['dtype'] == 'float32']:.1%}" if peak and r["flops"] else "-"
         table.append([r["task"], r["model"], r["input"], r["batch"], r["compile"], r["dtype"],
                       f"{r['images'] / r['seconds']:.3g}", f"{tflops:.3g}" if r["flops"] else "-", mfu])
-    print(f"{machine}, {torch.get_num_threads()} threads, torch {torch.__version__}: medians of {steps} repeats")
+    print(f"{machine}, {torch.get_num_threads()} threads, torch {torch.__version__}; training and features: medians of "
+          f"{steps} repeats, sampling: one run")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for line in table:
         print("| " + " | ".join(map(str, line)) + " |")

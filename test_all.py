@@ -1995,7 +1995,7 @@ def test_bench_table_rows_with_and_without_diffusers(tmp_path, monkeypatch, caps
         ["FID Inception features", "Inception-v3 (pytorch-fid)"]], out
     assert all(float(row[6]) > 0 for row in table)
     assert "| train | DiT-Ti/8 (diffusers) | 32x32x4 | 2 | no | float32 |" in out
-    assert "ours and diffusers' outputs differ by 0.0e+00" in out and "as fast as diffusers" in out
+    assert "ours and diffusers' outputs differ by 0.0e+00" in out and "as fast as diffusers'" in out
     with open(tmp_path / "bench.csv", newline="") as f:
         assert list(csv.reader(f)) == [["task", "model", "input", "batch", "compile", "dtype", "images/s", "TFLOP/s",
                                         "MFU"]] + [list(map(str, row)) for row in table]
