@@ -1132,7 +1132,7 @@ def test_guided_sampling_is_one_forward_a_step_on_both_halves():
     model = randomize(tiny_dit()).eval()
     batches = []
     model.register_forward_hook(lambda module, args, out: batches.append(len(args[0])))
-    sample(model, torch.tensor([0, 1, 2]), cfg_scale=4.0, sampler="ddim", num_steps=5)
+    sample(model, torch.tensor([0, 1, 2]), cfg_scale=4.0, num_steps=5)
     assert batches == [6] * 5
 
 
@@ -1988,7 +1988,7 @@ def test_bench_table_rows_with_and_without_diffusers(tmp_path, monkeypatch, caps
             "--warmup=0", "--dtypes=float32", "--fid_images=1", f"--csv={tmp_path}/bench.csv"]
     table = bench.main(args)
     out = capsys.readouterr().out
-    sample = "sample, ddim 2 steps, cfg 4.0"
+    sample = "sample, dpm++ 2 steps, cfg 4.0"
     assert [row[:2] for row in table] == [
         ["train", "DiT-Ti/8"], ["train", "DiT-Ti/8 (diffusers)"], [sample, "DiT-Ti/8"], ["train", "LDM-S"],
         [sample, "LDM-S"], ["FID Inception features", "Inception-v3 (fid.py)"],
