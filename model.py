@@ -817,9 +817,14 @@ class GaussianDiffusion:
     `prediction` is what the model's first C channels predict: "eps", the noise (DDPM, DiT, LDM), or "v" =
     sqrt(a) eps - sqrt(1 - a) x0 with a = alphas_cumprod (Salimans & Ho, 2022). At high noise x_t is almost all
     eps, so an eps-model must be very precise there for its x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) to mean anything;
-    v tends to -x0 there instead, which a small model on a short budget learns far sooner."""
+    v tends to -x0 there instead, which a small model on a short budget learns far sooner.
 
-    def __init__(self, num_timesteps=1000, learn_sigma=True, prediction="eps", betas=None, timestep_map=None):
+    `min_snr_gamma` > 0 weights each sample's MSE so that its error on x0 counts min(SNR, gamma) times (Min-SNR-gamma,
+    Hang et al., 2023; SNR = a / (1 - a)): the nearly clean timesteps, whose fine detail is cheap to learn, no longer
+    dominate the gradient. 0: the plain MSE on eps or v."""
+
+    def __init__(self, num_timesteps=1000, learn_sigma=True, prediction="eps", betas=None, timestep_map=None,
+                 min_snr_gamma=0.0):
         if prediction not in ("eps", "v"):
             raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
         if betas is None:
@@ -829,6 +834,10 @@ class GaussianDiffusion:
         self.learn_sigma, self.prediction = learn_sigma, prediction
         self.timestep_map = np.arange(len(betas)) if timestep_map is None else np.asarray(timestep_map)
         self.alphas_cumprod = np.cumprod(1.0 - betas)
+        snr = self.alphas_cumprod / (1 - self.alphas_cumprod)
+        # the eps-MSE is SNR times the x0-MSE, the v-MSE SNR + 1 times: this weight makes it min(SNR, gamma) times
+        self.mse_weight = np.minimum(snr, min_snr_gamma) / (snr if prediction == "eps" else snr + 1) \
+            if min_snr_gamma > 0 else None
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         # the variance at t=0 is 0; its log is clipped to the next value
@@ -905,6 +914,8 @@ class GaussianDiffusion:
         target = noise if self.prediction == "eps" else \
             self._at(self.sqrt_alphas_cumprod, t, x0) * noise - self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
         mse = ((target - model_output[:, :C]) ** 2).mean(dim=(1, 2, 3))
+        if self.mse_weight is not None:
+            mse = mse * self._at(self.mse_weight, t, mse)
         if not self.learn_sigma:
             return mse
         frozen = torch.cat([model_output[:, :C].detach(), model_output[:, C:]], dim=1)
