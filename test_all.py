@@ -346,6 +346,7 @@ def test_ldm4_size():
 
 
 def test_unet_output_depends_on_condition():
+    torch.manual_seed(0)
     model = randomize(UNet(in_channels=4, **TINY_UNET), std=0.05).eval()
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 500])
     with torch.no_grad():
@@ -468,6 +469,17 @@ def test_the_true_target_gives_back_x0(prediction):
     assert d.training_loss(target, x0, x_t, t, noise).abs().max() < 1e-10
     tol = 1e-4 if prediction == "v" else 0.05  # eps amplifies float32 rounding by 1 / sqrt(a) = 150 at t = 999
     torch.testing.assert_close(d.p_mean_variance(target, x_t, t)[2], x0, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_weighted_loss_counts_the_x0_error_min_snr_gamma_times(prediction):
+    d = GaussianDiffusion(learn_sigma=False, prediction=prediction, min_snr_gamma=5.0)
+    x0, noise, out = torch.rand(4, 2, 4, 4) * 2 - 1, torch.randn(4, 2, 4, 4), torch.randn(4, 2, 4, 4)
+    t = torch.tensor([0, 200, 500, 999])  # SNR from ~1e4 to ~4e-5: both sides of gamma
+    x_t = d.q_sample(x0, t, noise)
+    snr = torch.from_numpy(d.alphas_cumprod / (1 - d.alphas_cumprod))[t].float()
+    x0_error = ((d.predict_x0(x_t, t, out) - x0) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(d.training_loss(out, x0, x_t, t, noise), snr.clamp(max=5) * x0_error, rtol=1e-3, atol=0)
 
 
 def test_discretized_likelihood_sums_to_one_over_the_bins():
