@@ -61,6 +61,10 @@ SHAPES = {  # unit-size outlines; None = drawn from circles
 }
 
 
+def article(word):
+    return "an" if word[0] in "aeiou" else "a"
+
+
 class SyntheticShapes(torch.utils.data.Dataset):
     """Coloured shapes on coloured backgrounds, drawn with PIL, deterministic from the seed.
 
@@ -88,7 +92,8 @@ class SyntheticShapes(torch.utils.data.Dataset):
             size_word = "small " if radius < 0.33 else "large " if radius > 0.37 else ""
             third = lambda c: min(int((c - 0.4) / 0.2 * 3), 2)  # which third of the centre's range
             where = ["top", "middle", "bottom"][third(cy)] + " " + ["left", "centre", "right"][third(cx)]
-            self.captions.append(f"a {size_word}{fg} {self.classes[label]} on a {bg} background, {where}")
+            self.captions.append(f"{article(size_word + fg)} {size_word}{fg} {self.classes[label]} on {article(bg)} {bg} "
+                                 f"background, {where}")
 
     def __len__(self):
         return len(self.labels)
