@@ -150,7 +150,8 @@ def train_step(net, forward, channels, side, dtype, learn_sigma):
 def diffusers_twin(name):
     """diffusers' DiTTransformer2DModel configured as DiT_models[name], and our DiT with its weights. The embedders
     that diffusers keeps in every block are made copies of block 0's, as in converted checkpoints, and its timestep
-    frequencies k/127 set to the official k/128 (neither changes its speed), so that both compute the same function.
+    frequencies k/127 set to the official k/128 (neither changes its speed), so that both compute the same function;
+    the weights are random.
     None, None where diffusers is not installed."""
     try:
         from diffusers import DiTTransformer2DModel
@@ -161,6 +162,8 @@ def diffusers_twin(name):
     ref = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=4,
                                 out_channels=8, num_layers=depth, sample_size=32, patch_size=int(patch),
                                 num_embeds_ada_norm=1000, norm_eps=1e-6)
+    for p in ref.parameters():  # not DiT's zeroed initialisation, under which both output zeros and agree trivially
+        nn.init.normal_(p, std=0.02)
     for block in ref.transformer_blocks:
         block.norm1.emb.time_proj.downscale_freq_shift = 0
         block.norm1.emb.load_state_dict(ref.transformer_blocks[0].norm1.emb.state_dict())
@@ -255,10 +258,11 @@ def bench_inception():
         ref = pfi.InceptionV3([3]).eval().to(device)
 
         @torch.inference_mode()
-        def run_ref():
-            for i in range(0, fid_images, batch_size):
-                x = torch.from_numpy(images[i:i + batch_size]).to(device).permute(0, 3, 1, 2).float().div(255)
-                ref(x)[0].squeeze(3).squeeze(2).cpu()
+        def run_ref():  # in full float32 as fid.py: cuDNN's default TF32 would be faster, less exact
+            with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+                for i in range(0, fid_images, batch_size):
+                    x = torch.from_numpy(images[i:i + batch_size]).to(device).permute(0, 3, 1, 2).float().div(255)
+                    ref(x)[0].squeeze(3).squeeze(2).cpu()
         fns.append(run_ref)
         names.append("pytorch-fid")
     times = timed(fns)
