@@ -347,7 +347,7 @@ def test_ldm4_size():
 
 def test_unet_output_depends_on_condition():
     torch.manual_seed(0)
-    model = randomize(UNet(in_channels=4, **TINY_UNET), std=0.05).eval()
+    model = randomize(UNet(in_channels=4, **TINY_UNET)).eval()  # std 0.05 left the class's effect near 1e-4
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 500])
     with torch.no_grad():
         a, b = model(x, t, torch.tensor([0, 0])), model(x, t, torch.tensor([1, 10]))
