@@ -8,9 +8,9 @@ with pytorch-fid.
   python bench.py                               # GPU: DiT-S/2, DiT-B/2, DiT-XL/2, LDM-S, LDM-4 at batch 32, eager and
                                                 # compiled, TF32 and bf16, with model FLOPs utilisation (MFU)
 
-A training step is train.py's: autocast, hybrid loss, backward, gradient clipping, fused AdamW, EMA. Sampling is
-sample.py's sample() with guidance, which runs the conditional and unconditional halves in one forward of twice the
-batch. Training and features are the medians of `steps` timed repeats after `warmup` untimed ones (which also
+A training step is train.py's: autocast, hybrid loss (plain MSE, as DiT), backward, gradient clipping, fused
+AdamW, EMA. Sampling is sample.py's sample() with guidance, which runs the conditional and unconditional halves in
+one forward of twice the batch. Training and features are the medians of `steps` timed repeats after `warmup` untimed ones (which also
 compile); the implementations that are compared run in turn, repeat by repeat, so that both see the same load of a
 shared machine. Sampling is one timed run after a warm-up of 2 steps.
 FLOPs are counted from the layer shapes (forward_flops); a training step is 3 forwards' worth (the backward is two),
