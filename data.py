@@ -65,11 +65,17 @@ def article(word):
     return "an" if word[0] in "aeiou" else "a"
 
 
+# Upright within +-15 degrees: with any rotation, the CPU default drew blobs, and the built-in classifier recognised
+# 32% of its samples, against 62% (57% at another seed) at +-15 degrees (GPU runs of the same 3000 steps)
+MAX_ROTATION = math.radians(15)
+
+
 class SyntheticShapes(torch.utils.data.Dataset):
     """Coloured shapes on coloured backgrounds, drawn with PIL, deterministic from the seed.
 
-    The class is the shape (10 classes); colour, background, size, position and rotation vary within a class,
-    and each image has a caption that describes it. Parameters are drawn once; images are drawn on access."""
+    The class is the shape (10 classes); colour, background, size, position and rotation (up to 15 degrees) vary
+    within a class, and each image has a caption that describes it. Parameters are drawn once; images are drawn on
+    access."""
 
     classes = list(SHAPES)
 
@@ -88,7 +94,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
             radius = rng.uniform(0.28, 0.42)  # fraction of the image side
             cx, cy = rng.uniform(0.4, 0.6, size=2)
             self.params.append(dict(shape=self.classes[label], fg=fg, bg=bg, radius=radius, cx=cx, cy=cy,
-                                    angle=rng.uniform(0, 2 * math.pi), jitter=rng.integers(-20, 21, size=6)))
+                                    angle=rng.uniform(-1, 1) * MAX_ROTATION, jitter=rng.integers(-20, 21, size=6)))
             size_word = "small " if radius < 0.33 else "large " if radius > 0.37 else ""
             third = lambda c: min(int((c - 0.4) / 0.2 * 3), 2)  # which third of the centre's range
             where = ["top", "middle", "bottom"][third(cy)] + " " + ["left", "centre", "right"][third(cx)]

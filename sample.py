@@ -21,6 +21,7 @@ import sys
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torchvision.utils import save_image
 from tqdm import tqdm
 
@@ -178,8 +179,9 @@ def sample_grid(model, path, rows, per_row=8, seed=0, **kwargs):
     x = sample(model, y, generator=torch.Generator(device).manual_seed(seed), **kwargs)
     if isinstance(rows[0], str):
         captioned_grid(to_uint8(x), [r for r in rows for _ in range(per_row)], per_row).save(path)
-    else:
-        save_image((x + 1) / 2, path, nrow=per_row, padding=1)
+    else:  # small images enlarged (nearest) to at least 64 px, so that a grid of 16 px samples can be looked at
+        save_image(F.interpolate((x + 1) / 2, scale_factor=max(1, 64 // x.shape[-1]), mode="nearest"), path,
+                   nrow=per_row, padding=1)
 
 
 def sample_npz(model, path, conditions, batch_size, seed=0, rank=0, world_size=1, **kwargs):

@@ -529,6 +529,8 @@ def test_synthetic_dataset_is_deterministic_and_varied():
     assert len(a.classes) >= 10 and set(a.labels.tolist()) == set(range(10))
     same_class = images[a.labels == 0]
     assert len({im.tobytes() for im in same_class}) == len(same_class)  # variety within a class
+    angles = np.degrees([p["angle"] for p in a.params])  # rotated, upright within 15 degrees
+    assert np.abs(angles).max() <= 15 and angles.std() > 5
     x, y = a[0]
     assert x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1 and y == a.labels[0]
     assert a.classes[a.labels[7]] in a.captions[7] and a.params[7]["fg"] in a.captions[7]
@@ -852,7 +854,7 @@ def test_missing_vae_errors_name_the_file(tmp_path):
     save_vae(tmp_path / "vae")
     run([sys.executable, "sample.py", f"--ckpt={tmp_path}/dit.pt", f"--vae={tmp_path}/vae", "--num_steps=2",
          "--grid_per_class=2", f"--out={tmp_path}/grid.png"])
-    assert Image.open(tmp_path / "grid.png").size == (2 * 17 + 1, 3 * 17 + 1)  # 8x8 latents -> 16x16 images
+    assert Image.open(tmp_path / "grid.png").size == (2 * 65 + 1, 3 * 65 + 1)  # 8x8 latents -> 16x16 images, shown at 64x64
 
 
 def test_cache_equals_encoding_on_the_fly_for_image_and_flip(tmp_path, cache):
@@ -918,10 +920,10 @@ def test_latent_dit_from_the_cache_trains_like_on_the_fly_and_samples(tmp_path, 
     assert state["model_args"] == dict(name="DiT-Ti/4", input_size=8, in_channels=4, num_classes=10, learn_sigma=True,
                                        class_dropout_prob=0.1)
     assert state["first_stage"] == dict(vae=str(cache / "vae"), scale=0.18215)
-    assert Image.open(tmp_path / "cached" / "samples_0000003.png").size == (8 * 17 + 1, 10 * 17 + 1)
+    assert Image.open(tmp_path / "cached" / "samples_0000003.png").size == (8 * 65 + 1, 10 * 65 + 1)
     args = [sys.executable, "sample.py", f"--ckpt={tmp_path}/cached/ckpt.pt", "--num_steps=2"]
     run(args + [f"--out={tmp_path}/grid.png", "--grid_classes=3", "--grid_per_class=2"])
-    assert Image.open(tmp_path / "grid.png").size == (2 * 17 + 1, 3 * 17 + 1)  # decoded by the VAE it records
+    assert Image.open(tmp_path / "grid.png").size == (2 * 65 + 1, 3 * 65 + 1)  # decoded by the VAE it records
     sample_npz_script(tmp_path / "cached")
 
 
@@ -938,7 +940,7 @@ def test_ldm_unet_trains_from_the_cache_with_cep_and_samples(tmp_path, cache):
     assert "LDM-S" in log and "CEP: uniform" in log and len(logged_losses(tmp_path / "unet")) == 2
     state = torch.load(tmp_path / "unet" / "ckpt.pt", weights_only=True)
     assert state["model_args"]["name"] == "LDM-S" and "input_blocks.0.0.weight" in state["ema"]
-    assert Image.open(tmp_path / "unet" / "samples_0000002.png").size == (8 * 17 + 1, 10 * 17 + 1)
+    assert Image.open(tmp_path / "unet" / "samples_0000002.png").size == (8 * 65 + 1, 10 * 65 + 1)
     sample_npz_script(tmp_path / "unet")
 
 
@@ -1153,7 +1155,7 @@ def test_sample_script_grid_and_torchrun_npz(tmp_path):
     train(out, "--max_steps=2")
     run([sys.executable, "sample.py", f"--ckpt={out}/ckpt.pt", "--num_steps=3", f"--out={tmp_path}/grid.png",
          "--grid_classes=3", "--grid_per_class=2"])
-    assert Image.open(tmp_path / "grid.png").size == (2 * 17 + 1, 3 * 17 + 1)
+    assert Image.open(tmp_path / "grid.png").size == (2 * 65 + 1, 3 * 65 + 1)
     args = ["sample.py", f"--ckpt={out}/ckpt.pt", "--num_steps=2", "--num_samples=10", "--batch_size=4"]
     run([sys.executable] + args + [f"--out={tmp_path}/one.npz"])
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] + args

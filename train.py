@@ -51,9 +51,10 @@ skip_bad_images = False   # an unreadable image of a class folder stops the run 
 latents = ""              # a cache written by data.py: train on its latents instead of images (the fast path)
 vae = ""                  # a folder of diffusers VAE (or VQ-f4) weights: encode images on the fly; with latents, the
                           # VAE that decodes the grids, by default the one the cache was written with
-image_size = 32
+image_size = 16           # the CPU default: 16 px with patch 2 learns the shapes, 32 px with patch 4 (the same 64
+                          # tokens, the same cost) only blobs of their colour (class accuracy 62% against 19%)
 synthetic_size = 20000
-model = "DiT-Ti/4"        # model.DiT_models (DiT-XL/2, ...) or model.UNet_models (LDM-4, LDM-S)
+model = "DiT-Ti/2"        # model.DiT_models (DiT-XL/2, ...) or model.UNet_models (LDM-4, LDM-S)
 learn_sigma = True
 prediction = "v"         # v | eps: what the model predicts. DiT and LDM predict eps; v learns far sooner on a
                           # short budget (model.GaussianDiffusion), so the CPU default uses it
