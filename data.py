@@ -66,7 +66,7 @@ def article(word):
 
 
 # Upright within +-15 degrees: with any rotation, the CPU default drew blobs, and the built-in classifier recognised
-# 32% of its samples, against 62% (57% at another seed) at +-15 degrees (GPU runs of the same 3000 steps)
+# 32% of its samples, against 62% (56% at another seed) at +-15 degrees (GPU runs of the same 3000 steps)
 MAX_ROTATION = math.radians(15)
 
 
