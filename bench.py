@@ -10,9 +10,9 @@ with pytorch-fid.
 
 A training step is train.py's: autocast, hybrid loss (plain MSE, as DiT), backward, gradient clipping, fused
 AdamW, EMA. Sampling is sample.py's sample() with guidance, which runs the conditional and unconditional halves in
-one forward of twice the batch. Training and features are the medians of `steps` timed repeats after `warmup` untimed ones (which also
-compile); the implementations that are compared run in turn, repeat by repeat, so that both see the same load of a
-shared machine. Sampling is one timed run after a warm-up of 2 steps.
+one forward of twice the batch. Training and features are the medians of `steps` timed repeats after `warmup`
+untimed ones (which also compile); the implementations that are compared run in turn, repeat by repeat, so that
+both see the same load of a shared machine. Sampling is one timed run after a warm-up of 2 steps.
 FLOPs are counted from the layer shapes (forward_flops); a training step is 3 forwards' worth (the backward is two),
 and MFU divides the model FLOP/s by the GPU's dense peak (the TF32 peak for float32: train.py turns TF32 on).
 bfloat16 on CPU is autocast as on GPU: native on CPUs with AVX512-BF16 or AMX, emulated and slow elsewhere.

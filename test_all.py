@@ -854,7 +854,7 @@ def test_missing_vae_errors_name_the_file(tmp_path):
     save_vae(tmp_path / "vae")
     run([sys.executable, "sample.py", f"--ckpt={tmp_path}/dit.pt", f"--vae={tmp_path}/vae", "--num_steps=2",
          "--grid_per_class=2", f"--out={tmp_path}/grid.png"])
-    assert Image.open(tmp_path / "grid.png").size == (2 * 65 + 1, 3 * 65 + 1)  # 8x8 latents -> 16x16 images, shown at 64
+    assert Image.open(tmp_path / "grid.png").size == (2 * 65 + 1, 3 * 65 + 1)  # 8x8 latents: 16 px images, shown at 64
 
 
 def test_cache_equals_encoding_on_the_fly_for_image_and_flip(tmp_path, cache):
