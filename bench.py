@@ -29,8 +29,8 @@ import torch.nn as nn
 
 import fid
 from configurator import configure
-from model import DiT, DiT_models, DiT_sizes, GaussianDiffusion, SpatialTransformer, UNet, UNetResBlock, \
-    build_model, load_dit
+from diffusion import GaussianDiffusion
+from model import DiT, DiT_models, DiT_sizes, SpatialTransformer, UNet, UNetResBlock, build_model, load_dit
 from sample import sample
 
 device = "cuda" if torch.cuda.is_available() else "cpu"  # the defaults below follow the machine

@@ -2,13 +2,16 @@
 Corruption of the conditions of a pre-training set (Chen et al. 2024, "Slight corruption in pre-training data
 makes better diffusion models"). eta is the fraction of the whole dataset whose condition ends up wrong.
 
-Fixed mode (the paper's): decided once, from the seed alone, before training, so every rank and every resume
-agrees whatever the world size; each function returns the new conditions and a record (indices, original, new)
-that train.py saves so a run can be audited. Random mode (paper App. E.4): `corrupt_batch` flips each label of a
-batch with probability eta, afresh at every step.
+`corrupt_conditions` is the entry point. Fixed mode (the paper's): decided once, from the seed alone, before
+training, so every rank and every resume agrees whatever the world size. Random mode (paper App. E.4):
+`corrupt_batch` flips each label of a batch with probability eta, afresh at every step.
 
 Imports nothing from the project: copy this file into another project as it is.
 """
+import hashlib
+import json
+import os
+
 import numpy as np
 import torch
 
@@ -95,3 +98,55 @@ def rewrite_captions(captions, eta, seed, rewrites):
     for i in indices:
         new[i] = rewrites[i]
     return new, dict(indices=indices, original=[captions[i] for i in indices], new=[new[i] for i in indices])
+
+
+def read_subset(spec, classes):
+    """Class indices from '1,5,9' or from a file of indices or class names (comma or whitespace separated)."""
+    if os.path.isfile(spec):
+        with open(spec) as f:
+            spec = f.read()
+    index = {name: i for i, name in enumerate(classes)}
+    try:
+        return [int(n) if n.lstrip("-").isdigit() else index[n] for n in spec.replace(",", " ").split()]
+    except KeyError as e:
+        raise ValueError(f"corrupt_subset: {e.args[0]!r} is neither a class index nor a class name") from None
+
+
+def read_rewrites(path):
+    """The user's rewritten captions (e.g. by an LLM, as in the paper): a JSON file {"index": "caption", ...}."""
+    with open(path, encoding="utf-8") as f:
+        rewrites = json.load(f)
+    try:
+        return {int(k): str(v) for k, v in rewrites.items()}
+    except (AttributeError, ValueError):
+        raise ValueError(f"corrupt_rewrites {path!r} must be a JSON object {{\"index\": \"rewritten caption\", ...}}") \
+            from None
+
+
+def check_corruption(eta, kind, mode):
+    _count(eta, 0)
+    if kind not in ("sym", "asym", "swap", "rewrite") or mode not in ("fixed", "random"):
+        raise ValueError(f"corruption type {kind!r} / mode {mode!r}: the types are sym, asym (class labels), swap, "
+                         "rewrite (captions); the modes fixed and random")
+    if mode == "random" and kind != "sym":
+        raise ValueError("random mode flips labels symmetrically: use it with type sym")
+
+
+def corrupt_conditions(conditions, eta, kind="sym", mode="fixed", seed=0, subset="", rewrites="", classes=()):
+    """Class labels (kind sym, or asym within `subset`, see read_subset) or captions (swap, or rewrite from the JSON
+    file `rewrites`) -> (training conditions, summary, record). The summary (eta, type, mode, count, a digest of the
+    changes) goes into a checkpoint; the record adds each changed index, old and new condition, for the audit file."""
+    check_corruption(eta, kind, mode)
+    summary = dict(eta=eta, type=kind, mode=mode, count=0)
+    if eta == 0 or mode == "random":
+        return conditions, summary, None
+    if kind == "swap":
+        new, record = swap_captions(conditions, eta, seed)
+    elif kind == "rewrite":
+        new, record = rewrite_captions(conditions, eta, seed, read_rewrites(rewrites))
+    else:
+        summary["subset"] = read_subset(subset, classes) if kind == "asym" else None
+        new, record = corrupt_labels(conditions, eta, seed, summary["subset"])
+    changes = json.dumps([record["indices"], record["new"]]).encode()
+    summary.update(count=len(record["indices"]), digest=hashlib.sha256(changes).hexdigest()[:16])
+    return new, summary, dict(summary, **record)

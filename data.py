@@ -436,7 +436,7 @@ if __name__ == "__main__":
     batch_size = 64
     num_workers = 4
     from configurator import configure
-    from model import load_first_stage
+    from vae import load_first_stage
     configure(globals(), sys.argv[1:])
     for key in ("vae", "out"):
         if not globals()[key]:

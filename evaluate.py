@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import fid
-from model import load_clip
+from text import load_clip
 
 # -----------------------------------------------------------------------------
 samples = ""                  # .npz or folder of generated images

@@ -14,7 +14,6 @@ Checkpoints: ours (EMA weights by default; DiT or U-Net, in pixel or latent spac
 DiT checkpoints record none: python sample.py --ckpt DiT-XL-2-256x256.pt --vae sd-vae-ft-ema
 """
 import json
-import math
 import os
 import sys
 
@@ -25,7 +24,10 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from model import GaussianDiffusion, TextEmbedder, build_model, load_dit, load_first_stage, tokenize
+from diffusion import GaussianDiffusion
+from model import UNet_models, build_model, load_dit
+from text import TextEmbedder, TextEncoder, tokenize
+from vae import load_first_stage
 
 # -----------------------------------------------------------------------------
 ckpt = "out/ckpt.pt"
@@ -45,6 +47,16 @@ vae = ""                # a folder of diffusers VAE weights, to decode latents; 
 # -----------------------------------------------------------------------------
 
 
+def build(model_args):
+    """The model that train.py's model_args describe; a text-to-image U-Net with its text encoder (text_layers)."""
+    args = dict(model_args)
+    text_layers = args.pop("text_layers", 0)
+    if text_layers:
+        width = args.get("context_dim", UNet_models[args["name"]]["context_dim"])
+        args["y_embedder"] = TextEmbedder(TextEncoder(width, text_layers), args["class_dropout_prob"])
+    return build_model(**args)
+
+
 def load_model(path, use_ema=True):
     """The model of a checkpoint, in eval mode, and what train.py recorded beside it: model_args (input_size...),
     first_stage (dict(vae=path, scale), None in pixel space) and prediction; {} for a bare state dict. Missing file:
@@ -55,9 +67,8 @@ def load_model(path, use_ema=True):
     state = torch.load(path, map_location="cpu", weights_only=True)
     if "ema" not in state:  # a bare DiT state dict
         return load_dit(state).eval(), {}
-    weights = state["ema" if use_ema else "model"]
-    model = build_model(**state["model_args"])
-    model.load_state_dict(weights)
+    model = build(state["model_args"])
+    model.load_state_dict(state["ema" if use_ema else "model"])
     return model.eval(), dict(model_args=state["model_args"], first_stage=state["first_stage"],
                               prediction=state["prediction"])
 
@@ -65,40 +76,17 @@ def load_model(path, use_ema=True):
 @torch.no_grad()
 def sample(model, labels, cfg_scale=4.0, sampler="dpm++", num_steps=50, ddim_eta=0.0, generator=None,
            progress=False, size=None, vae=None, prediction="eps"):
-    """Images (float, about [-1, 1]) for `labels`, from `num_steps` evenly spaced steps of the 1000. The model denoises
-    size x size inputs (default: the DiT's input size): pixels, or with a first stage `vae` its latents, decoded at
-    the end. The predicted x0 is clipped to [-1, 1] in pixel space only: latents are unbounded (DiT does not clip).
-    `prediction`: what the model predicts, "eps" or "v" (see model.GaussianDiffusion)."""
-    if sampler not in ("ddpm", "ddim", "dpm++"):
-        raise ValueError(f"sampler must be 'ddpm', 'ddim' or 'dpm++', got {sampler!r}")
+    """Images (float, about [-1, 1]) for `labels`, from `num_steps` evenly spaced steps of the 1000 (diffusion.py's
+    samplers). The model denoises size x size inputs (default: the DiT's input size): pixels, or with a first stage
+    `vae` its latents, decoded at the end. The predicted x0 is clipped to [-1, 1] in pixel space only: latents are
+    unbounded (DiT does not clip). `prediction`: what the model predicts, "eps" or "v"."""
     diffusion = GaussianDiffusion(learn_sigma=model.learn_sigma, prediction=prediction).respaced(num_steps)
-    device = labels.device
     size = size or model.x_embedder.proj.kernel_size[0] * int(model.pos_embed.shape[1] ** 0.5)
-    x = torch.randn(len(labels), model.in_channels, size, size, device=device, generator=generator)
-    x0_prev = None
-    for i in tqdm(reversed(range(num_steps)), total=num_steps, disable=not progress, desc="sampling"):
-        t = torch.full((len(labels),), i, device=device)
-        model_t = torch.full_like(t, int(diffusion.timestep_map[i]))
-        out = model(x, model_t, labels) if cfg_scale == 1 else model.forward_with_cfg(x, model_t, labels, cfg_scale)
-        mean, log_var, x0 = diffusion.p_mean_variance(out, x, t, clip_denoised=vae is None)
-        a, a_prev = diffusion.alphas_cumprod[i], diffusion.alphas_cumprod_prev[i]
-        if i == 0:  # the last step lands on the data: every sampler returns its x0
-            x = x0
-        elif sampler == "ddpm":
-            x = mean + torch.exp(0.5 * log_var) * torch.randn(x.shape, device=device, generator=generator)
-        elif sampler == "ddim":
-            eps = (x / a ** 0.5 - x0) / (1 / a - 1) ** 0.5  # recomputed from the (clipped) x0, as DDIM does
-            sigma = ddim_eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
-            x = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps
-            if sigma > 0:
-                x = x + sigma * torch.randn(x.shape, device=device, generator=generator)
-        else:  # DPM-Solver++(2M) (Lu et al., 2022): the probability-flow ODE in x0, exact in log-SNR lambda, with
-            # x0 extrapolated linearly from the previous step (second order; its first order is DDIM). The step into
-            # t=0 spans a far longer lambda than the one before it, where extrapolating overshoots: first order there
-            h = 0.5 * math.log(a_prev / (1 - a_prev)) - 0.5 * math.log(a / (1 - a))
-            d = x0 if x0_prev is None or i == 1 else x0 + (x0 - x0_prev) * h / (2 * h_prev)
-            x = ((1 - a_prev) / (1 - a)) ** 0.5 * x - a_prev ** 0.5 * math.expm1(-h) * d
-            x0_prev, h_prev = x0, h
+    x = torch.randn(len(labels), model.in_channels, size, size, device=labels.device, generator=generator)
+    denoise = (lambda x, t: model(x, t, labels)) if cfg_scale == 1 else \
+        (lambda x, t: model.forward_with_cfg(x, t, labels, cfg_scale))
+    x = diffusion.sample(denoise, x, sampler, ddim_eta, clip_denoised=vae is None, generator=generator,
+                         progress=progress)
     return x if vae is None else vae.decode(x)
 
 

@@ -27,15 +27,16 @@ import data
 import evaluate
 import fid
 import gmm
-import model as model_lib
 import study
+import text
 from configurator import configure
-from model import (AutoencoderKL, DiT, DiT_models, GaussianDiffusion, UNet, UNet_models, VQModel, diffusers_to_dit,
-                   discretized_gaussian_log_likelihood, load_dit, load_first_stage)
+from diffusion import GaussianDiffusion, discretized_gaussian_log_likelihood
+from model import DiT, DiT_models, UNet, UNet_models, diffusers_to_dit, load_dit
+from vae import AutoencoderKL, VQModel, load_first_stage
 from sample import load_model, sample, sample_npz
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-MANIFESTS = os.path.join(ROOT, "..", "shared", "manifests")
+MANIFESTS = os.path.join(ROOT, "tests", "manifests")
 TINY = ["--model=DiT-Ti/8", "--image_size=16", "--synthetic_size=64", "--global_batch_size=8", "--num_workers=0",
         "--grid_steps=4", "--log_every=1"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -657,8 +658,9 @@ def test_exact_resume(tmp_path):
 
 BAD_CONFIGS = [
     (["--resume"], "no checkpoint"), (["--corrupt_tpye=sym"], "unknown config key 'corrupt_tpye'"),
-    (["--max_steps=1.5"], "--max_steps=1.5: expected a int"), (["--corrupt=1.0"], "corrupt (eta) must be in [0, 1)"),
-    (["--cep_scale=-1"], "cep_scale must be >= 0"), (["--model=DiT-Q/2"], "model 'DiT-Q/2' is not one of"),
+    (["--max_steps=1.5"], "--max_steps=1.5: expected a int"), (["--corrupt=1.0"], "eta=1.0 must be in [0, 1)"),
+    (["--cep", "--cep_scale=-1"], "cep_scale (gamma) must be >= 0"), (["--cep", "--cep_type=u"], "cep_type must be"),
+    (["--corrupt_mode=random", "--corrupt_type=asym"], "random mode flips labels symmetrically"), (["--model=DiT-Q/2"], "model 'DiT-Q/2' is not one of"),
     (["--data_path=/nonexistent"], "data_path '/nonexistent' does not exist"),
     (["--out_dir=/dev/null/run"], "out_dir '/dev/null/run' cannot be written"),
     (["--text_encoder=small"], "cross-attention"), (["--grid_steps=1"], "grid_steps"),
@@ -1212,11 +1214,7 @@ def _close(a, b, rel=1e-4):
 
 
 def test_inception_state_dict_matches_manifest():
-    candidates = [os.path.join(ROOT, "..", "shared", "manifests", "pt_inception_fid_keys.json"),
-                  os.path.join(ROOT, "shared", "manifests", "pt_inception_fid_keys.json")]
-    path = next((p for p in candidates if os.path.isfile(p)), None)
-    assert path is not None, f"manifest not found in {candidates}"
-    with open(path) as f:
+    with open(os.path.join(MANIFESTS, "pt_inception_fid_keys.json")) as f:
         manifest = json.load(f)
     ours = {k: list(v.shape) for k, v in fid.InceptionV3().state_dict().items()}
     assert list(ours) == list(manifest)
@@ -1576,15 +1574,15 @@ def test_clip_text_encoder_has_clips_names_and_computes_what_clip_does(tmp_path,
         with torch.device("meta"):
             ref = clip.model.CLIP(**dict(CLIP_TINY, embed_dim=embed, transformer_width=width,
                                          transformer_heads=width // 64, transformer_layers=12))
-            ours = model_lib.TextEncoder(width, 12)
-        text = {k: list(v.shape) for k, v in ref.state_dict().items()
-                if not k.startswith("visual.") and k not in ("text_projection", "logit_scale")}
-        assert {k: list(v.shape) for k, v in ours.state_dict().items()} == text
+            ours = text.TextEncoder(width, 12)
+        text_half = {k: list(v.shape) for k, v in ref.state_dict().items()
+                     if not k.startswith("visual.") and k not in ("text_projection", "logit_scale")}
+        assert {k: list(v.shape) for k, v in ours.state_dict().items()} == text_half
         assert ours.transformer.resblocks[0].attn.num_heads == width // 64
     # random weights from a TorchScript archive: every token's embedding, and at the end token CLIP's own encode_text
     ref = tiny_clip(tmp_path / "clip.pt")
-    encoder = model_lib.load_clip_text_encoder(str(tmp_path / "clip.pt"))
-    tokens = model_lib.tokenize(["a small red circle", "un café 🙂", ""])
+    encoder = text.load_clip_text_encoder(str(tmp_path / "clip.pt"))
+    tokens = text.tokenize(["a small red circle", "un café 🙂", ""])
     with torch.no_grad():
         out = encoder(tokens)
         x = ref.ln_final(ref.transformer((ref.token_embedding(tokens) + ref.positional_embedding).permute(1, 0, 2)))
@@ -1594,11 +1592,11 @@ def test_clip_text_encoder_has_clips_names_and_computes_what_clip_does(tmp_path,
     assert out.shape == (3, 77, 64) and (out[0] - out[1]).abs().max() > 1e-3
     # missing weights: the file, or for a model name clip's cache file and where to get it
     with pytest.raises(FileNotFoundError, match="nope.pt"):
-        model_lib.load_clip(str(tmp_path / "nope.pt"))
+        text.load_clip(str(tmp_path / "nope.pt"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setattr(clip.clip.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     with pytest.raises(FileNotFoundError) as e:
-        model_lib.load_clip("ViT-B/32")
+        text.load_clip("ViT-B/32")
     expected = tmp_path / "home" / ".cache" / "clip" / "ViT-B-32.pt"
     assert f"save it as {expected}" in str(e.value) and "openaipublic" in str(e.value)
 
@@ -1607,8 +1605,8 @@ def test_tokenizer_works_offline():
     code = ("import socket\n"
             "def refuse(*a, **k): raise OSError('no network in this test')\n"
             "socket.socket.connect = socket.create_connection = socket.getaddrinfo = refuse\n"
-            "import json, model\n"
-            "print(json.dumps(model.tokenize(['a café', '', 'word ' * 100]).tolist()))")
+            "import json, text\n"
+            "print(json.dumps(text.tokenize(['a café', '', 'word ' * 100]).tolist()))")
     tokens = json.loads(run([sys.executable, "-c", code]).stdout.strip().splitlines()[-1])
     from clip.simple_tokenizer import SimpleTokenizer
     a, null, long = tokens
@@ -1621,10 +1619,10 @@ def test_tokenizer_works_offline():
 @pytest.mark.parametrize("kind", ["uniform", "gaussian"])
 def test_cep_per_token_skips_null_captions_and_sampling(kind):
     torch.manual_seed(0)
-    embedder = model_lib.TextEmbedder(model_lib.TextEncoder(64, 1), dropout_prob=0.0)
+    embedder = text.TextEmbedder(text.TextEncoder(64, 1), dropout_prob=0.0)
     embedder.perturb = cep.CEP(kind, 2.0)
     captions = [f"a {c} shape number {i}" if i % 5 else "" for i, c in enumerate(["red", "blue"] * 100)]
-    tokens = model_lib.tokenize(captions)
+    tokens = text.tokenize(captions)
     with torch.no_grad():
         clean = embedder.encoder(tokens)
         delta = embedder.train()(tokens) - clean
@@ -1653,7 +1651,7 @@ def test_clip_score_matches_a_direct_computation(tmp_path):
     images = rng.integers(0, 256, (7, 24, 24, 3), dtype=np.uint8)
     prompts = [f"a photo of {w}" for w in ("a cat", "a dog", "cafés", "red", "blue", "two birds", "the sea")]
     np.savez(tmp_path / "s.npz", images)
-    model, preprocess = model_lib.load_clip(str(tmp_path / "clip.pt"))
+    model, preprocess = text.load_clip(str(tmp_path / "clip.pt"))
     score = evaluate.clip_score(evaluate.open_images(str(tmp_path / "s.npz")), prompts, model, preprocess, 3, "cpu")
     cos = []
     with torch.no_grad():
@@ -1668,9 +1666,9 @@ def test_clip_score_matches_a_direct_computation(tmp_path):
 def test_caption_swap_and_rewrite_are_exact_in_training(tmp_path):
     captions = [f"caption {i}, ä" for i in range(30)]
     make_caption_folder(tmp_path / "folder", captions)
-    text = [f"--data_path={tmp_path / 'folder'}", "--model=LDM-S", "--text_encoder=small", "--max_steps=1",
+    args = [f"--data_path={tmp_path / 'folder'}", "--model=LDM-S", "--text_encoder=small", "--max_steps=1",
             "--grid_steps=2", "--image_size=8"]
-    train(tmp_path / "swap", *text, "--corrupt=0.1", "--corrupt_type=swap")
+    train(tmp_path / "swap", *args, "--corrupt=0.1", "--corrupt_type=swap")
     record = json.loads((tmp_path / "swap" / "corruption.json").read_text(encoding="utf-8"))
     assert len(record["indices"]) == round(0.1 * 30) == 3  # odd: one 3-cycle
     assert record["original"] == [captions[i] for i in record["indices"]]
@@ -1681,7 +1679,7 @@ def test_caption_swap_and_rewrite_are_exact_in_training(tmp_path):
     assert state["corruption"]["count"] == 3 and state["corruption"]["type"] == "swap"
     assert "text encoder: small, trained" in (tmp_path / "swap" / "log.txt").read_text()
     (tmp_path / "rewrites.json").write_text(json.dumps({str(i): f"rewritten {i}" for i in range(0, 30, 2)}))
-    train(tmp_path / "rewrite", *text, "--corrupt=0.2", "--corrupt_type=rewrite",
+    train(tmp_path / "rewrite", *args, "--corrupt=0.2", "--corrupt_type=rewrite",
           f"--corrupt_rewrites={tmp_path / 'rewrites.json'}")
     record = json.loads((tmp_path / "rewrite" / "corruption.json").read_text(encoding="utf-8"))
     assert len(record["indices"]) == 6 and record["new"] == [f"rewritten {i}" for i in record["indices"]]
@@ -1723,7 +1721,7 @@ def test_text_to_image_end_to_end_on_the_builtin_captions(tmp_path):
     report = evaluate.main(["--samples", str(tmp_path / "s.npz"), f"--clip_model={tmp_path / 'clip.pt'}",
                             "--cache_dir", str(tmp_path / "cache"), "--progress=False", "--device=cpu",
                             "--classifier_size=100", "--classifier_epochs=1", "--synthetic_ref_size=30"])
-    model, preprocess = model_lib.load_clip(str(tmp_path / "clip.pt"))
+    model, preprocess = text.load_clip(str(tmp_path / "clip.pt"))
     direct = evaluate.clip_score(evaluate.open_images(str(tmp_path / "s.npz")), prompts, model, preprocess, 3, "cpu")
     assert report["clip_score"] == pytest.approx(direct) and report["prompts"] == str(tmp_path / "s_prompts.txt")
 

@@ -15,7 +15,6 @@ Defaults are the variables below (nanoGPT style, see configurator.py). The RNG i
 that is what makes --resume continue exactly, with no RNG state to save.
 """
 import atexit
-import hashlib
 import json
 import multiprocessing
 import os
@@ -35,11 +34,13 @@ from tqdm import tqdm
 
 from cep import CEP, input_perturbation
 from configurator import configure
-from corrupt import corrupt_batch, corrupt_labels, rewrite_captions, swap_captions
+from corrupt import check_corruption, corrupt_batch, corrupt_conditions
 from data import CaptionPairs, ImageCaptions, ImageFolder, LatentDataset, StepBatches, SyntheticShapes
-from model import (DiT_models, GaussianDiffusion, UNet_models, build_model, load_clip_text_encoder, load_first_stage,
-                   tokenize)
-from sample import class_rows, sample_grid
+from diffusion import GaussianDiffusion
+from model import DiT_models, UNet_models
+from sample import build, class_rows, sample_grid
+from text import load_clip_text_encoder, tokenize
+from vae import load_first_stage
 
 # -----------------------------------------------------------------------------
 # data and model
@@ -96,15 +97,13 @@ emb_dropout = 0.0         # dropout on the class embedding, a baseline
 
 
 def check_config():
-    """Every bad setting fails here, before any work, with the setting's name."""
-    if model not in DiT_models and model not in UNet_models:  # LDM-S, LDM-4 build a U-Net
+    """Every bad setting fails here, before any work, with the setting's name. The model name and the corruption
+    settings are checked again where they are used, but only after the data is read, which can take minutes."""
+    if model not in DiT_models and model not in UNet_models:
         raise ValueError(f"model {model!r} is not one of {', '.join([*DiT_models, *UNet_models])}")
+    check_corruption(corrupt, corrupt_type, corrupt_mode)
     if latents and data_path:
         raise ValueError(f"latents={latents!r} and data_path={data_path!r} are both set: the cache holds its dataset")
-    if not 0 <= corrupt < 1:
-        raise ValueError(f"corrupt (eta) must be in [0, 1), got {corrupt}")
-    if corrupt_type not in ("sym", "asym", "swap", "rewrite"):
-        raise ValueError(f"corrupt_type must be sym, asym, swap or rewrite, got {corrupt_type!r}")
     if text_encoder not in ("", "clip", "small"):
         raise ValueError(f"text_encoder must be '' (class-conditional), clip or small, got {text_encoder!r}")
     if skip_bad_images and text_encoder:  # a stand-in image would be paired with the caption of the one it replaces
@@ -121,13 +120,7 @@ def check_config():
                                 f"{{\"index\": \"caption\"}}; got {corrupt_rewrites!r}")
     if corrupt_type == "asym" and corrupt > 0 and not corrupt_subset:
         raise ValueError("corrupt_type=asym needs corrupt_subset: class indices '1,5,9' or a file of them")
-    if corrupt_mode not in ("fixed", "random"):
-        raise ValueError(f"corrupt_mode must be fixed or random, got {corrupt_mode!r}")
-    if corrupt_mode == "random" and corrupt_type != "sym":
-        raise ValueError("corrupt_mode=random flips labels symmetrically; use it with corrupt_type=sym")
-    if cep_type not in ("uniform", "gaussian"):
-        raise ValueError(f"cep_type must be uniform or gaussian, got {cep_type!r}")
-    for key in ("cep_scale", "ip", "emb_dropout", "lr", "weight_decay", "grad_clip", "class_dropout",
+    for key in ("ip", "emb_dropout", "lr", "weight_decay", "grad_clip", "class_dropout",
                 "min_snr_gamma"):
         if globals()[key] < 0:
             raise ValueError(f"{key} must be >= 0, got {globals()[key]}")
@@ -140,8 +133,6 @@ def check_config():
             raise ValueError(f"{key} must be > 0, got {globals()[key]}")
     if grid_steps < 2:
         raise ValueError(f"grid_steps must be >= 2, got {grid_steps}")
-    if prediction not in ("eps", "v"):
-        raise ValueError(f"prediction must be eps or v, got {prediction!r}")
     if dtype not in ("bfloat16", "float32"):  # float16 would need a gradient scaler; bf16 does not
         raise ValueError(f"dtype must be bfloat16 or float32, got {dtype!r}")
     if data_path and not os.path.exists(data_path):
@@ -156,30 +147,6 @@ def check_config():
         os.remove(os.path.join(out_dir, f".write_test{rank}"))
     except OSError as e:
         raise PermissionError(f"out_dir {out_dir!r} cannot be written: {e}") from e
-
-
-def read_subset(spec, classes):
-    """Class indices from '1,5,9' or from a file of indices or class folder names (comma or whitespace separated)."""
-    if os.path.isfile(spec):
-        with open(spec) as f:
-            spec = f.read()
-    names = spec.replace(",", " ").split()
-    index = {name: i for i, name in enumerate(classes)}
-    try:
-        return [int(n) if n.lstrip("-").isdigit() else index[n] for n in names]
-    except KeyError as e:
-        raise ValueError(f"corrupt_subset: {e.args[0]!r} is neither a class index nor a class name") from None
-
-
-def read_rewrites(path):
-    """corrupt_type=rewrite: the user's rewritten captions (e.g. by an LLM, as in the paper), {index: caption}."""
-    with open(path, encoding="utf-8") as f:
-        rewrites = json.load(f)
-    try:
-        return {int(k): str(v) for k, v in rewrites.items()}
-    except (AttributeError, ValueError):
-        raise ValueError(f"corrupt_rewrites {path!r} must be a JSON object {{\"index\": \"rewritten caption\", ...}}") \
-            from None
 
 
 @torch.no_grad()
@@ -208,6 +175,9 @@ if cuda:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 check_config()
+# built before the data is read: their constructors check cep_type, cep_scale and prediction
+perturb = CEP(cep_type, cep_scale) if cep else nn.Dropout(emb_dropout) if emb_dropout > 0 else None
+diffusion = GaussianDiffusion(learn_sigma=learn_sigma, prediction=prediction, min_snr_gamma=min_snr_gamma)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 
 
@@ -252,27 +222,20 @@ elif first_stage:
 else:
     in_channels, input_size = 3, image_size
 if text_encoder:
-    dataset = CaptionPairs(dataset, tokenize)  # the images and their captions' tokens
     num_classes = 0
     grid_rows = [dataset.captions[i] for i in np.linspace(0, len(dataset) - 1, 8).round().astype(np.int64)]  # clean
+    dataset.captions, corruption, record = corrupt_conditions(dataset.captions, corrupt, corrupt_type, corrupt_mode,
+                                                              seed, rewrites=corrupt_rewrites)
+    dataset = CaptionPairs(dataset, tokenize)  # the images and their (corrupted) captions' tokens
 else:
     num_classes = len(dataset.classes)
     grid_rows = class_rows(num_classes)
     prior = torch.from_numpy(np.bincount(dataset.labels, minlength=num_classes)).float().to(device)
-corruption = dict(eta=corrupt, type=corrupt_type, mode=corrupt_mode, count=0)
-if corrupt > 0 and corrupt_mode == "fixed":
-    if corrupt_type == "swap":
-        dataset.captions, record = swap_captions(dataset.captions, corrupt, seed)
-    elif corrupt_type == "rewrite":
-        dataset.captions, record = rewrite_captions(dataset.captions, corrupt, seed, read_rewrites(corrupt_rewrites))
-    else:
-        corruption["subset"] = read_subset(corrupt_subset, dataset.classes) if corrupt_type == "asym" else None
-        dataset.labels, record = corrupt_labels(dataset.labels, corrupt, seed, corruption["subset"])
-    corruption.update(count=len(record["indices"]), digest=hashlib.sha256(
-        json.dumps([record["indices"], record["new"]]).encode()).hexdigest()[:16])
-    if master:
-        with open(os.path.join(out_dir, "corruption.json"), "w") as f:
-            json.dump(dict(corruption, **record), f)
+    dataset.labels, corruption, record = corrupt_conditions(dataset.labels, corrupt, corrupt_type, corrupt_mode, seed,
+                                                            corrupt_subset, classes=dataset.classes)
+if record and master:
+    with open(os.path.join(out_dir, "corruption.json"), "w") as f:
+        json.dump(record, f)
 if ddp:  # every rank decided alone; a dataset listed differently on another node would silently differ
     records = [None] * world_size
     dist.all_gather_object(records, corruption)
@@ -290,17 +253,14 @@ elif text_encoder == "small":
     model_args.update(text_layers=4)  # of the U-Net's context width (our choice: small enough for a CPU)
 first_stage_args = dict(vae=os.path.abspath(vae), scale=first_stage.scale) if vae else None
 torch.manual_seed(seed)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
-net = build_model(**model_args).to(device)
+net = build(model_args).to(device)
 if text_encoder == "clip":
     net.y_embedder.encoder.load_state_dict(clip_text.state_dict())
     net.y_embedder.encoder.requires_grad_(False)
     del clip_text
 if model in UNet_models and not cuda:  # NHWC convolutions and group norms of oneDNN: ~4% faster on CPU; PyTorch's
     net = net.to(memory_format=torch.channels_last)  # eager CUDA group norm would convert back to NCHW at each norm
-if cep:
-    net.y_embedder.perturb = CEP(cep_type, cep_scale)
-elif emb_dropout > 0:
-    net.y_embedder.perturb = nn.Dropout(emb_dropout)
+net.y_embedder.perturb = perturb
 ema = deepcopy(net).requires_grad_(False).eval()
 # fused: one kernel over all parameters, on GPU and on CPU (there ~4x faster than the foreach implementation)
 opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay,
@@ -323,7 +283,6 @@ if resume:
 train_net = torch.compile(net) if compile else net
 if ddp:
     train_net = DDP(train_net, device_ids=[device] if cuda else None)
-diffusion = GaussianDiffusion(learn_sigma=learn_sigma, prediction=prediction, min_snr_gamma=min_snr_gamma)
 autocast = torch.autocast("cuda", dtype=getattr(torch, dtype)) if cuda and dtype != "float32" else nullcontext()
 loader = torch.utils.data.DataLoader(
     dataset, batch_sampler=StepBatches(len(dataset), global_batch_size, rank, world_size, seed, step),
