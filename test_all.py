@@ -656,11 +656,32 @@ def test_exact_resume(tmp_path):
     assert os.path.isfile(straight / "samples_0000006.png")
 
 
+@pytest.mark.parametrize("name, args", [
+    ("dit", []),
+    ("text", ["--model=LDM-S", "--text_encoder=small", "--image_size=8", "--corrupt_type=swap"])])
+def test_checkpoints_written_before_the_split_load_and_resume(tmp_path, name, args):
+    """tests/fixtures: checkpoints of the code before model.py was split (their weights a pattern of their own)."""
+    import lzma
+    with lzma.open(os.path.join(ROOT, "tests", "fixtures", f"ckpt_pre_split_{name}.pt.xz")) as f:
+        (tmp_path / "ckpt.pt").write_bytes(f.read())
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model, info = load_model(str(tmp_path / "ckpt.pt"))
+    loaded = model.state_dict()
+    assert info["model_args"] == state["model_args"] and set(state["ema"]) <= set(loaded)
+    assert all(torch.equal(loaded[k], v) for k, v in state["ema"].items())
+    assert len({tuple(v.flatten()[:2].tolist()) for v in state["ema"].values() if v.numel() > 1}) > 10  # not blank
+    result = train(tmp_path, *args, "--resume", "--corrupt=0.1", "--max_steps=3", "--grid_steps=2")
+    assert "step 3 |" in result.stdout + result.stderr + (tmp_path / "log.txt").read_text()
+    resumed = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert resumed["step"] == 3 and resumed["corruption"] == state["corruption"]
+
+
 BAD_CONFIGS = [
     (["--resume"], "no checkpoint"), (["--corrupt_tpye=sym"], "unknown config key 'corrupt_tpye'"),
     (["--max_steps=1.5"], "--max_steps=1.5: expected a int"), (["--corrupt=1.0"], "eta=1.0 must be in [0, 1)"),
     (["--cep", "--cep_scale=-1"], "cep_scale (gamma) must be >= 0"), (["--cep", "--cep_type=u"], "cep_type must be"),
-    (["--corrupt_mode=random", "--corrupt_type=asym"], "random mode flips labels symmetrically"), (["--model=DiT-Q/2"], "model 'DiT-Q/2' is not one of"),
+    (["--corrupt_mode=random", "--corrupt_type=asym"], "random mode flips labels symmetrically"),
+    (["--model=DiT-Q/2"], "model 'DiT-Q/2' is not one of"),
     (["--data_path=/nonexistent"], "data_path '/nonexistent' does not exist"),
     (["--out_dir=/dev/null/run"], "out_dir '/dev/null/run' cannot be written"),
     (["--text_encoder=small"], "cross-attention"), (["--grid_steps=1"], "grid_steps"),
