@@ -1,4 +1,19 @@
-"""The test suite: `python -m pytest -q test_all.py`. Tiny configs, CPU, real files, real torchrun."""
+"""The test suite: `python -m pytest -q test_all.py`. Tiny configs, CPU, real files, real torchrun.
+
+Sections, in this order (find one by searching for its title; run one with -k and a word of a test's name):
+  model.py       DiT and U-Net shapes, init, official/diffusers layouts, guidance
+  vae.py         KL-f8 and VQ-f4 against diffusers, key manifests (tests/manifests), weight-file errors
+  text.py        CLIP's text transformer against clip-anytorch, the offline tokenizer
+  diffusion.py   schedule, q_sample, hybrid / v / Min-SNR losses, DDIM, DDPM and DPM-Solver++ update rules
+  data.py        built-in shapes, class folders, bad images, caption sets, the step-indexed batch sampler
+  corrupt.py     symmetric / asymmetric labels, swapped / rewritten captions, random mode, and in training
+  cep.py         CEP-U / CEP-G statistics, null condition and sampling untouched, per token; IP
+  configurator.py, train.py   overrides; exact resume, old checkpoints (tests/fixtures), bad settings, NaN,
+                 SIGKILL / SIGTERM, torchrun
+  latent diffusion and text-to-image end to end; sample.py grids and .npz files
+  fid.py and evaluate.py   Inception against pytorch-fid / torch-fidelity, FID, IS, precision/recall, CLIP score
+  study.py, gmm.py, bench.py
+"""
 import contextlib
 import csv
 import glob
@@ -129,7 +144,7 @@ def randomize(model, seed=0, std=0.1):
 
 
 # -----------------------------------------------------------------------------
-# model.py: DiT
+# model.py: DiT and the LDM U-Net
 
 
 @pytest.mark.parametrize("name", ["DiT-XL/2", "DiT-S/2", "DiT-B/4"])
@@ -229,8 +244,66 @@ def test_load_dit_reads_architecture_from_an_official_style_state_dict(tmp_path)
         load_model(str(tmp_path / "missing.pt"))
 
 
+TINY_UNET = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,), num_heads=2,
+                 context_dim=16, num_classes=10)
+
+
+@pytest.mark.parametrize("cfg, size", [
+    (dict(in_channels=4, **TINY_UNET), 16),
+    (dict(in_channels=3, **{**TINY_UNET, "channel_mult": (1, 2, 3), "num_res_blocks": 2,
+                            "attention_resolutions": (1, 4)}), 16),
+    (dict(in_channels=3, learn_sigma=True, **UNet_models["LDM-S"], num_classes=5), 16),
+])
+def test_unet_shapes_and_zero_init(cfg, size):
+    model = UNet(**cfg).train()
+    x, t = torch.randn(2, cfg["in_channels"], size, size), torch.tensor([3, 999])
+    out = model(x, t, torch.tensor([1, cfg["num_classes"]]))
+    assert out.shape == (2, cfg["in_channels"] * (2 if cfg.get("learn_sigma") else 1), size, size)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()  # zero-init must not block gradients to the final conv
+    assert model.out[-1].weight.grad.abs().sum() > 0
+
+
+def test_ldm4_size():
+    with torch.device("meta"):
+        model = UNet(in_channels=3, num_classes=1000, **UNet_models["LDM-4"])
+        out = model(torch.empty(2, 3, 64, 64), torch.empty(2, dtype=torch.long), torch.empty(2, dtype=torch.long))
+    assert out.shape == (2, 3, 64, 64)
+    n = sum(p.numel() for p in model.parameters())
+    assert 380e6 < n < 420e6, n  # the paper: about 400M
+
+
+def test_unet_output_depends_on_condition():
+    torch.manual_seed(0)
+    model = randomize(UNet(in_channels=4, **TINY_UNET)).eval()  # std 0.05 left the class's effect near 1e-4
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 500])
+    with torch.no_grad():
+        a, b = model(x, t, torch.tensor([0, 0])), model(x, t, torch.tensor([1, 10]))
+        assert (a - b).abs().amax(dim=(1, 2, 3)).min() > 1e-4  # both rows changed, the null class included
+        # a class is exactly one context token from the table
+        ctx = model.y_embedder.embedding_table(torch.tensor([1, 10]))[:, None]
+        torch.testing.assert_close(model(x, t, context=ctx), b)
+        c1, c2 = torch.randn(2, 7, 16), torch.randn(2, 7, 16)
+        assert (model(x, t, context=c1) - model(x, t, context=c2)).abs().max() > 1e-4
+        assert (model(x, t + 100, context=c1) - model(x, t, context=c1)).abs().max() > 1e-4
+    text_only = UNet(in_channels=4, **{**TINY_UNET, "num_classes": 0})
+    assert text_only.y_embedder is None and text_only(x, t, context=c1).shape == x.shape
+
+
+def test_forward_with_cfg():
+    model = randomize(UNet(in_channels=4, learn_sigma=True, **TINY_UNET), std=0.05).eval()
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([1, 700]), torch.tensor([2, 5])
+    with torch.no_grad():
+        cond, null = model(x, t, y), model(x, t, torch.full_like(y, 10))
+        out = model.forward_with_cfg(x, t, y, 3.0)
+    torch.testing.assert_close(out[:, :4], null[:, :4] + 3.0 * (cond[:, :4] - null[:, :4]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[:, 4:], cond[:, 4:], rtol=1e-4, atol=1e-5)
+    assert (out[:, :4] - cond[:, :4]).abs().max() > 1e-4
+
+
 # -----------------------------------------------------------------------------
-# model.py: the first stages (KL-f8 VAE, VQ-f4) and the LDM U-Net
+# vae.py: the first stages (KL-f8 VAE, VQ-f4) and their weight files
+
 
 TINY_VAE = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
 
@@ -317,94 +390,114 @@ def test_missing_weights_error_names_file_and_place(tmp_path):
     assert "diffusion_pytorch_model" in msg and str(missing) in msg and "huggingface.co" in msg
 
 
-TINY_UNET = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,), num_heads=2,
-                 context_dim=16, num_classes=10)
-
-
-@pytest.mark.parametrize("cfg, size", [
-    (dict(in_channels=4, **TINY_UNET), 16),
-    (dict(in_channels=3, **{**TINY_UNET, "channel_mult": (1, 2, 3), "num_res_blocks": 2,
-                            "attention_resolutions": (1, 4)}), 16),
-    (dict(in_channels=3, learn_sigma=True, **UNet_models["LDM-S"], num_classes=5), 16),
-])
-def test_unet_shapes_and_zero_init(cfg, size):
-    model = UNet(**cfg).train()
-    x, t = torch.randn(2, cfg["in_channels"], size, size), torch.tensor([3, 999])
-    out = model(x, t, torch.tensor([1, cfg["num_classes"]]))
-    assert out.shape == (2, cfg["in_channels"] * (2 if cfg.get("learn_sigma") else 1), size, size)
-    assert torch.equal(out, torch.zeros_like(out))
-    out.sum().backward()  # zero-init must not block gradients to the final conv
-    assert model.out[-1].weight.grad.abs().sum() > 0
-
-
-def test_ldm4_size():
-    with torch.device("meta"):
-        model = UNet(in_channels=3, num_classes=1000, **UNet_models["LDM-4"])
-        out = model(torch.empty(2, 3, 64, 64), torch.empty(2, dtype=torch.long), torch.empty(2, dtype=torch.long))
-    assert out.shape == (2, 3, 64, 64)
-    n = sum(p.numel() for p in model.parameters())
-    assert 380e6 < n < 420e6, n  # the paper: about 400M
-
-
-def test_unet_output_depends_on_condition():
-    torch.manual_seed(0)
-    model = randomize(UNet(in_channels=4, **TINY_UNET)).eval()  # std 0.05 left the class's effect near 1e-4
-    x, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 500])
+def test_load_first_stage_builds_the_architecture_of_config_json(tmp_path):
+    src = save_vae(tmp_path / "kl", scaling_factor=0.5)
+    vae = load_first_stage(tmp_path / "kl")
+    assert (vae.factor, vae.latent_channels, vae.scale) == (2, 4, 0.5)
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
     with torch.no_grad():
-        a, b = model(x, t, torch.tensor([0, 0])), model(x, t, torch.tensor([1, 10]))
-        assert (a - b).abs().amax(dim=(1, 2, 3)).min() > 1e-4  # both rows changed, the null class included
-        # a class is exactly one context token from the table
-        ctx = model.y_embedder.embedding_table(torch.tensor([1, 10]))[:, None]
-        torch.testing.assert_close(model(x, t, context=ctx), b)
-        c1, c2 = torch.randn(2, 7, 16), torch.randn(2, 7, 16)
-        assert (model(x, t, context=c1) - model(x, t, context=c2)).abs().max() > 1e-4
-        assert (model(x, t + 100, context=c1) - model(x, t, context=c1)).abs().max() > 1e-4
-    text_only = UNet(in_channels=4, **{**TINY_UNET, "num_classes": 0})
-    assert text_only.y_embedder is None and text_only(x, t, context=c1).shape == x.shape
+        torch.testing.assert_close(vae.encode(x), src.encode(x) / 0.18215 * 0.5)
+    vq = randomize(VQModel(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8, num_codes=16))
+    (tmp_path / "vq" / "vqvae").mkdir(parents=True)  # the layout of CompVis/ldm-celebahq-256
+    torch.save(vq.state_dict(), tmp_path / "vq" / "vqvae" / "diffusion_pytorch_model.bin")
+    (tmp_path / "vq" / "vqvae" / "config.json").write_text(json.dumps(dict(
+        _class_name="VQModel", block_out_channels=[32, 64, 64], layers_per_block=1, norm_num_groups=8,
+        latent_channels=3, num_vq_embeddings=16, scaling_factor=0.18215)))
+    loaded = load_first_stage(tmp_path / "vq")
+    assert isinstance(loaded, VQModel) and (loaded.factor, loaded.latent_channels, loaded.scale) == (4, 3, 1.0)
+    assert torch.equal(loaded.quantize.embedding.weight, vq.quantize.embedding.weight)
 
 
-def test_label_dropout_and_cep_hook():
-    model = UNet(in_channels=4, **{**TINY_UNET, "class_dropout_prob": 0.0})
-    emb, table = model.y_embedder, model.y_embedder.embedding_table.weight
-    labels = torch.tensor([0, 10, 3, 10])  # 10 is the null class
-    emb.perturb = lambda e: e + 100.0
-    model.train()
-    out = emb(labels)
-    torch.testing.assert_close(out[[0, 2]], table[[0, 3]] + 100.0)
-    torch.testing.assert_close(out[[1, 3]], table[[10, 10]])  # null rows untouched
-    model.eval()
-    torch.testing.assert_close(emb(labels), table[labels])  # never at evaluation
-    forced = emb(labels, force_drop_ids=torch.tensor([True, False, False, False]))
-    torch.testing.assert_close(forced, table[[10, 10, 3, 10]])
-    emb.dropout_prob = 1.0
-    torch.testing.assert_close(emb(labels), table[labels])  # no dropout outside training
-    model.train()
-    torch.testing.assert_close(emb(labels), table[[10] * 4])  # dropped to null before the hook
-    # through the U-Net: the hook changes the output in training mode only
-    randomize(model, std=0.05)
-    emb.dropout_prob, emb.perturb = 0.0, None
-    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([1, 2]), torch.tensor([1, 2])
-    with torch.no_grad():
-        clean = model(x, t, y)
-        emb.perturb = lambda e: e + torch.randn_like(e)
-        assert (model(x, t, y) - clean).abs().max() > 1e-4
-        model.eval()
-        torch.testing.assert_close(model(x, t, y), clean)
-
-
-def test_forward_with_cfg():
-    model = randomize(UNet(in_channels=4, learn_sigma=True, **TINY_UNET), std=0.05).eval()
-    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([1, 700]), torch.tensor([2, 5])
-    with torch.no_grad():
-        cond, null = model(x, t, y), model(x, t, torch.full_like(y, 10))
-        out = model.forward_with_cfg(x, t, y, 3.0)
-    torch.testing.assert_close(out[:, :4], null[:, :4] + 3.0 * (cond[:, :4] - null[:, :4]), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out[:, 4:], cond[:, 4:], rtol=1e-4, atol=1e-5)
-    assert (out[:, :4] - cond[:, :4]).abs().max() > 1e-4
+def test_missing_vae_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model"):
+        load_first_stage(tmp_path / "nope")
+    result = train(tmp_path / "t", f"--vae={tmp_path / 'nope'}", check=False)
+    assert result.returncode != 0 and f"{tmp_path / 'nope'}" in result.stderr and \
+        "diffusion_pytorch_model" in result.stderr, result.stderr[-2000:]
+    # an official DiT checkpoint is a bare state dict of a 4-channel model: it needs --vae
+    torch.save(DiT_models["DiT-S/8"](input_size=8, in_channels=4, num_classes=3).state_dict(), tmp_path / "dit.pt")
+    result = run([sys.executable, "sample.py", f"--ckpt={tmp_path}/dit.pt", "--num_steps=2"], check=False)
+    assert result.returncode != 0 and "--vae" in result.stderr.splitlines()[-1], result.stderr[-2000:]
+    save_vae(tmp_path / "vae")
+    run([sys.executable, "sample.py", f"--ckpt={tmp_path}/dit.pt", f"--vae={tmp_path}/vae", "--num_steps=2",
+         "--grid_per_class=2", f"--out={tmp_path}/grid.png"])
+    assert Image.open(tmp_path / "grid.png").size == (2 * 65 + 1, 3 * 65 + 1)  # 8x8 latents: 16 px images, shown at 64
 
 
 # -----------------------------------------------------------------------------
-# model.py: diffusion
+# text.py: CLIP's text transformer and tokenizer
+
+
+CLIP_TINY = dict(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=8,
+                 context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=2)
+
+
+def tiny_clip(path, seed=0, torchscript=True):
+    """A random CLIP with OpenAI's layout, its weights rounded to float16 as OpenAI ships them, saved as a TorchScript
+    archive (the form of OpenAI's files) or a state dict; returns it in float32."""
+    import clip
+    torch.manual_seed(seed)
+    model = clip.model.CLIP(**CLIP_TINY).eval()
+    clip.model.convert_weights(model)
+    model.float()
+    if torchscript:
+        torch.jit.trace(model, (torch.zeros(1, 3, 32, 32), clip.tokenize(["a"]))).save(str(path))
+    else:
+        torch.save(model.state_dict(), path)
+    return model
+
+
+def test_clip_text_encoder_has_clips_names_and_computes_what_clip_does(tmp_path, monkeypatch):
+    import clip
+    # the text half of OpenAI's checkpoints (ViT-B/32, ViT-L/14 hyperparameters, built by clip's own model) loads as it is
+    for width, embed in ((512, 512), (768, 768)):
+        with torch.device("meta"):
+            ref = clip.model.CLIP(**dict(CLIP_TINY, embed_dim=embed, transformer_width=width,
+                                         transformer_heads=width // 64, transformer_layers=12))
+            ours = text.TextEncoder(width, 12)
+        text_half = {k: list(v.shape) for k, v in ref.state_dict().items()
+                     if not k.startswith("visual.") and k not in ("text_projection", "logit_scale")}
+        assert {k: list(v.shape) for k, v in ours.state_dict().items()} == text_half
+        assert ours.transformer.resblocks[0].attn.num_heads == width // 64
+    # random weights from a TorchScript archive: every token's embedding, and at the end token CLIP's own encode_text
+    ref = tiny_clip(tmp_path / "clip.pt")
+    encoder = text.load_clip_text_encoder(str(tmp_path / "clip.pt"))
+    tokens = text.tokenize(["a small red circle", "un café 🙂", ""])
+    with torch.no_grad():
+        out = encoder(tokens)
+        x = ref.ln_final(ref.transformer((ref.token_embedding(tokens) + ref.positional_embedding).permute(1, 0, 2)))
+        torch.testing.assert_close(out, x.permute(1, 0, 2), rtol=1e-5, atol=1e-5)
+        pooled = out[torch.arange(3), tokens.argmax(-1)] @ ref.text_projection
+        torch.testing.assert_close(pooled, ref.encode_text(tokens), rtol=1e-5, atol=1e-5)
+    assert out.shape == (3, 77, 64) and (out[0] - out[1]).abs().max() > 1e-3
+    # missing weights: the file, or for a model name clip's cache file and where to get it
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        text.load_clip(str(tmp_path / "nope.pt"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(clip.clip.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(FileNotFoundError) as e:
+        text.load_clip("ViT-B/32")
+    expected = tmp_path / "home" / ".cache" / "clip" / "ViT-B-32.pt"
+    assert f"save it as {expected}" in str(e.value) and "openaipublic" in str(e.value)
+
+
+def test_tokenizer_works_offline():
+    code = ("import socket\n"
+            "def refuse(*a, **k): raise OSError('no network in this test')\n"
+            "socket.socket.connect = socket.create_connection = socket.getaddrinfo = refuse\n"
+            "import json, text\n"
+            "print(json.dumps(text.tokenize(['a café', '', 'word ' * 100]).tolist()))")
+    tokens = json.loads(run([sys.executable, "-c", code]).stdout.strip().splitlines()[-1])
+    from clip.simple_tokenizer import SimpleTokenizer
+    a, null, long = tokens
+    assert len(a) == len(null) == len(long) == 77 and a[0] == null[0] == 49406  # start of text
+    end = a.index(49407)
+    assert SimpleTokenizer().decode(a[1:end]).strip() == "a café" and not any(a[end + 1:])
+    assert null[:3] == [49406, 49407, 0] and long[-1] == 49407  # the empty caption; a long one cut to 77
+
+
+# -----------------------------------------------------------------------------
+# diffusion.py: schedule, losses, and the DDPM / DDIM / DPM-Solver++ update rules
 
 
 def test_linear_schedule():
@@ -517,8 +610,46 @@ def test_tiny_model_overfits_a_batch():
     assert losses[-1] < 0.1 * losses[0]
 
 
+def test_ddim_eta0_is_deterministic_and_ddpm_is_not():
+    model = randomize(tiny_dit()).eval()
+    y = torch.tensor([0, 1])
+    g = lambda: torch.Generator().manual_seed(0)
+    ddim = [sample(model, y, sampler="ddim", num_steps=5, generator=g()) for _ in range(2)]
+    assert torch.equal(*ddim) and ddim[0].abs().max() <= 1 + 1e-6
+    torch.manual_seed(0)
+    x_T = torch.randn(2, 3, 8, 8, generator=g())
+    # DDIM(eta=0) uses the generator for x_T only; DDPM also for the noise of every step
+    ddpm = sample(model, y, sampler="ddpm", num_steps=5, generator=g())
+    assert not torch.equal(ddpm, ddim[0]) and x_T.shape == ddpm.shape
+
+
+class GaussianDataDenoiser(torch.nn.Module):
+    """The exact eps-model of data N(mu, s^2) per pixel, whose probability-flow ODE has a closed form."""
+    in_channels, learn_sigma, mu, s = 1, False, 0.3, 0.2
+
+    def forward(self, x, t, y):
+        a = torch.from_numpy(GaussianDiffusion().alphas_cumprod).float()[t].view(-1, 1, 1, 1)
+        x0 = self.mu + a.sqrt() * self.s ** 2 / (a * self.s ** 2 + 1 - a) * (x - a.sqrt() * self.mu)
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+
+def test_dpm_solver_is_second_order_on_gaussian_data():
+    model, y = GaussianDataDenoiser(), torch.zeros(500, dtype=torch.long)
+    run_ = lambda sampler, n: sample(model, y, 1.0, sampler, n, generator=torch.Generator().manual_seed(0), size=4)
+    # exact: the flow keeps each pixel's standard score from x_T down to t = 0, where the last step takes x0
+    a = GaussianDiffusion().alphas_cumprod
+    x_T = torch.randn(500, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    z = (x_T - a[-1] ** 0.5 * model.mu) / (a[-1] * model.s ** 2 + 1 - a[-1]) ** 0.5
+    x_0 = a[0] ** 0.5 * model.mu + (a[0] * model.s ** 2 + 1 - a[0]) ** 0.5 * z
+    exact = model.mu + a[0] ** 0.5 * model.s ** 2 / (a[0] * model.s ** 2 + 1 - a[0]) * (x_0 - a[0] ** 0.5 * model.mu)
+    error = {(k, n): (run_(k, n) - exact).abs().mean().item() for k in ("ddim", "dpm++") for n in (100, 200)}
+    assert 1.7 < error["ddim", 100] / error["ddim", 200] < 2.3  # DDIM: first order, 2x the steps halve the error
+    assert error["dpm++", 100] / error["dpm++", 200] > 3.5  # second order: at least a quarter
+    assert error["dpm++", 100] < error["ddim", 100] / 5
+
+
 # -----------------------------------------------------------------------------
-# data.py
+# data.py: built-in shapes, class folders, caption sets, the distributed batch sampler
 
 
 def test_synthetic_dataset_is_deterministic_and_varied():
@@ -615,6 +746,292 @@ def test_image_folder_errors(tmp_path):
         data.ImageFolder(str(tmp_path), 16)
 
 
+def make_caption_folder(root, captions, size=(20, 12)):
+    """Images in two shard folders, as img2dataset writes them, each with its caption in a same-named .txt."""
+    for i, caption in enumerate(captions):
+        stem = root / f"{i // 4:05d}" / f"{i:09d}"
+        os.makedirs(stem.parent, exist_ok=True)
+        Image.new("RGB", size, (10 * i % 256, 100, 50)).save(f"{stem}.{'png' if i % 2 else 'jpg'}")
+        (stem.parent / f"{stem.name}.txt").write_text(caption + "\n", encoding="utf-8")
+
+
+def test_caption_folder_and_manifests_read_non_ascii_and_fail_clearly(tmp_path):
+    captions = ["un café crème — 日本語の猫 🙂", "a red circle", 'he said "hi", twice', "Zürich, naïve"]
+    make_caption_folder(tmp_path / "folder", captions)
+    ds = data.ImageCaptions(str(tmp_path / "folder"), 8)
+    assert ds.captions == captions and len(ds) == 4 and ds.labels is None
+    x, caption = ds[0]
+    assert x.shape == (3, 8, 8) and -1 <= x.min() and x.max() <= 1 and caption == captions[0]
+    files = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "folder").rglob("*.[jp][pn]g"))
+    (tmp_path / "m.tsv").write_text("caption\timage\n" + "".join(f"{c}\t{f}\n" for c, f in zip(captions, files)),
+                                    encoding="utf-8")
+    with open(tmp_path / "m.csv", "w", encoding="utf-8", newline="") as f:  # open_clip's column names
+        csv_writer = __import__("csv").writer(f)
+        csv_writer.writerows([["filepath", "title"]] + [[p, c] for p, c in zip(files, captions)])
+    for manifest in ("m.tsv", "m.csv"):
+        ds = data.ImageCaptions(str(tmp_path / manifest), 8)
+        assert ds.captions == captions and torch.equal(ds[3][0], data.ImageCaptions(str(tmp_path / "folder"), 8)[3][0])
+    # a missing caption file, a caption file that is not UTF-8, a manifest row whose image is missing
+    missing = tmp_path / "folder" / "00000" / "000000002.txt"
+    os.remove(missing)
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        data.ImageCaptions(str(tmp_path / "folder"), 8)
+    missing.write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{missing}.*not UTF-8"):
+        data.ImageCaptions(str(tmp_path / "folder"), 8)
+    (tmp_path / "bad.tsv").write_text("image\tcaption\nnope.png\ta cat\n", encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        data.ImageCaptions(str(tmp_path / "bad.tsv"), 8)
+    (tmp_path / "bad.csv").write_text("path,text\nx.png,a cat\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="caption column"):
+        data.ImageCaptions(str(tmp_path / "bad.csv"), 8)
+
+
+def test_step_batches_split_ranks_and_resume():
+    ranks = [list(zip(range(24), data.StepBatches(100, 8, r, 2, seed=0, start_step=0))) for r in (0, 1)]
+    epoch = [i for r in ranks for step, batch in r if step < 12 for i in batch]
+    assert all(len(b) == 4 for r in ranks for _, b in r)
+    assert len(epoch) == len(set(epoch)) == 96  # the ranks see different data, and no image twice in an epoch
+    assert ranks[0][12][1] != ranks[0][0][1]  # a new permutation each epoch
+    resumed = next(iter(data.StepBatches(100, 8, 1, 2, seed=0, start_step=17)))
+    assert resumed == ranks[1][17][1]
+
+
+# -----------------------------------------------------------------------------
+# corrupt.py: label and caption corruption, alone and in training
+
+
+def test_symmetric_corruption_is_exact_and_never_keeps_the_label():
+    labels = np.random.default_rng(0).integers(0, 7, 1000)
+    for eta in (0.0, 0.025, 0.05, 0.2, 0.999):
+        new, record = corrupt.corrupt_labels(labels, eta, seed=1)
+        changed = np.flatnonzero(new != labels)
+        assert len(changed) == round(eta * 1000) and changed.tolist() == record["indices"]
+        assert record["original"] == labels[changed].tolist() and record["new"] == new[changed].tolist()
+
+
+def test_new_labels_follow_the_class_prior():
+    prior = np.array([0.4, 0.3, 0.15, 0.1, 0.05])
+    labels = np.random.default_rng(0).choice(5, size=200_000, p=prior)
+    new, record = corrupt.corrupt_labels(labels, 0.2, seed=0)
+    counts = np.bincount(labels, minlength=5).astype(float)
+    for y in range(5):  # from class y, the new label follows the prior without y
+        moved = np.array(record["new"])[np.array(record["original"]) == y]
+        expected = counts.copy()
+        expected[y] = 0
+        expected *= len(moved) / expected.sum()
+        observed = np.bincount(moved, minlength=5)
+        assert observed[y] == 0
+        keep = expected > 0
+        assert scipy.stats.chisquare(observed[keep], expected[keep]).pvalue > 1e-3
+
+
+def test_asymmetric_corruption_stays_in_the_subset():
+    labels = np.arange(1000) % 10
+    new, record = corrupt.corrupt_labels(labels, 0.1, seed=0, subset=[1, 4, 7])
+    assert len(record["indices"]) == 100
+    assert set(record["original"]) <= {1, 4, 7} and set(record["new"]) <= {1, 4, 7}
+    assert all(o != n for o, n in zip(record["original"], record["new"]))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        corrupt.corrupt_labels(labels, 0.1, seed=0, subset=[3])
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        corrupt.corrupt_labels(labels, 0.1, seed=0, subset=[])
+    with pytest.raises(ValueError, match="eligible"):
+        corrupt.corrupt_labels(labels, 0.5, seed=0, subset=[1, 4])
+
+
+@pytest.mark.parametrize("eta", [-0.1, 1.0, 1.5])
+def test_eta_outside_unit_interval_is_an_error(eta):
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        corrupt.corrupt_labels(np.arange(10), eta, seed=0)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        corrupt.swap_captions([str(i) for i in range(10)], eta, seed=0)
+
+
+def test_corruption_record_depends_on_the_seed_only():
+    labels = np.arange(5000) % 10
+    a, b, c = (corrupt.corrupt_labels(labels, 0.05, seed=s)[1] for s in (3, 3, 4))
+    assert a == b and a != c
+
+
+def test_random_mode_flips_at_rate_eta():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 10, (200_000,))
+    new = corrupt.corrupt_batch(labels, 0.075, torch.ones(10))
+    assert (new != labels).float().mean().item() == pytest.approx(0.075, abs=0.003)
+    again = corrupt.corrupt_batch(labels, 0.075, torch.ones(10))
+    assert not torch.equal(new, again)  # a fresh draw every call
+
+
+def test_caption_swap_and_rewrite_counts():
+    captions = [f"caption {i % 50}" for i in range(1000)]  # duplicates: swapping two equal ones would not count
+    for eta in (0.05, 0.073, 0.2):
+        new, record = corrupt.swap_captions(captions, eta, seed=0)
+        wrong = [i for i in range(1000) if new[i] != captions[i]]
+        assert len(wrong) == round(eta * 1000) and wrong == record["indices"]
+        assert sorted(new) == sorted(captions)  # a permutation of the captions: nothing invented
+    rewrites = {i: f"rewritten {i}" for i in range(0, 1000, 3)}
+    new, record = corrupt.rewrite_captions(captions, 0.1, seed=0, rewrites=rewrites)
+    assert sum(a != b for a, b in zip(new, captions)) == 100
+    assert all(new[i] == rewrites[i] for i in record["indices"])
+    with pytest.raises(ValueError, match="rewrites"):
+        corrupt.rewrite_captions(captions, 0.5, seed=0, rewrites=rewrites)
+
+
+def test_asymmetric_corruption_in_training_reads_a_subset_file(tmp_path):
+    (tmp_path / "subset.txt").write_text("circle\nstar 1\n")  # class names (folder names) or indices
+    train(tmp_path / "run", "--corrupt=0.1", "--corrupt_type=asym", f"--corrupt_subset={tmp_path}/subset.txt",
+          "--max_steps=1")
+    record = json.loads((tmp_path / "run" / "corruption.json").read_text())
+    subset = {data.SyntheticShapes.classes.index(n) for n in ("circle", "star")} | {1}
+    assert set(record["subset"]) == subset
+    assert len(record["indices"]) == round(0.1 * 64) and set(record["original"]) | set(record["new"]) <= subset
+    result = train(tmp_path / "bad", "--corrupt=0.1", "--corrupt_type=asym", "--corrupt_subset=circle,blob",
+                   check=False)
+    assert result.returncode != 0 and "'blob' is neither a class index nor a class name" in result.stderr
+
+
+def test_caption_swap_and_rewrite_are_exact_in_training(tmp_path):
+    captions = [f"caption {i}, ä" for i in range(30)]
+    make_caption_folder(tmp_path / "folder", captions)
+    args = [f"--data_path={tmp_path / 'folder'}", "--model=LDM-S", "--text_encoder=small", "--max_steps=1",
+            "--grid_steps=2", "--image_size=8"]
+    train(tmp_path / "swap", *args, "--corrupt=0.1", "--corrupt_type=swap")
+    record = json.loads((tmp_path / "swap" / "corruption.json").read_text(encoding="utf-8"))
+    assert len(record["indices"]) == round(0.1 * 30) == 3  # odd: one 3-cycle
+    assert record["original"] == [captions[i] for i in record["indices"]]
+    assert all(o != n for o, n in zip(record["original"], record["new"])) and sorted(record["new"]) == sorted(record["original"])
+    _, direct = corrupt.swap_captions(captions, 0.1, seed=0)
+    assert record["indices"] == direct["indices"] and record["new"] == direct["new"]
+    state = torch.load(tmp_path / "swap" / "ckpt.pt", weights_only=True)
+    assert state["corruption"]["count"] == 3 and state["corruption"]["type"] == "swap"
+    assert "text encoder: small, trained" in (tmp_path / "swap" / "log.txt").read_text()
+    (tmp_path / "rewrites.json").write_text(json.dumps({str(i): f"rewritten {i}" for i in range(0, 30, 2)}))
+    train(tmp_path / "rewrite", *args, "--corrupt=0.2", "--corrupt_type=rewrite",
+          f"--corrupt_rewrites={tmp_path / 'rewrites.json'}")
+    record = json.loads((tmp_path / "rewrite" / "corruption.json").read_text(encoding="utf-8"))
+    assert len(record["indices"]) == 6 and record["new"] == [f"rewritten {i}" for i in record["indices"]]
+
+
+# -----------------------------------------------------------------------------
+# cep.py: CEP on class and caption embeddings, the IP baseline
+
+
+@pytest.mark.parametrize("kind", ["uniform", "gaussian"])
+@pytest.mark.parametrize("gamma, d", [(0.1, 16), (1.0, 384), (5.0, 1152)])
+def test_cep_statistics(kind, gamma, d):
+    torch.manual_seed(0)
+    emb = torch.randn(2000, d)
+    delta = cep.CEP(kind, gamma).train()(emb) - emb
+    bound = gamma / math.sqrt(d)
+    assert abs(delta.mean().item()) < 0.02 * bound
+    if kind == "uniform":
+        assert delta.abs().max().item() <= bound * (1 + 1e-5) and delta.abs().max().item() > 0.99 * bound
+        assert delta.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.01)
+    else:
+        assert delta.std().item() == pytest.approx(bound, rel=0.01)
+        assert delta.abs().max().item() > 3 * bound  # Gaussian tails, not a bounded law
+
+
+def test_cep_is_fresh_each_call_training_only_and_differentiable():
+    layer = cep.CEP("gaussian", 1.0).train()
+    emb = torch.randn(4, 8, 32, requires_grad=True)  # text: per token, d = 32
+    first, second = layer(emb), layer(emb)
+    assert not torch.equal(first, second)
+    first.sum().backward()
+    assert torch.equal(emb.grad, torch.ones_like(emb))
+    assert torch.equal(layer.eval()(emb), emb)
+    with pytest.raises(ValueError, match="cep_type"):
+        cep.CEP("laplace")
+    with pytest.raises(ValueError, match="cep_scale"):
+        cep.CEP("uniform", -1.0)
+
+
+def test_cep_in_the_model_skips_the_null_class_and_sampling():
+    model = tiny_dit(class_dropout_prob=0.5)
+    model.y_embedder.perturb = cep.CEP("uniform", 1.0)
+    torch.manual_seed(0)
+    labels = torch.randint(0, 5, (1000,))
+    table = model.y_embedder.embedding_table.weight
+    emb = model.y_embedder(labels)
+    null = (emb == table[5]).all(dim=1)
+    assert 400 < null.sum() < 600  # dropped labels got the exact, unperturbed null embedding
+    real = ~null
+    assert not torch.isclose(emb[real], table[labels[real]]).all(dim=1).any()  # every real one is perturbed
+    model.eval()
+    assert torch.equal(model.y_embedder(labels), table[labels])
+    model.train()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([5, 50])
+    randomize(model)
+    model.y_embedder.dropout_prob = 0.0
+    model(x, t, torch.tensor([0, 1])).sum().backward()
+    assert model.y_embedder.embedding_table.weight.grad[:2].abs().sum() > 0
+
+
+def test_label_dropout_and_cep_hook():
+    model = UNet(in_channels=4, **{**TINY_UNET, "class_dropout_prob": 0.0})
+    emb, table = model.y_embedder, model.y_embedder.embedding_table.weight
+    labels = torch.tensor([0, 10, 3, 10])  # 10 is the null class
+    emb.perturb = lambda e: e + 100.0
+    model.train()
+    out = emb(labels)
+    torch.testing.assert_close(out[[0, 2]], table[[0, 3]] + 100.0)
+    torch.testing.assert_close(out[[1, 3]], table[[10, 10]])  # null rows untouched
+    model.eval()
+    torch.testing.assert_close(emb(labels), table[labels])  # never at evaluation
+    forced = emb(labels, force_drop_ids=torch.tensor([True, False, False, False]))
+    torch.testing.assert_close(forced, table[[10, 10, 3, 10]])
+    emb.dropout_prob = 1.0
+    torch.testing.assert_close(emb(labels), table[labels])  # no dropout outside training
+    model.train()
+    torch.testing.assert_close(emb(labels), table[[10] * 4])  # dropped to null before the hook
+    # through the U-Net: the hook changes the output in training mode only
+    randomize(model, std=0.05)
+    emb.dropout_prob, emb.perturb = 0.0, None
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([1, 2]), torch.tensor([1, 2])
+    with torch.no_grad():
+        clean = model(x, t, y)
+        emb.perturb = lambda e: e + torch.randn_like(e)
+        assert (model(x, t, y) - clean).abs().max() > 1e-4
+        model.eval()
+        torch.testing.assert_close(model(x, t, y), clean)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "gaussian"])
+def test_cep_per_token_skips_null_captions_and_sampling(kind):
+    torch.manual_seed(0)
+    embedder = text.TextEmbedder(text.TextEncoder(64, 1), dropout_prob=0.0)
+    embedder.perturb = cep.CEP(kind, 2.0)
+    captions = [f"a {c} shape number {i}" if i % 5 else "" for i, c in enumerate(["red", "blue"] * 100)]
+    tokens = text.tokenize(captions)
+    with torch.no_grad():
+        clean = embedder.encoder(tokens)
+        delta = embedder.train()(tokens) - clean
+    null = torch.tensor([c == "" for c in captions])
+    assert torch.equal(delta[null], torch.zeros_like(delta[null]))  # the null caption is never perturbed
+    real = delta[~null]  # [160, 77, 64]: a delta per token, d = 64
+    bound = 2.0 / math.sqrt(64)
+    assert real.std().item() == pytest.approx(bound / math.sqrt(3) if kind == "uniform" else bound, rel=0.01)
+    if kind == "uniform":
+        assert real.abs().max().item() <= bound * (1 + 1e-4)
+    per_token = real.std(dim=(0, 2))  # every token position is perturbed alike, each with its own draw
+    assert per_token.min() > 0.95 * per_token.max() and not torch.allclose(real[:, 0], real[:, 1])
+    with torch.no_grad():
+        assert torch.equal(embedder.eval()(tokens), clean)  # never at sampling
+    embedder.train().dropout_prob = 0.5
+    with torch.no_grad():
+        out = embedder(tokens)
+    dropped = (out == embedder.encoder(embedder.null_like(tokens))).all(dim=(1, 2))
+    assert 70 < dropped.sum() < 130 and dropped[null].all()  # dropped captions get the exact, unperturbed null
+
+
+def test_input_perturbation():
+    torch.manual_seed(0)
+    noise = torch.randn(100_000)
+    perturbed = cep.input_perturbation(noise, 0.1)
+    assert (perturbed - noise).std().item() == pytest.approx(0.1, rel=0.02)
+
+
 # -----------------------------------------------------------------------------
 # configurator.py
 
@@ -638,7 +1055,7 @@ def test_configure_errors_name_the_key(argv, message, tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# train.py
+# train.py: resume, bad settings, faults, torchrun
 
 
 def test_exact_resume(tmp_path):
@@ -719,19 +1136,6 @@ def test_global_batch_not_divisible_by_the_processes_under_torchrun(tmp_path):
     assert not os.path.exists(tmp_path / "log.txt")
 
 
-def test_asymmetric_corruption_in_training_reads_a_subset_file(tmp_path):
-    (tmp_path / "subset.txt").write_text("circle\nstar 1\n")  # class names (folder names) or indices
-    train(tmp_path / "run", "--corrupt=0.1", "--corrupt_type=asym", f"--corrupt_subset={tmp_path}/subset.txt",
-          "--max_steps=1")
-    record = json.loads((tmp_path / "run" / "corruption.json").read_text())
-    subset = {data.SyntheticShapes.classes.index(n) for n in ("circle", "star")} | {1}
-    assert set(record["subset"]) == subset
-    assert len(record["indices"]) == round(0.1 * 64) and set(record["original"]) | set(record["new"]) <= subset
-    result = train(tmp_path / "bad", "--corrupt=0.1", "--corrupt_type=asym", "--corrupt_subset=circle,blob",
-                   check=False)
-    assert result.returncode != 0 and "'blob' is neither a class index nor a class name" in result.stderr
-
-
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     result = train(tmp_path, "--max_steps=5", "--ckpt_every=1", "--lr=1e30", check=False)  # weights blow up at once
     assert result.returncode != 0 and "NaN or infinite between steps 1 and 2" in result.stderr
@@ -802,21 +1206,14 @@ def test_a_rank_killed_under_torchrun_brings_the_others_down(tmp_path, start_tra
     assert proc.wait(timeout=120) != 0 and time.time() - start < 60
 
 
-def test_step_batches_split_ranks_and_resume():
-    ranks = [list(zip(range(24), data.StepBatches(100, 8, r, 2, seed=0, start_step=0))) for r in (0, 1)]
-    epoch = [i for r in ranks for step, batch in r if step < 12 for i in batch]
-    assert all(len(b) == 4 for r in ranks for _, b in r)
-    assert len(epoch) == len(set(epoch)) == 96  # the ranks see different data, and no image twice in an epoch
-    assert ranks[0][12][1] != ranks[0][0][1]  # a new permutation each epoch
-    resumed = next(iter(data.StepBatches(100, 8, 1, 2, seed=0, start_step=17)))
-    assert resumed == ranks[1][17][1]
-
-
 # -----------------------------------------------------------------------------
 # Latent diffusion end to end: extraction (data.py), training from the cache or on the fly, decoding in sample.py.
 # A tiny random-weight KL VAE stands in for SD's (no downloads here); it downsamples 2x, not 8x: nothing may assume 8.
 
+
 TINY_VAE_CONFIG = dict(block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8, latent_channels=4)
+
+
 SYNTH = ["--synthetic_size=64", "--image_size=16", "--shard_size=16", "--batch_size=8", "--num_workers=0"]
 
 
@@ -844,40 +1241,6 @@ def cache(tmp_path_factory):
     save_vae(root / "vae")
     extract(root / "cache", root / "vae", *SYNTH)
     return root
-
-
-def test_load_first_stage_builds_the_architecture_of_config_json(tmp_path):
-    src = save_vae(tmp_path / "kl", scaling_factor=0.5)
-    vae = load_first_stage(tmp_path / "kl")
-    assert (vae.factor, vae.latent_channels, vae.scale) == (2, 4, 0.5)
-    x = torch.rand(1, 3, 16, 16) * 2 - 1
-    with torch.no_grad():
-        torch.testing.assert_close(vae.encode(x), src.encode(x) / 0.18215 * 0.5)
-    vq = randomize(VQModel(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8, num_codes=16))
-    (tmp_path / "vq" / "vqvae").mkdir(parents=True)  # the layout of CompVis/ldm-celebahq-256
-    torch.save(vq.state_dict(), tmp_path / "vq" / "vqvae" / "diffusion_pytorch_model.bin")
-    (tmp_path / "vq" / "vqvae" / "config.json").write_text(json.dumps(dict(
-        _class_name="VQModel", block_out_channels=[32, 64, 64], layers_per_block=1, norm_num_groups=8,
-        latent_channels=3, num_vq_embeddings=16, scaling_factor=0.18215)))
-    loaded = load_first_stage(tmp_path / "vq")
-    assert isinstance(loaded, VQModel) and (loaded.factor, loaded.latent_channels, loaded.scale) == (4, 3, 1.0)
-    assert torch.equal(loaded.quantize.embedding.weight, vq.quantize.embedding.weight)
-
-
-def test_missing_vae_errors_name_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model"):
-        load_first_stage(tmp_path / "nope")
-    result = train(tmp_path / "t", f"--vae={tmp_path / 'nope'}", check=False)
-    assert result.returncode != 0 and f"{tmp_path / 'nope'}" in result.stderr and \
-        "diffusion_pytorch_model" in result.stderr, result.stderr[-2000:]
-    # an official DiT checkpoint is a bare state dict of a 4-channel model: it needs --vae
-    torch.save(DiT_models["DiT-S/8"](input_size=8, in_channels=4, num_classes=3).state_dict(), tmp_path / "dit.pt")
-    result = run([sys.executable, "sample.py", f"--ckpt={tmp_path}/dit.pt", "--num_steps=2"], check=False)
-    assert result.returncode != 0 and "--vae" in result.stderr.splitlines()[-1], result.stderr[-2000:]
-    save_vae(tmp_path / "vae")
-    run([sys.executable, "sample.py", f"--ckpt={tmp_path}/dit.pt", f"--vae={tmp_path}/vae", "--num_steps=2",
-         "--grid_per_class=2", f"--out={tmp_path}/grid.png"])
-    assert Image.open(tmp_path / "grid.png").size == (2 * 65 + 1, 3 * 65 + 1)  # 8x8 latents: 16 px images, shown at 64
 
 
 def test_cache_equals_encoding_on_the_fly_for_image_and_flip(tmp_path, cache):
@@ -967,151 +1330,64 @@ def test_ldm_unet_trains_from_the_cache_with_cep_and_samples(tmp_path, cache):
     sample_npz_script(tmp_path / "unet")
 
 
-# -----------------------------------------------------------------------------
-# corrupt.py
-
-
-def test_symmetric_corruption_is_exact_and_never_keeps_the_label():
-    labels = np.random.default_rng(0).integers(0, 7, 1000)
-    for eta in (0.0, 0.025, 0.05, 0.2, 0.999):
-        new, record = corrupt.corrupt_labels(labels, eta, seed=1)
-        changed = np.flatnonzero(new != labels)
-        assert len(changed) == round(eta * 1000) and changed.tolist() == record["indices"]
-        assert record["original"] == labels[changed].tolist() and record["new"] == new[changed].tolist()
-
-
-def test_new_labels_follow_the_class_prior():
-    prior = np.array([0.4, 0.3, 0.15, 0.1, 0.05])
-    labels = np.random.default_rng(0).choice(5, size=200_000, p=prior)
-    new, record = corrupt.corrupt_labels(labels, 0.2, seed=0)
-    counts = np.bincount(labels, minlength=5).astype(float)
-    for y in range(5):  # from class y, the new label follows the prior without y
-        moved = np.array(record["new"])[np.array(record["original"]) == y]
-        expected = counts.copy()
-        expected[y] = 0
-        expected *= len(moved) / expected.sum()
-        observed = np.bincount(moved, minlength=5)
-        assert observed[y] == 0
-        keep = expected > 0
-        assert scipy.stats.chisquare(observed[keep], expected[keep]).pvalue > 1e-3
-
-
-def test_asymmetric_corruption_stays_in_the_subset():
-    labels = np.arange(1000) % 10
-    new, record = corrupt.corrupt_labels(labels, 0.1, seed=0, subset=[1, 4, 7])
-    assert len(record["indices"]) == 100
-    assert set(record["original"]) <= {1, 4, 7} and set(record["new"]) <= {1, 4, 7}
-    assert all(o != n for o, n in zip(record["original"], record["new"]))
-    with pytest.raises(ValueError, match="at least 2 classes"):
-        corrupt.corrupt_labels(labels, 0.1, seed=0, subset=[3])
-    with pytest.raises(ValueError, match="at least 2 classes"):
-        corrupt.corrupt_labels(labels, 0.1, seed=0, subset=[])
-    with pytest.raises(ValueError, match="eligible"):
-        corrupt.corrupt_labels(labels, 0.5, seed=0, subset=[1, 4])
-
-
-@pytest.mark.parametrize("eta", [-0.1, 1.0, 1.5])
-def test_eta_outside_unit_interval_is_an_error(eta):
-    with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        corrupt.corrupt_labels(np.arange(10), eta, seed=0)
-    with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        corrupt.swap_captions([str(i) for i in range(10)], eta, seed=0)
-
-
-def test_corruption_record_depends_on_the_seed_only():
-    labels = np.arange(5000) % 10
-    a, b, c = (corrupt.corrupt_labels(labels, 0.05, seed=s)[1] for s in (3, 3, 4))
-    assert a == b and a != c
-
-
-def test_random_mode_flips_at_rate_eta():
-    torch.manual_seed(0)
-    labels = torch.randint(0, 10, (200_000,))
-    new = corrupt.corrupt_batch(labels, 0.075, torch.ones(10))
-    assert (new != labels).float().mean().item() == pytest.approx(0.075, abs=0.003)
-    again = corrupt.corrupt_batch(labels, 0.075, torch.ones(10))
-    assert not torch.equal(new, again)  # a fresh draw every call
-
-
-def test_caption_swap_and_rewrite_counts():
-    captions = [f"caption {i % 50}" for i in range(1000)]  # duplicates: swapping two equal ones would not count
-    for eta in (0.05, 0.073, 0.2):
-        new, record = corrupt.swap_captions(captions, eta, seed=0)
-        wrong = [i for i in range(1000) if new[i] != captions[i]]
-        assert len(wrong) == round(eta * 1000) and wrong == record["indices"]
-        assert sorted(new) == sorted(captions)  # a permutation of the captions: nothing invented
-    rewrites = {i: f"rewritten {i}" for i in range(0, 1000, 3)}
-    new, record = corrupt.rewrite_captions(captions, 0.1, seed=0, rewrites=rewrites)
-    assert sum(a != b for a, b in zip(new, captions)) == 100
-    assert all(new[i] == rewrites[i] for i in record["indices"])
-    with pytest.raises(ValueError, match="rewrites"):
-        corrupt.rewrite_captions(captions, 0.5, seed=0, rewrites=rewrites)
+def test_caption_latents_keep_the_captions(tmp_path, cache):
+    captions = [f"caption {i} ü" for i in range(5)]
+    make_caption_folder(tmp_path / "folder", captions)
+    extract(tmp_path / "cache", cache / "vae", f"--data_path={tmp_path / 'folder'}", "--captions", "--image_size=16",
+            "--shard_size=2", "--batch_size=2", "--num_workers=0")
+    ds = data.LatentDataset(str(tmp_path / "cache"))
+    assert ds.captions == captions and ds.labels is None and ds.views == 1 and len(ds) == 5
+    latent, caption = ds[4]
+    assert latent.shape == (4, 8, 8) and caption == captions[4]
 
 
 # -----------------------------------------------------------------------------
-# cep.py
+# Text-to-image end to end: the built-in captions, a small text encoder, prompts
 
 
-@pytest.mark.parametrize("kind", ["uniform", "gaussian"])
-@pytest.mark.parametrize("gamma, d", [(0.1, 16), (1.0, 384), (5.0, 1152)])
-def test_cep_statistics(kind, gamma, d):
-    torch.manual_seed(0)
-    emb = torch.randn(2000, d)
-    delta = cep.CEP(kind, gamma).train()(emb) - emb
-    bound = gamma / math.sqrt(d)
-    assert abs(delta.mean().item()) < 0.02 * bound
-    if kind == "uniform":
-        assert delta.abs().max().item() <= bound * (1 + 1e-5) and delta.abs().max().item() > 0.99 * bound
-        assert delta.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.01)
-    else:
-        assert delta.std().item() == pytest.approx(bound, rel=0.01)
-        assert delta.abs().max().item() > 3 * bound  # Gaussian tails, not a bounded law
-
-
-def test_cep_is_fresh_each_call_training_only_and_differentiable():
-    layer = cep.CEP("gaussian", 1.0).train()
-    emb = torch.randn(4, 8, 32, requires_grad=True)  # text: per token, d = 32
-    first, second = layer(emb), layer(emb)
-    assert not torch.equal(first, second)
-    first.sum().backward()
-    assert torch.equal(emb.grad, torch.ones_like(emb))
-    assert torch.equal(layer.eval()(emb), emb)
-    with pytest.raises(ValueError, match="cep_type"):
-        cep.CEP("laplace")
-    with pytest.raises(ValueError, match="cep_scale"):
-        cep.CEP("uniform", -1.0)
-
-
-def test_cep_in_the_model_skips_the_null_class_and_sampling():
-    model = tiny_dit(class_dropout_prob=0.5)
-    model.y_embedder.perturb = cep.CEP("uniform", 1.0)
-    torch.manual_seed(0)
-    labels = torch.randint(0, 5, (1000,))
-    table = model.y_embedder.embedding_table.weight
-    emb = model.y_embedder(labels)
-    null = (emb == table[5]).all(dim=1)
-    assert 400 < null.sum() < 600  # dropped labels got the exact, unperturbed null embedding
-    real = ~null
-    assert not torch.isclose(emb[real], table[labels[real]]).all(dim=1).any()  # every real one is perturbed
-    model.eval()
-    assert torch.equal(model.y_embedder(labels), table[labels])
-    model.train()
-    x, t = torch.randn(2, 3, 8, 8), torch.tensor([5, 50])
-    randomize(model)
-    model.y_embedder.dropout_prob = 0.0
-    model(x, t, torch.tensor([0, 1])).sum().backward()
-    assert model.y_embedder.embedding_table.weight.grad[:2].abs().sum() > 0
-
-
-def test_input_perturbation():
-    torch.manual_seed(0)
-    noise = torch.randn(100_000)
-    perturbed = cep.input_perturbation(noise, 0.1)
-    assert (perturbed - noise).std().item() == pytest.approx(0.1, rel=0.02)
+def test_text_to_image_end_to_end_on_the_builtin_captions(tmp_path):
+    """Train with a frozen CLIP text encoder (random weights in a local file) on the built-in captions, with CEP;
+    sample a captioned grid and an .npz from prompts; CLIP score it."""
+    ref = tiny_clip(tmp_path / "clip.pt", torchscript=False)
+    out = tmp_path / "run"
+    train(out, "--model=LDM-S", "--text_encoder=clip", f"--clip_model={tmp_path / 'clip.pt'}", "--max_steps=2",
+          "--grid_steps=2", "--cep")
+    log = (out / "log.txt").read_text()
+    assert f"CLIP {tmp_path / 'clip.pt'}, frozen" in log and "CEP: uniform" in log and len(logged_losses(out)) == 2
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    assert state["model_args"]["text_layers"] == 2 and state["model_args"]["context_dim"] == 64
+    for weights in (state["model"], state["ema"]):  # frozen: trained around, never changed
+        assert torch.equal(weights["y_embedder.encoder.token_embedding.weight"], ref.token_embedding.weight)
+        assert torch.equal(weights["y_embedder.encoder.transformer.resblocks.1.mlp.c_fc.weight"],
+                           ref.transformer.resblocks[1].mlp.c_fc.weight)
+    assert state["model"]["out.2.weight"].abs().sum() > 0  # the U-Net did train
+    assert Image.open(out / "samples_0000002.png").size[0] == 8 * 130
+    (tmp_path / "prompts.txt").write_text("a red circle\n\n  un cœur  rouge 🙂 \n", encoding="utf-8")
+    args = [sys.executable, "sample.py", f"--ckpt={out}/ckpt.pt", "--num_steps=2"]
+    run(args + [f"--prompts={tmp_path / 'prompts.txt'}", "--grid_per_class=3", f"--out={tmp_path}/grid.png"])
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape[1] == 3 * 130 and grid.shape[0] > 2 * 130  # two prompts, three samples each, text beneath
+    assert (grid[128:150, :120] < 100).any()  # the caption is written under the first image
+    coco = {"annotations": [{"image_id": 1, "caption": "A large blue star."}, {"image_id": 2, "caption": "a ring"}]}
+    (tmp_path / "captions_val.json").write_text(json.dumps(coco))
+    run(args + [f"--prompts={tmp_path / 'captions_val.json'}", "--num_samples=4", "--batch_size=3",
+                f"--out={tmp_path}/s.npz"])
+    npz = np.load(tmp_path / "s.npz")
+    assert list(npz.keys()) == ["arr_0"] and npz["arr_0"].shape == (4, 16, 16, 3)
+    prompts = ["A large blue star.", "a ring"] * 2  # in turn
+    assert (tmp_path / "s_prompts.txt").read_text(encoding="utf-8") == "\n".join(prompts) + "\n"
+    result = run(args, check=False)
+    assert result.returncode != 0 and "--prompts" in result.stderr.splitlines()[-1]
+    report = evaluate.main(["--samples", str(tmp_path / "s.npz"), f"--clip_model={tmp_path / 'clip.pt'}",
+                            "--cache_dir", str(tmp_path / "cache"), "--progress=False", "--device=cpu",
+                            "--classifier_size=100", "--classifier_epochs=1", "--synthetic_ref_size=30"])
+    model, preprocess = text.load_clip(str(tmp_path / "clip.pt"))
+    direct = evaluate.clip_score(evaluate.open_images(str(tmp_path / "s.npz")), prompts, model, preprocess, 3, "cpu")
+    assert report["clip_score"] == pytest.approx(direct) and report["prompts"] == str(tmp_path / "s_prompts.txt")
 
 
 # -----------------------------------------------------------------------------
-# sample.py
+# sample.py: guidance, grids, .npz files
 
 
 def test_npz_format_and_reproducibility(tmp_path):
@@ -1125,44 +1401,6 @@ def test_npz_format_and_reproducibility(tmp_path):
     assert np.array_equal(a["arr_0"], b["arr_0"])
     sample_npz(model, str(tmp_path / "c.npz"), **dict(kwargs, seed=2))
     assert not np.array_equal(a["arr_0"], np.load(tmp_path / "c.npz")["arr_0"])
-
-
-def test_ddim_eta0_is_deterministic_and_ddpm_is_not():
-    model = randomize(tiny_dit()).eval()
-    y = torch.tensor([0, 1])
-    g = lambda: torch.Generator().manual_seed(0)
-    ddim = [sample(model, y, sampler="ddim", num_steps=5, generator=g()) for _ in range(2)]
-    assert torch.equal(*ddim) and ddim[0].abs().max() <= 1 + 1e-6
-    torch.manual_seed(0)
-    x_T = torch.randn(2, 3, 8, 8, generator=g())
-    # DDIM(eta=0) uses the generator for x_T only; DDPM also for the noise of every step
-    ddpm = sample(model, y, sampler="ddpm", num_steps=5, generator=g())
-    assert not torch.equal(ddpm, ddim[0]) and x_T.shape == ddpm.shape
-
-
-class GaussianDataDenoiser(torch.nn.Module):
-    """The exact eps-model of data N(mu, s^2) per pixel, whose probability-flow ODE has a closed form."""
-    in_channels, learn_sigma, mu, s = 1, False, 0.3, 0.2
-
-    def forward(self, x, t, y):
-        a = torch.from_numpy(GaussianDiffusion().alphas_cumprod).float()[t].view(-1, 1, 1, 1)
-        x0 = self.mu + a.sqrt() * self.s ** 2 / (a * self.s ** 2 + 1 - a) * (x - a.sqrt() * self.mu)
-        return (x - a.sqrt() * x0) / (1 - a).sqrt()
-
-
-def test_dpm_solver_is_second_order_on_gaussian_data():
-    model, y = GaussianDataDenoiser(), torch.zeros(500, dtype=torch.long)
-    run_ = lambda sampler, n: sample(model, y, 1.0, sampler, n, generator=torch.Generator().manual_seed(0), size=4)
-    # exact: the flow keeps each pixel's standard score from x_T down to t = 0, where the last step takes x0
-    a = GaussianDiffusion().alphas_cumprod
-    x_T = torch.randn(500, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    z = (x_T - a[-1] ** 0.5 * model.mu) / (a[-1] * model.s ** 2 + 1 - a[-1]) ** 0.5
-    x_0 = a[0] ** 0.5 * model.mu + (a[0] * model.s ** 2 + 1 - a[0]) ** 0.5 * z
-    exact = model.mu + a[0] ** 0.5 * model.s ** 2 / (a[0] * model.s ** 2 + 1 - a[0]) * (x_0 - a[0] ** 0.5 * model.mu)
-    error = {(k, n): (run_(k, n) - exact).abs().mean().item() for k in ("ddim", "dpm++") for n in (100, 200)}
-    assert 1.7 < error["ddim", 100] / error["ddim", 200] < 2.3  # DDIM: first order, 2x the steps halve the error
-    assert error["dpm++", 100] / error["dpm++", 200] > 3.5  # second order: at least a quarter
-    assert error["dpm++", 100] < error["ddim", 100] / 5
 
 
 def test_guided_sampling_is_one_forward_a_step_on_both_halves():
@@ -1514,157 +1752,6 @@ def test_evaluate_cli_on_a_folder(tmp_path):
     assert p.returncode != 0 and "bogus_key" in p.stderr
 
 
-# -----------------------------------------------------------------------------
-# Text-to-image: caption sets, text encoders, caption corruption, CEP on tokens, prompts, CLIP score
-
-CLIP_TINY = dict(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=8,
-                 context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=2)
-
-
-def tiny_clip(path, seed=0, torchscript=True):
-    """A random CLIP with OpenAI's layout, its weights rounded to float16 as OpenAI ships them, saved as a TorchScript
-    archive (the form of OpenAI's files) or a state dict; returns it in float32."""
-    import clip
-    torch.manual_seed(seed)
-    model = clip.model.CLIP(**CLIP_TINY).eval()
-    clip.model.convert_weights(model)
-    model.float()
-    if torchscript:
-        torch.jit.trace(model, (torch.zeros(1, 3, 32, 32), clip.tokenize(["a"]))).save(str(path))
-    else:
-        torch.save(model.state_dict(), path)
-    return model
-
-
-def make_caption_folder(root, captions, size=(20, 12)):
-    """Images in two shard folders, as img2dataset writes them, each with its caption in a same-named .txt."""
-    for i, caption in enumerate(captions):
-        stem = root / f"{i // 4:05d}" / f"{i:09d}"
-        os.makedirs(stem.parent, exist_ok=True)
-        Image.new("RGB", size, (10 * i % 256, 100, 50)).save(f"{stem}.{'png' if i % 2 else 'jpg'}")
-        (stem.parent / f"{stem.name}.txt").write_text(caption + "\n", encoding="utf-8")
-
-
-def test_caption_folder_and_manifests_read_non_ascii_and_fail_clearly(tmp_path):
-    captions = ["un café crème — 日本語の猫 🙂", "a red circle", 'he said "hi", twice', "Zürich, naïve"]
-    make_caption_folder(tmp_path / "folder", captions)
-    ds = data.ImageCaptions(str(tmp_path / "folder"), 8)
-    assert ds.captions == captions and len(ds) == 4 and ds.labels is None
-    x, caption = ds[0]
-    assert x.shape == (3, 8, 8) and -1 <= x.min() and x.max() <= 1 and caption == captions[0]
-    files = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "folder").rglob("*.[jp][pn]g"))
-    (tmp_path / "m.tsv").write_text("caption\timage\n" + "".join(f"{c}\t{f}\n" for c, f in zip(captions, files)),
-                                    encoding="utf-8")
-    with open(tmp_path / "m.csv", "w", encoding="utf-8", newline="") as f:  # open_clip's column names
-        csv_writer = __import__("csv").writer(f)
-        csv_writer.writerows([["filepath", "title"]] + [[p, c] for p, c in zip(files, captions)])
-    for manifest in ("m.tsv", "m.csv"):
-        ds = data.ImageCaptions(str(tmp_path / manifest), 8)
-        assert ds.captions == captions and torch.equal(ds[3][0], data.ImageCaptions(str(tmp_path / "folder"), 8)[3][0])
-    # a missing caption file, a caption file that is not UTF-8, a manifest row whose image is missing
-    missing = tmp_path / "folder" / "00000" / "000000002.txt"
-    os.remove(missing)
-    with pytest.raises(FileNotFoundError, match=str(missing)):
-        data.ImageCaptions(str(tmp_path / "folder"), 8)
-    missing.write_bytes("café".encode("latin-1"))
-    with pytest.raises(ValueError, match=f"{missing}.*not UTF-8"):
-        data.ImageCaptions(str(tmp_path / "folder"), 8)
-    (tmp_path / "bad.tsv").write_text("image\tcaption\nnope.png\ta cat\n", encoding="utf-8")
-    with pytest.raises(FileNotFoundError, match="nope.png"):
-        data.ImageCaptions(str(tmp_path / "bad.tsv"), 8)
-    (tmp_path / "bad.csv").write_text("path,text\nx.png,a cat\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="caption column"):
-        data.ImageCaptions(str(tmp_path / "bad.csv"), 8)
-
-
-def test_caption_latents_keep_the_captions(tmp_path, cache):
-    captions = [f"caption {i} ü" for i in range(5)]
-    make_caption_folder(tmp_path / "folder", captions)
-    extract(tmp_path / "cache", cache / "vae", f"--data_path={tmp_path / 'folder'}", "--captions", "--image_size=16",
-            "--shard_size=2", "--batch_size=2", "--num_workers=0")
-    ds = data.LatentDataset(str(tmp_path / "cache"))
-    assert ds.captions == captions and ds.labels is None and ds.views == 1 and len(ds) == 5
-    latent, caption = ds[4]
-    assert latent.shape == (4, 8, 8) and caption == captions[4]
-
-
-def test_clip_text_encoder_has_clips_names_and_computes_what_clip_does(tmp_path, monkeypatch):
-    import clip
-    # the text half of OpenAI's checkpoints (ViT-B/32, ViT-L/14 hyperparameters, built by clip's own model) loads as it is
-    for width, embed in ((512, 512), (768, 768)):
-        with torch.device("meta"):
-            ref = clip.model.CLIP(**dict(CLIP_TINY, embed_dim=embed, transformer_width=width,
-                                         transformer_heads=width // 64, transformer_layers=12))
-            ours = text.TextEncoder(width, 12)
-        text_half = {k: list(v.shape) for k, v in ref.state_dict().items()
-                     if not k.startswith("visual.") and k not in ("text_projection", "logit_scale")}
-        assert {k: list(v.shape) for k, v in ours.state_dict().items()} == text_half
-        assert ours.transformer.resblocks[0].attn.num_heads == width // 64
-    # random weights from a TorchScript archive: every token's embedding, and at the end token CLIP's own encode_text
-    ref = tiny_clip(tmp_path / "clip.pt")
-    encoder = text.load_clip_text_encoder(str(tmp_path / "clip.pt"))
-    tokens = text.tokenize(["a small red circle", "un café 🙂", ""])
-    with torch.no_grad():
-        out = encoder(tokens)
-        x = ref.ln_final(ref.transformer((ref.token_embedding(tokens) + ref.positional_embedding).permute(1, 0, 2)))
-        torch.testing.assert_close(out, x.permute(1, 0, 2), rtol=1e-5, atol=1e-5)
-        pooled = out[torch.arange(3), tokens.argmax(-1)] @ ref.text_projection
-        torch.testing.assert_close(pooled, ref.encode_text(tokens), rtol=1e-5, atol=1e-5)
-    assert out.shape == (3, 77, 64) and (out[0] - out[1]).abs().max() > 1e-3
-    # missing weights: the file, or for a model name clip's cache file and where to get it
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
-        text.load_clip(str(tmp_path / "nope.pt"))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(clip.clip.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
-    with pytest.raises(FileNotFoundError) as e:
-        text.load_clip("ViT-B/32")
-    expected = tmp_path / "home" / ".cache" / "clip" / "ViT-B-32.pt"
-    assert f"save it as {expected}" in str(e.value) and "openaipublic" in str(e.value)
-
-
-def test_tokenizer_works_offline():
-    code = ("import socket\n"
-            "def refuse(*a, **k): raise OSError('no network in this test')\n"
-            "socket.socket.connect = socket.create_connection = socket.getaddrinfo = refuse\n"
-            "import json, text\n"
-            "print(json.dumps(text.tokenize(['a café', '', 'word ' * 100]).tolist()))")
-    tokens = json.loads(run([sys.executable, "-c", code]).stdout.strip().splitlines()[-1])
-    from clip.simple_tokenizer import SimpleTokenizer
-    a, null, long = tokens
-    assert len(a) == len(null) == len(long) == 77 and a[0] == null[0] == 49406  # start of text
-    end = a.index(49407)
-    assert SimpleTokenizer().decode(a[1:end]).strip() == "a café" and not any(a[end + 1:])
-    assert null[:3] == [49406, 49407, 0] and long[-1] == 49407  # the empty caption; a long one cut to 77
-
-
-@pytest.mark.parametrize("kind", ["uniform", "gaussian"])
-def test_cep_per_token_skips_null_captions_and_sampling(kind):
-    torch.manual_seed(0)
-    embedder = text.TextEmbedder(text.TextEncoder(64, 1), dropout_prob=0.0)
-    embedder.perturb = cep.CEP(kind, 2.0)
-    captions = [f"a {c} shape number {i}" if i % 5 else "" for i, c in enumerate(["red", "blue"] * 100)]
-    tokens = text.tokenize(captions)
-    with torch.no_grad():
-        clean = embedder.encoder(tokens)
-        delta = embedder.train()(tokens) - clean
-    null = torch.tensor([c == "" for c in captions])
-    assert torch.equal(delta[null], torch.zeros_like(delta[null]))  # the null caption is never perturbed
-    real = delta[~null]  # [160, 77, 64]: a delta per token, d = 64
-    bound = 2.0 / math.sqrt(64)
-    assert real.std().item() == pytest.approx(bound / math.sqrt(3) if kind == "uniform" else bound, rel=0.01)
-    if kind == "uniform":
-        assert real.abs().max().item() <= bound * (1 + 1e-4)
-    per_token = real.std(dim=(0, 2))  # every token position is perturbed alike, each with its own draw
-    assert per_token.min() > 0.95 * per_token.max() and not torch.allclose(real[:, 0], real[:, 1])
-    with torch.no_grad():
-        assert torch.equal(embedder.eval()(tokens), clean)  # never at sampling
-    embedder.train().dropout_prob = 0.5
-    with torch.no_grad():
-        out = embedder(tokens)
-    dropped = (out == embedder.encoder(embedder.null_like(tokens))).all(dim=(1, 2))
-    assert 70 < dropped.sum() < 130 and dropped[null].all()  # dropped captions get the exact, unperturbed null
-
-
 def test_clip_score_matches_a_direct_computation(tmp_path):
     import clip
     ref = tiny_clip(tmp_path / "clip.pt", torchscript=False)
@@ -1684,71 +1771,9 @@ def test_clip_score_matches_a_direct_computation(tmp_path):
     assert score == pytest.approx(np.mean(np.maximum(100 * cos, 0)), rel=1e-5)
 
 
-def test_caption_swap_and_rewrite_are_exact_in_training(tmp_path):
-    captions = [f"caption {i}, ä" for i in range(30)]
-    make_caption_folder(tmp_path / "folder", captions)
-    args = [f"--data_path={tmp_path / 'folder'}", "--model=LDM-S", "--text_encoder=small", "--max_steps=1",
-            "--grid_steps=2", "--image_size=8"]
-    train(tmp_path / "swap", *args, "--corrupt=0.1", "--corrupt_type=swap")
-    record = json.loads((tmp_path / "swap" / "corruption.json").read_text(encoding="utf-8"))
-    assert len(record["indices"]) == round(0.1 * 30) == 3  # odd: one 3-cycle
-    assert record["original"] == [captions[i] for i in record["indices"]]
-    assert all(o != n for o, n in zip(record["original"], record["new"])) and sorted(record["new"]) == sorted(record["original"])
-    _, direct = corrupt.swap_captions(captions, 0.1, seed=0)
-    assert record["indices"] == direct["indices"] and record["new"] == direct["new"]
-    state = torch.load(tmp_path / "swap" / "ckpt.pt", weights_only=True)
-    assert state["corruption"]["count"] == 3 and state["corruption"]["type"] == "swap"
-    assert "text encoder: small, trained" in (tmp_path / "swap" / "log.txt").read_text()
-    (tmp_path / "rewrites.json").write_text(json.dumps({str(i): f"rewritten {i}" for i in range(0, 30, 2)}))
-    train(tmp_path / "rewrite", *args, "--corrupt=0.2", "--corrupt_type=rewrite",
-          f"--corrupt_rewrites={tmp_path / 'rewrites.json'}")
-    record = json.loads((tmp_path / "rewrite" / "corruption.json").read_text(encoding="utf-8"))
-    assert len(record["indices"]) == 6 and record["new"] == [f"rewritten {i}" for i in record["indices"]]
-
-
-def test_text_to_image_end_to_end_on_the_builtin_captions(tmp_path):
-    """Train with a frozen CLIP text encoder (random weights in a local file) on the built-in captions, with CEP;
-    sample a captioned grid and an .npz from prompts; CLIP score it."""
-    ref = tiny_clip(tmp_path / "clip.pt", torchscript=False)
-    out = tmp_path / "run"
-    train(out, "--model=LDM-S", "--text_encoder=clip", f"--clip_model={tmp_path / 'clip.pt'}", "--max_steps=2",
-          "--grid_steps=2", "--cep")
-    log = (out / "log.txt").read_text()
-    assert f"CLIP {tmp_path / 'clip.pt'}, frozen" in log and "CEP: uniform" in log and len(logged_losses(out)) == 2
-    state = torch.load(out / "ckpt.pt", weights_only=True)
-    assert state["model_args"]["text_layers"] == 2 and state["model_args"]["context_dim"] == 64
-    for weights in (state["model"], state["ema"]):  # frozen: trained around, never changed
-        assert torch.equal(weights["y_embedder.encoder.token_embedding.weight"], ref.token_embedding.weight)
-        assert torch.equal(weights["y_embedder.encoder.transformer.resblocks.1.mlp.c_fc.weight"],
-                           ref.transformer.resblocks[1].mlp.c_fc.weight)
-    assert state["model"]["out.2.weight"].abs().sum() > 0  # the U-Net did train
-    assert Image.open(out / "samples_0000002.png").size[0] == 8 * 130
-    (tmp_path / "prompts.txt").write_text("a red circle\n\n  un cœur  rouge 🙂 \n", encoding="utf-8")
-    args = [sys.executable, "sample.py", f"--ckpt={out}/ckpt.pt", "--num_steps=2"]
-    run(args + [f"--prompts={tmp_path / 'prompts.txt'}", "--grid_per_class=3", f"--out={tmp_path}/grid.png"])
-    grid = np.asarray(Image.open(tmp_path / "grid.png"))
-    assert grid.shape[1] == 3 * 130 and grid.shape[0] > 2 * 130  # two prompts, three samples each, text beneath
-    assert (grid[128:150, :120] < 100).any()  # the caption is written under the first image
-    coco = {"annotations": [{"image_id": 1, "caption": "A large blue star."}, {"image_id": 2, "caption": "a ring"}]}
-    (tmp_path / "captions_val.json").write_text(json.dumps(coco))
-    run(args + [f"--prompts={tmp_path / 'captions_val.json'}", "--num_samples=4", "--batch_size=3",
-                f"--out={tmp_path}/s.npz"])
-    npz = np.load(tmp_path / "s.npz")
-    assert list(npz.keys()) == ["arr_0"] and npz["arr_0"].shape == (4, 16, 16, 3)
-    prompts = ["A large blue star.", "a ring"] * 2  # in turn
-    assert (tmp_path / "s_prompts.txt").read_text(encoding="utf-8") == "\n".join(prompts) + "\n"
-    result = run(args, check=False)
-    assert result.returncode != 0 and "--prompts" in result.stderr.splitlines()[-1]
-    report = evaluate.main(["--samples", str(tmp_path / "s.npz"), f"--clip_model={tmp_path / 'clip.pt'}",
-                            "--cache_dir", str(tmp_path / "cache"), "--progress=False", "--device=cpu",
-                            "--classifier_size=100", "--classifier_epochs=1", "--synthetic_ref_size=30"])
-    model, preprocess = text.load_clip(str(tmp_path / "clip.pt"))
-    direct = evaluate.clip_score(evaluate.open_images(str(tmp_path / "s.npz")), prompts, model, preprocess, 3, "cpu")
-    assert report["clip_score"] == pytest.approx(direct) and report["prompts"] == str(tmp_path / "s_prompts.txt")
-
-
 # -----------------------------------------------------------------------------
 # study.py
+
 
 STUDY_EVAL = ("--train=synthetic --synthetic_train_size=64 --synthetic_ref_size=60 --classifier_size=200 "
               "--classifier_epochs=1 --progress=False --device=cpu")
