@@ -92,7 +92,8 @@ def rewrite_captions(captions, eta, seed, rewrites):
     k = _count(eta, len(captions))
     eligible = sorted(i for i, c in rewrites.items() if 0 <= i < len(captions) and c != captions[i])
     if k > len(eligible):
-        raise ValueError(f"eta={eta} asks for {k} rewritten captions but only {len(eligible)} rewrites differ from the originals")
+        raise ValueError(f"eta={eta} asks for {k} rewritten captions but only {len(eligible)} rewrites differ from "
+                         "the originals")
     indices = np.sort(np.random.default_rng(seed).choice(eligible, size=k, replace=False)).tolist()
     new = list(captions)
     for i in indices:

@@ -32,8 +32,11 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
 
 
 class GaussianDiffusion:
-    """Forward process, posterior, model mean/variance and the training loss. `betas` defaults to DDPM's linear
-    schedule; samplers with fewer steps build one from a subsequence of timesteps (`respaced`).
+    """Forward process, posterior, model mean/variance and the training loss. `schedule` names the betas: "linear",
+    linspace(1e-4, 0.02) over 1000 steps (DDPM's and DiT's), or "scaled_linear", linspace(sqrt(0.0015),
+    sqrt(0.0195))^2, the betas of CompVis's LDM configs (which call it "linear"), with which the paper's LDM-4
+    trains: its sqrt(SNR) at t=0 is 25.8, DiT's 100. Samplers with fewer steps build a diffusion from a subsequence
+    of the timesteps (`respaced`).
 
     `prediction` is what the model's first C channels predict: "eps", the noise (DDPM, DiT, LDM), or "v" =
     sqrt(a) eps - sqrt(1 - a) x0 with a = alphas_cumprod (Salimans & Ho, 2022). At high noise x_t is almost all
@@ -44,12 +47,16 @@ class GaussianDiffusion:
     Hang et al., 2023; SNR = a / (1 - a)): the nearly clean timesteps, whose fine detail is cheap to learn, no longer
     dominate the gradient. 0: the plain MSE on eps or v."""
 
-    def __init__(self, num_timesteps=1000, learn_sigma=True, prediction="eps", betas=None, timestep_map=None,
-                 min_snr_gamma=0.0):
+    def __init__(self, num_timesteps=1000, learn_sigma=True, prediction="eps", schedule="linear", betas=None,
+                 timestep_map=None, min_snr_gamma=0.0):
         if prediction not in ("eps", "v"):
             raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
-        if betas is None:
+        if betas is None and schedule == "linear":
             betas = np.linspace(1e-4 * 1000 / num_timesteps, 0.02 * 1000 / num_timesteps, num_timesteps)
+        elif betas is None and schedule == "scaled_linear":
+            betas = np.linspace(0.0015 ** 0.5, 0.0195 ** 0.5, num_timesteps) ** 2
+        elif betas is None:
+            raise ValueError(f"schedule must be 'linear' (DiT's) or 'scaled_linear' (LDM's), got {schedule!r}")
         self.betas = betas = np.asarray(betas, dtype=np.float64)  # float64: the schedule needs the precision
         self.num_timesteps = len(betas)
         self.learn_sigma, self.prediction = learn_sigma, prediction
@@ -64,7 +71,8 @@ class GaussianDiffusion:
         # the variance at t=0 is 0; its log is clipped to the next value
         self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(1.0 - betas) / \
+            (1.0 - self.alphas_cumprod)
         # the per-step coefficients, computed once here rather than at every training or sampling step
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
@@ -94,7 +102,8 @@ class GaussianDiffusion:
         return self._device_tables[key][1][t].view(-1, *([1] * (x.dim() - 1)))
 
     def q_sample(self, x0, t, noise):
-        return self._at(self.sqrt_alphas_cumprod, t, x0) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        return (self._at(self.sqrt_alphas_cumprod, t, x0) * x0
+                + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
 
     def q_posterior(self, x0, x_t, t):
         mean = self._at(self.posterior_mean_coef1, t, x_t) * x0 + self._at(self.posterior_mean_coef2, t, x_t) * x_t

@@ -46,14 +46,17 @@ class LabelEmbedder(nn.Module):
     """Class embedding table with one extra row, the null class, used for classifier-free guidance.
 
     `perturb` is a hook for condition embedding perturbation (cep.py) or embedding dropout: a module that is
-    applied to the embeddings of real classes in training mode only, never to the null class."""
+    applied to the embeddings of real classes in training mode only, never to the null class. `smoothing` eps > 0
+    is label smoothing carried into the embedding (a baseline of the paper, which does not say how it enters an
+    embedding layer; our reading): the smoothed target (1 - eps) onehot(y) + eps / K through the table, i.e.
+    (1 - eps) e_y + eps mean_k(e_k), in training only."""
 
     def __init__(self, num_classes, hidden_size, dropout_prob):
         super().__init__()
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
-        self.perturb = None
+        self.perturb, self.smoothing = None, 0.0
 
     def forward(self, labels, force_drop_ids=None):
         if self.training and self.dropout_prob > 0:
@@ -62,8 +65,12 @@ class LabelEmbedder(nn.Module):
         if force_drop_ids is not None:
             labels = torch.where(force_drop_ids, self.num_classes, labels)
         emb = self.embedding_table(labels)
+        real = (labels != self.num_classes)[:, None]
+        if self.smoothing > 0 and self.training:
+            mean = self.embedding_table.weight[:self.num_classes].mean(0)
+            emb = torch.where(real, (1 - self.smoothing) * emb + self.smoothing * mean, emb)
         if self.perturb is not None and self.training:
-            emb = torch.where((labels != self.num_classes)[:, None], self.perturb(emb), emb)
+            emb = torch.where(real, self.perturb(emb), emb)
         return emb
 
     def null_like(self, labels):
@@ -226,7 +233,7 @@ def diffusers_to_dit(sd):
     so our outputs for converted official weights are the official DiT's, not diffusers'."""
     out = {}
     for key, value in sd.items():
-        if key.startswith("transformer_blocks.") and ".norm1.emb." in key and not key.startswith("transformer_blocks.0."):
+        if ".norm1.emb." in key and not key.startswith("transformer_blocks.0."):  # a copy of block 0's
             continue
         new = key
         for old, rep in [("pos_embed.proj.", "x_embedder.proj."),
@@ -342,7 +349,8 @@ class UNetLayers(nn.ModuleList):
 
     def forward(self, x, emb, context):
         for m in self:
-            x = m(x, emb) if isinstance(m, UNetResBlock) else m(x, context) if isinstance(m, SpatialTransformer) else m(x)
+            x = m(x, emb) if isinstance(m, UNetResBlock) else \
+                m(x, context) if isinstance(m, SpatialTransformer) else m(x)
         return x
 
 

@@ -59,7 +59,7 @@ def build(model_args):
 
 def load_model(path, use_ema=True):
     """The model of a checkpoint, in eval mode, and what train.py recorded beside it: model_args (input_size...),
-    first_stage (dict(vae=path, scale), None in pixel space) and prediction; {} for a bare state dict. Missing file:
+    first_stage (dict(vae=path, scale), None in pixel space), prediction and schedule; {} for a bare state dict. A missing file:
     an error that names it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} not found: train one with train.py, or pass --ckpt "
@@ -70,17 +70,18 @@ def load_model(path, use_ema=True):
     model = build(state["model_args"])
     model.load_state_dict(state["ema" if use_ema else "model"])
     return model.eval(), dict(model_args=state["model_args"], first_stage=state["first_stage"],
-                              prediction=state["prediction"])
+                              prediction=state["prediction"], schedule=state.get("schedule", "linear"))
 
 
 @torch.no_grad()
 def sample(model, labels, cfg_scale=4.0, sampler="dpm++", num_steps=50, ddim_eta=0.0, generator=None,
-           progress=False, size=None, vae=None, prediction="eps"):
+           progress=False, size=None, vae=None, prediction="eps", schedule="linear"):
     """Images (float, about [-1, 1]) for `labels`, from `num_steps` evenly spaced steps of the 1000 (diffusion.py's
     samplers). The model denoises size x size inputs (default: the DiT's input size): pixels, or with a first stage
     `vae` its latents, decoded at the end. The predicted x0 is clipped to [-1, 1] in pixel space only: latents are
-    unbounded (DiT does not clip). `prediction`: what the model predicts, "eps" or "v"."""
-    diffusion = GaussianDiffusion(learn_sigma=model.learn_sigma, prediction=prediction).respaced(num_steps)
+    unbounded (DiT does not clip). `prediction` ("eps" or "v") and `schedule` are the model's training settings."""
+    diffusion = GaussianDiffusion(learn_sigma=model.learn_sigma, prediction=prediction, schedule=schedule)
+    diffusion = diffusion.respaced(num_steps)
     size = size or model.x_embedder.proj.kernel_size[0] * int(model.pos_embed.shape[1] ** 0.5)
     x = torch.randn(len(labels), model.in_channels, size, size, device=labels.device, generator=generator)
     denoise = (lambda x, t: model(x, t, labels)) if cfg_scale == 1 else \
@@ -229,7 +230,8 @@ def main():
     prompt_list = read_prompts(prompts) if text else None
     size = info["model_args"]["input_size"] if info else None
     kwargs = dict(cfg_scale=cfg_scale, sampler=sampler, num_steps=num_steps, ddim_eta=ddim_eta, size=size,
-                  vae=first_stage, prediction=info.get("prediction", "eps"))  # official DiT checkpoints: eps
+                  vae=first_stage, prediction=info.get("prediction", "eps"),  # official DiT checkpoints: eps,
+                  schedule=info.get("schedule", "linear"))                     # and the linear schedule
     stem = out or os.path.join(os.path.dirname(ckpt) or ".", f"samples_{sampler}{num_steps}_cfg{cfg_scale}")
     if num_samples > 0:
         path = stem if stem.endswith(".npz") else stem + ".npz"

@@ -223,6 +223,16 @@ def test_label_dropout_rate_and_null_class():
     assert torch.equal(forced[0], table[5]) and torch.equal(forced[1], table[labels[1]])
 
 
+def test_label_smoothing_mixes_in_the_mean_class_embedding_in_training_only():
+    emb = tiny_dit(class_dropout_prob=0.0).y_embedder
+    emb.smoothing = 0.1
+    labels, table = torch.tensor([0, 3, 5]), emb.embedding_table.weight  # 5: the null class
+    out = emb(labels)
+    expected = 0.9 * table[labels[:2]] + 0.1 * table[:5].mean(0)
+    torch.testing.assert_close(out[:2], expected)
+    assert torch.equal(out[2], table[5]) and torch.equal(emb.eval()(labels), table[labels])
+
+
 def test_forward_with_cfg_guides_all_channels():
     model = randomize(tiny_dit(learn_sigma=True)).eval()
     x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([10, 900]), torch.tensor([1, 2])
@@ -504,6 +514,17 @@ def test_linear_schedule():
     d = GaussianDiffusion()
     assert d.num_timesteps == 1000 and d.betas[0] == pytest.approx(1e-4) and d.betas[-1] == pytest.approx(0.02)
     assert d.alphas_cumprod[-1] == pytest.approx(np.prod(1 - np.linspace(1e-4, 0.02, 1000)))
+
+
+def test_scaled_linear_schedule_is_ldms_and_diffusers():
+    from diffusers import DDPMScheduler
+    d = GaussianDiffusion(schedule="scaled_linear")
+    ref = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195)  # CompVis cin256-v2
+    np.testing.assert_allclose(d.betas, ref.betas.double().numpy(), rtol=1e-6)
+    snr0 = lambda d: math.sqrt(d.alphas_cumprod[0] / (1 - d.alphas_cumprod[0]))
+    assert snr0(d) == pytest.approx(25.8, abs=0.05) and snr0(GaussianDiffusion()) == pytest.approx(100, abs=0.01)
+    with pytest.raises(ValueError, match="schedule must be"):
+        GaussianDiffusion(schedule="cosine")
 
 
 def test_q_sample_statistics():
@@ -947,6 +968,25 @@ def test_cep_is_fresh_each_call_training_only_and_differentiable():
         cep.CEP("uniform", -1.0)
 
 
+def test_fixed_cep_keeps_one_delta_per_sample_on_a_fixed_subset():
+    layer = cep.FixedCEP("uniform", 1.0, fraction=0.3, seed=7).train()
+    emb = torch.zeros(2000, 64)
+    layer.index = torch.arange(2000)
+    delta = layer(emb)
+    chosen = delta.abs().sum(1) > 0
+    assert abs(chosen.float().mean().item() - 0.3) < 0.04  # the fraction, chosen from the seed and the index
+    assert delta.abs().max() <= 1 / 8 + 1e-6 and delta[chosen].std().item() == pytest.approx(1 / 8 / math.sqrt(3),
+                                                                                          rel=0.03)
+    layer.index = torch.tensor([5, 1999, 5])  # the same sample gets the same delta at every step, in any batch
+    again = layer(emb[:3])
+    assert torch.equal(again[0], delta[5]) and torch.equal(again[1], delta[1999]) and torch.equal(again[2], delta[5])
+    other_seed = cep.FixedCEP("uniform", 1.0, fraction=0.3, seed=8).train()
+    other_seed.index = torch.arange(2000)
+    assert not torch.equal(other_seed(emb), delta) and torch.equal(layer.eval()(emb), emb)
+    with pytest.raises(ValueError, match="fraction"):
+        cep.FixedCEP(fraction=0.0)
+
+
 def test_cep_in_the_model_skips_the_null_class_and_sampling():
     model = tiny_dit(class_dropout_prob=0.5)
     model.y_embedder.perturb = cep.CEP("uniform", 1.0)
@@ -1058,11 +1098,13 @@ def test_configure_errors_name_the_key(argv, message, tmp_path):
 # train.py: resume, bad settings, faults, torchrun
 
 
-def test_exact_resume(tmp_path):
+@pytest.mark.parametrize("args", [["--cep", "--corrupt=0.1", "--corrupt_mode=random"],
+                                  ["--cep", "--cep_fixed=0.5", "--label_smoothing=0.1", "--schedule=scaled_linear"]])
+def test_exact_resume(tmp_path, args):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    train(straight, "--max_steps=6", "--ckpt_every=3", "--cep", "--corrupt=0.1", "--corrupt_mode=random")
-    train(halves, "--max_steps=3", "--cep", "--corrupt=0.1", "--corrupt_mode=random")
-    train(halves, "--max_steps=6", "--resume", "--cep", "--corrupt=0.1", "--corrupt_mode=random")
+    train(straight, "--max_steps=6", "--ckpt_every=3", *args)
+    train(halves, "--max_steps=3", *args)
+    train(halves, "--max_steps=6", "--resume", *args)
     assert logged_losses(straight) == logged_losses(halves) and len(logged_losses(halves)) == 6
     a, b = (torch.load(p / "ckpt.pt", weights_only=True) for p in (straight, halves))
     assert a["step"] == b["step"] == 6
@@ -1071,6 +1113,7 @@ def test_exact_resume(tmp_path):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
     assert a["config"]["cep"] is True and isinstance(a["config"], dict)
     assert os.path.isfile(straight / "samples_0000006.png")
+    assert load_model(str(halves / "ckpt.pt"))[1]["schedule"] == a["config"]["schedule"]  # sample.py follows it
 
 
 @pytest.mark.parametrize("name, args", [
@@ -1102,7 +1145,9 @@ BAD_CONFIGS = [
     (["--data_path=/nonexistent"], "data_path '/nonexistent' does not exist"),
     (["--out_dir=/dev/null/run"], "out_dir '/dev/null/run' cannot be written"),
     (["--text_encoder=small"], "cross-attention"), (["--grid_steps=1"], "grid_steps"),
-    (["--prediction=x0"], "prediction"),
+    (["--prediction=x0"], "prediction"), (["--schedule=cosine"], "schedule must be"),
+    (["--cep", "--emb_dropout=0.1"], "cep and emb_dropout are alternatives"), (["--cep_fixed=0.1"], "add --cep"),
+    (["--model=LDM-S", "--text_encoder=small", "--label_smoothing=0.1"], "label_smoothing mixes class embeddings"),
     (["--corrupt=0.1", "--corrupt_type=swap"], "swap and rewrite need a text_encoder"),
     (["--model=LDM-S", "--text_encoder=small", "--corrupt=0.1", "--corrupt_type=rewrite"], "corrupt_rewrites"),
     (["--model=LDM-S", "--text_encoder=clip", "--clip_model=/nonexistent/clip.pt"], "/nonexistent/clip.pt"),

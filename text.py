@@ -83,10 +83,10 @@ def load_clip_text_encoder(name):
 
 
 class TextEmbedder(nn.Module):
-    """Caption tokens [B, 77] -> the U-Net's context [B, 77, width], through a TextEncoder. The empty caption is the null
-    condition of classifier-free guidance: in training, each caption is replaced by it with probability dropout_prob.
-    `perturb` as in LabelEmbedder (CEP, a delta per token): training mode only, never on a null caption. A frozen
-    encoder runs without gradients."""
+    """Caption tokens [B, 77] -> the U-Net's context [B, 77, width], through a TextEncoder. The empty caption is the
+    null condition of classifier-free guidance: in training, each caption is replaced by it with probability
+    dropout_prob. `perturb` as in model.LabelEmbedder (CEP, a delta per token): training mode only, never on a null
+    caption. A frozen encoder runs without gradients."""
 
     def __init__(self, encoder, dropout_prob):
         super().__init__()

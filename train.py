@@ -32,7 +32,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from cep import CEP, input_perturbation
+from cep import CEP, FixedCEP, input_perturbation
 from configurator import configure
 from corrupt import check_corruption, corrupt_batch, corrupt_conditions
 from data import CaptionPairs, ImageCaptions, ImageFolder, LatentDataset, StepBatches, SyntheticShapes
@@ -59,6 +59,7 @@ model = "DiT-Ti/2"        # model.DiT_models (DiT-XL/2, ...) or model.UNet_model
 learn_sigma = True
 prediction = "v"         # v | eps: what the model predicts. DiT and LDM predict eps; v learns far sooner on a
                           # short budget (model.GaussianDiffusion), so the CPU default uses it
+schedule = "linear"       # the betas: linear (DDPM, DiT) | scaled_linear (LDM-4; diffusion.GaussianDiffusion)
 min_snr_gamma = 5.0       # Min-SNR-gamma loss weights (model.GaussianDiffusion), which learn the shapes sooner
                           # (FID 62 -> 42 for the CPU default); 0: the plain MSE, as DiT and LDM
 class_dropout = 0.1       # label dropout to the null class (the empty caption), for classifier-free guidance
@@ -91,8 +92,10 @@ corrupt_rewrites = ""     # rewrite: a JSON file {"index": "rewritten caption", 
 cep = False
 cep_type = "uniform"      # uniform (CEP-U) | gaussian (CEP-G)
 cep_scale = 1.0           # gamma
+cep_fixed = 0.0           # > 0: Fixed CEP (paper App. E.4): this fraction of the samples keeps one delta all run
 ip = 0.0                  # input perturbation baseline, lambda (0.1 in Ning et al.)
-emb_dropout = 0.0         # dropout on the class embedding, a baseline
+emb_dropout = 0.0         # dropout on the class embedding, a baseline (the paper: 0.1)
+label_smoothing = 0.0     # label smoothing on the class embedding, a baseline (the paper: 0.1; model.LabelEmbedder)
 # -----------------------------------------------------------------------------
 
 
@@ -120,6 +123,14 @@ def check_config():
                                 f"{{\"index\": \"caption\"}}; got {corrupt_rewrites!r}")
     if corrupt_type == "asym" and corrupt > 0 and not corrupt_subset:
         raise ValueError("corrupt_type=asym needs corrupt_subset: class indices '1,5,9' or a file of them")
+    if cep and emb_dropout > 0:  # both would be the embedding's one perturbation; the paper compares them
+        raise ValueError("cep and emb_dropout are alternatives (the paper compares them): set one of them")
+    if cep_fixed and not cep:
+        raise ValueError(f"cep_fixed={cep_fixed} is a variant of CEP: add --cep")
+    if label_smoothing and text_encoder:
+        raise ValueError("label_smoothing mixes class embeddings; a text-conditional run has none: drop it")
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     for key in ("ip", "emb_dropout", "lr", "weight_decay", "grad_clip", "class_dropout",
                 "min_snr_gamma"):
         if globals()[key] < 0:
@@ -175,9 +186,11 @@ if cuda:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 check_config()
-# built before the data is read: their constructors check cep_type, cep_scale and prediction
-perturb = CEP(cep_type, cep_scale) if cep else nn.Dropout(emb_dropout) if emb_dropout > 0 else None
-diffusion = GaussianDiffusion(learn_sigma=learn_sigma, prediction=prediction, min_snr_gamma=min_snr_gamma)
+# built before the data is read: their constructors check cep_type, cep_scale, prediction and schedule
+perturb = FixedCEP(cep_type, cep_scale, cep_fixed, seed) if cep_fixed else CEP(cep_type, cep_scale) if cep else \
+    nn.Dropout(emb_dropout) if emb_dropout > 0 else None
+diffusion = GaussianDiffusion(learn_sigma=learn_sigma, prediction=prediction, schedule=schedule,
+                              min_snr_gamma=min_snr_gamma)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 
 
@@ -261,6 +274,8 @@ if text_encoder == "clip":
 if model in UNet_models and not cuda:  # NHWC convolutions and group norms of oneDNN: ~4% faster on CPU; PyTorch's
     net = net.to(memory_format=torch.channels_last)  # eager CUDA group norm would convert back to NCHW at each norm
 net.y_embedder.perturb = perturb
+if label_smoothing:
+    net.y_embedder.smoothing = label_smoothing
 ema = deepcopy(net).requires_grad_(False).eval()
 # fused: one kernel over all parameters, on GPU and on CPU (there ~4x faster than the foreach implementation)
 opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay,
@@ -284,8 +299,9 @@ train_net = torch.compile(net) if compile else net
 if ddp:
     train_net = DDP(train_net, device_ids=[device] if cuda else None)
 autocast = torch.autocast("cuda", dtype=getattr(torch, dtype)) if cuda and dtype != "float32" else nullcontext()
+batches = StepBatches(len(dataset), global_batch_size, rank, world_size, seed, step)
 loader = torch.utils.data.DataLoader(
-    dataset, batch_sampler=StepBatches(len(dataset), global_batch_size, rank, world_size, seed, step),
+    dataset, batch_sampler=batches,
     num_workers=num_workers, pin_memory=cuda, persistent_workers=num_workers > 0,
     worker_init_fn=lambda _: signal.signal(signal.SIGTERM, lambda *_: exiting.is_set() and os._exit(0)))
 
@@ -296,16 +312,19 @@ conditions = f"{num_classes} classes" if not text_encoder else "captions, text e
 log(f"{model} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
     f"{sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6:.2f}M trained), {len(dataset)} images, "
     f"{space}, {conditions}, {world_size} process(es) on {device}; corruption: {corruption}; "
-    f"CEP: {f'{cep_type} gamma={cep_scale}' if cep else 'off'}; IP: {ip}; embedding dropout: {emb_dropout}")
+    f"CEP: {f'{cep_type} gamma={cep_scale}' if cep else 'off'}{f' fixed for {cep_fixed:.1%}' if cep_fixed else ''}; "
+    f"IP: {ip}; embedding dropout: {emb_dropout}; label smoothing: {label_smoothing}")
 net.train()
 loss_sum = torch.zeros((), device=device)  # read at the checks only: no host-device sync per step
 nonfinite = torch.zeros((), dtype=torch.bool, device=device)
 preempted = False
 last_log_step, last_log_time, start_time = step, time.time(), time.time()
 progress = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)
-for x, y in loader:
+for (x, y), index in zip(loader, batches):  # a second pass of the sampler: the batch's dataset indices
     if step >= max_steps:
         break
+    if cep_fixed:
+        perturb.index = torch.tensor(index)
     torch.manual_seed((seed * 1_000_003 + step) * 4096 + rank)
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     if first_stage is not None and not latents:
@@ -338,7 +357,8 @@ for x, y in loader:
             dist.all_reduce(stats)
         loss_total, nonfinite_ranks, preempted, skipped = stats.tolist()  # sums over the ranks: every rank agrees
         if nonfinite_ranks:
-            kept = f"the last good checkpoint {ckpt_path!r} is kept" if os.path.isfile(ckpt_path) else "no checkpoint was written"
+            kept = f"the last good checkpoint {ckpt_path!r} is kept" if os.path.isfile(ckpt_path) else \
+                "no checkpoint was written"
             raise FloatingPointError(f"the loss or the weights became NaN or infinite between steps {last_log_step} "
                                      f"and {step}; {kept}")
     if at_log:
@@ -351,14 +371,15 @@ for x, y in loader:
     if (at_ckpt or preempted) and master:
         save_checkpoint(ckpt_path, dict(model=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                                         step=step, config=config, corruption=corruption, model_args=model_args,
-                                        prediction=prediction, first_stage=first_stage_args))
+                                        prediction=prediction, schedule=schedule, first_stage=first_stage_args))
     if preempted:
         log(f"SIGTERM: saved {ckpt_path} at step {step} and stopped; continue with --resume")
         break
     if master and (step == max_steps or (sample_every and step % sample_every == 0)):
         grid = os.path.join(out_dir, f"samples_{step:07d}.png")
         sample_grid(ema, grid, grid_rows, seed=seed, cfg_scale=grid_cfg_scale, sampler="dpm++",
-                    num_steps=grid_steps, size=input_size, vae=first_stage, prediction=prediction)
+                    num_steps=grid_steps, size=input_size, vae=first_stage, prediction=prediction,
+                    schedule=schedule)
         log(f"sample grid (EMA, cfg {grid_cfg_scale}, {grid_steps} DPM-Solver++ steps): {grid}")
 progress.close()
 if ddp:

@@ -39,7 +39,7 @@ class VAEAttention(nn.Module):
         super().__init__()
         self.group_norm = nn.GroupNorm(groups, c, eps=1e-6)
         self.to_q, self.to_k, self.to_v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
-        self.to_out = nn.ModuleList([nn.Linear(c, c)])  # a list for the key name to_out.0 (diffusers' to_out.1 is a dropout)
+        self.to_out = nn.ModuleList([nn.Linear(c, c)])  # for the key name to_out.0 (diffusers' to_out.1: a dropout)
 
     def forward(self, x):
         B, C, H, W = x.shape
@@ -60,7 +60,8 @@ class VAEMidBlock(nn.Module):
 
 
 class VAEResample(nn.Module):
-    """2x nearest upsampling then a conv, or a stride-2 conv on the input padded right and bottom only (as LDM trained)."""
+    """2x nearest upsampling then a conv, or a stride-2 conv on the input padded right and bottom only (as LDM
+    trained)."""
 
     def __init__(self, c, up):
         super().__init__()
@@ -173,7 +174,7 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(c, c, 1)
 
     def encode(self, x, sample=False):
-        """Images [B, 3, H, W] in [-1, 1] -> scaled latents [B, 4, H/8, W/8]: the posterior's mean, or a sample of it."""
+        """Images [B, 3, H, W] in [-1, 1] -> scaled latents [B, 4, H/8, W/8]: the posterior's mean, or a sample."""
         mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
         if sample:
             mean = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * torch.randn_like(mean)
@@ -184,8 +185,8 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(z / self.scale))
 
     def load_pretrained(self, path=None):
-        return load_diffusers_weights(self, path, "sd-vae-ft-ema",
-                                      "https://huggingface.co/stabilityai/sd-vae-ft-ema/resolve/main/diffusion_pytorch_model.bin")
+        return load_diffusers_weights(self, path, "sd-vae-ft-ema", "https://huggingface.co/stabilityai/sd-vae-ft-ema"
+                                      "/resolve/main/diffusion_pytorch_model.bin")
 
 
 class VectorQuantizer(nn.Module):
@@ -228,8 +229,8 @@ class VQModel(nn.Module):
 
     def load_pretrained(self, path=None):
         # CompVis/ldm-celebahq-256/vqvae is LDM's vq-f4 converted to diffusers' layout
-        return load_diffusers_weights(self, path, "ldm-vq-f4",
-                                      "https://huggingface.co/CompVis/ldm-celebahq-256/resolve/main/vqvae/diffusion_pytorch_model.bin")
+        return load_diffusers_weights(self, path, "ldm-vq-f4", "https://huggingface.co/CompVis/ldm-celebahq-256"
+                                      "/resolve/main/vqvae/diffusion_pytorch_model.bin")
 
 
 def load_first_stage(path):
