@@ -65,8 +65,8 @@ def article(word):
     return "an" if word[0] in "aeiou" else "a"
 
 
-# Upright within +-15 degrees: with any rotation, the CPU default drew blobs, and the built-in classifier recognised
-# 32% of its samples, against 62% (56% at another seed) at +-15 degrees (GPU runs of the same 3000 steps)
+# Upright within +-15 degrees: with any rotation a small model must learn every orientation of every shape, and the
+# CPU default's few minutes draw blobs instead (the README gives the numbers)
 MAX_ROTATION = math.radians(15)
 
 
@@ -423,8 +423,8 @@ class StepBatches(torch.utils.data.Sampler):
 
 
 if __name__ == "__main__":
-    # latent pre-extraction (extract_latents); the defaults match train.py's, so that `python data.py --vae=V --out=L`
-    # then `python train.py --latents=L` trains on what `python train.py --vae=V` encodes on the fly
+    # latent pre-extraction (extract_latents): `python data.py --vae=V --out=L ...` then `python train.py --latents=L`
+    # trains on what `python train.py --vae=V ...` encodes on the fly, given the same data_path and image_size
     data_path = ""        # "": the built-in synthetic shapes; else an ImageNet-style folder root/<class>/<image>
     captions = False      # data_path is an image-caption set (ImageCaptions: images with .txt beside, or a manifest)
     image_size = 32       # ImageNet for DiT / LDM-4: 256

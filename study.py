@@ -33,7 +33,7 @@ from configurator import configure
 
 # -----------------------------------------------------------------------------
 out_dir = "study"
-runs = "clean,eta2.5,eta5,eta7.5,eta10,eta20,cep-u,cep-g,ip"  # clean | eta<percent> | cep-u | cep-g | ip
+runs = "clean,eta2.5,eta5,eta7.5,eta10,eta20,cep-u,cep-g,ip"  # also: dropout, ls, cep-u-fixed, eta<percent>-random
 ckpt = ""                 # sweep this checkpoint instead of training runs (the run is named after its folder)
 cfg_scales = "4.0"        # guidance scales, comma separated
 samplers = "dpm++50"      # <sampler><steps>, comma separated; sampler: dpm++ | ddpm | ddim (sample.py)
@@ -45,11 +45,16 @@ eval_args = "--train synthetic"  # passed to evaluate.py; ImageNet: "--ref VIRTU
 # -----------------------------------------------------------------------------
 _DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 HERE = os.path.dirname(os.path.abspath(__file__))
-# the paper's runs besides eta<percent>: CEP with gamma = 1 (its headline setting), IP with lambda = 0.1 (Ning et al.)
+# the paper's runs besides eta<percent>: CEP with gamma = 1 (its headline setting), IP with lambda = 0.1 (Ning et al.);
+# its Tables 6 and 7: dropout 0.1 and label smoothing 0.1 on the class embedding, Fixed CEP-U (on 5% of the samples,
+# our choice), and eta<percent>-random, labels flipped afresh at every step
 RUNS = {"clean": [], "cep-u": ["--cep", "--cep_type=uniform", "--cep_scale=1.0"],
-        "cep-g": ["--cep", "--cep_type=gaussian", "--cep_scale=1.0"], "ip": ["--ip=0.1"]}
+        "cep-g": ["--cep", "--cep_type=gaussian", "--cep_scale=1.0"], "ip": ["--ip=0.1"],
+        "dropout": ["--emb_dropout=0.1"], "ls": ["--label_smoothing=0.1"],
+        "cep-u-fixed": ["--cep", "--cep_type=uniform", "--cep_scale=1.0", "--cep_fixed=0.05"]}
 # what the study sets per run, sampler and scale: the same key in the pass-through arguments would be ambiguous
-OWNED = {"train.py": {"out_dir", "resume", "corrupt", "cep", "cep_type", "cep_scale", "ip"},
+OWNED = {"train.py": {"out_dir", "resume", "corrupt", "corrupt_mode", "cep", "cep_type", "cep_scale", "cep_fixed", "ip",
+                      "emb_dropout", "label_smoothing"},
          "sample.py": {"ckpt", "sampler", "num_steps", "cfg_scale", "num_samples", "out"},
          "evaluate.py": {"samples", "out"}}
 # evaluate.py's report keys, with the arrow of the better direction; IS (classifier) is not the Inception IS
@@ -64,14 +69,15 @@ def run_flags(name):
     """(eta in %, train.py flags) of a run of the study, from its name."""
     if name in RUNS:
         return 0.0, RUNS[name]
-    eta = re.fullmatch(r"eta(\d+(?:\.\d+)?)", name)
+    eta = re.fullmatch(r"eta(\d+(?:\.\d+)?)(-random)?", name)
     if eta and 0 < float(eta[1]) < 100:
-        return float(eta[1]), [f"--corrupt={float(eta[1]) / 100}"]
-    raise ValueError(f"run {name!r}: expected clean, eta<percent> (e.g. eta2.5), cep-u, cep-g or ip")
+        return float(eta[1]), [f"--corrupt={float(eta[1]) / 100}"] + (["--corrupt_mode=random"] if eta[2] else [])
+    raise ValueError(f"run {name!r}: expected clean, eta<percent> (e.g. eta2.5), eta<percent>-random, "
+                     f"or one of {', '.join(r for r in RUNS if r != 'clean')}")
 
 
-def on_eta_axis(row):
-    return row["run"] == "clean" or row["run"].startswith("eta")
+def on_eta_axis(row):  # the fixed-corruption curve; the other runs are reference lines
+    return row["run"] == "clean" or re.fullmatch(r"eta[\d.]+", row["run"]) is not None
 
 
 def passthrough(script, args):

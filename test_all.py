@@ -1886,6 +1886,18 @@ def test_study_sweeps_a_checkpoint_with_two_samplers_through_torchrun(tiny_study
     assert rows[1]["num_samples"] == 20 and np.isfinite(rows[1]["fid"])
 
 
+def test_study_runs_name_the_papers_baselines():
+    assert study.run_flags("eta5-random") == (5.0, ["--corrupt=0.05", "--corrupt_mode=random"])
+    assert study.run_flags("ls") == (0.0, ["--label_smoothing=0.1"]) and study.run_flags("dropout")[0] == 0.0
+    assert "--cep_fixed=0.05" in study.run_flags("cep-u-fixed")[1]
+    assert study.on_eta_axis({"run": "eta5"}) and not study.on_eta_axis({"run": "eta5-random"})
+    train_keys = set(re.findall(r"^(\w+) = ", open(os.path.join(ROOT, "train.py")).read(), re.M))
+    flags = {f[2:].split("=")[0] for _, args in study.RUNS.items() for f in args}
+    assert flags <= train_keys and flags | {"corrupt", "corrupt_mode"} <= study.OWNED["train.py"]
+    with pytest.raises(ValueError, match="cep-u-fixed"):
+        study.run_flags("eta")
+
+
 @pytest.mark.parametrize("arg, message", [
     ("--runs=clean,eta150", "eta150"), ("--runs=cep", "'cep'"), ("--samplers=dpm50", "dpm50"),
     ("--train_args=--max_steps 9 --corrupt 0.1", "set corrupt"), ("--sample_args=--cfg_scale 2", "set cfg_scale"),

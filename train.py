@@ -52,16 +52,14 @@ skip_bad_images = False   # an unreadable image of a class folder stops the run 
 latents = ""              # a cache written by data.py: train on its latents instead of images (the fast path)
 vae = ""                  # a folder of diffusers VAE (or VQ-f4) weights: encode images on the fly; with latents, the
                           # VAE that decodes the grids, by default the one the cache was written with
-image_size = 16           # the CPU default: 16 px with patch 2 learns the shapes, 32 px with patch 4 (the same 64
-                          # tokens, the same cost) only blobs of their colour (class accuracy 62% against 19%)
+image_size = 16           # the CPU default: at 16 px with patch 2 the model learns the shapes in minutes (README)
 synthetic_size = 20000
 model = "DiT-Ti/2"        # model.DiT_models (DiT-XL/2, ...) or model.UNet_models (LDM-4, LDM-S)
 learn_sigma = True
-prediction = "v"         # v | eps: what the model predicts. DiT and LDM predict eps; v learns far sooner on a
-                          # short budget (model.GaussianDiffusion), so the CPU default uses it
+prediction = "v"          # v | eps: what the model predicts. DiT and LDM predict eps; v learns far sooner on a
+                          # short budget (diffusion.GaussianDiffusion), so the CPU default uses it
 schedule = "linear"       # the betas: linear (DDPM, DiT) | scaled_linear (LDM-4; diffusion.GaussianDiffusion)
-min_snr_gamma = 5.0       # Min-SNR-gamma loss weights (model.GaussianDiffusion), which learn the shapes sooner
-                          # (FID 62 -> 42 for the CPU default); 0: the plain MSE, as DiT and LDM
+min_snr_gamma = 5.0       # Min-SNR-gamma loss weights, which learn the shapes sooner; 0: the plain MSE (DiT, LDM)
 class_dropout = 0.1       # label dropout to the null class (the empty caption), for classifier-free guidance
 text_encoder = ""         # "": class-conditional | clip: CLIP's text transformer, frozen | small: 4 layers, trained
 clip_model = "ViT-L/14"   # text_encoder=clip: a CLIP checkpoint file, or a clip model name (in ~/.cache/clip)
@@ -70,7 +68,7 @@ global_batch_size = 16    # the CPU default: at the same images/s, twice the upd
 max_steps = 3000
 lr = 1e-3                 # DiT: 1e-4 at batch 256; a tiny model on a CPU budget takes more
 weight_decay = 0.0
-grad_clip = 1.0
+grad_clip = 1.0           # the gradient's global norm; 0: no clipping (DiT and LDM clip none)
 ema_decay = 0.995         # DiT: 0.9999 over 400K steps; a short run needs a short average
 seed = 0
 num_workers = 2
@@ -271,13 +269,13 @@ if text_encoder == "clip":
     net.y_embedder.encoder.load_state_dict(clip_text.state_dict())
     net.y_embedder.encoder.requires_grad_(False)
     del clip_text
-if model in UNet_models and not cuda:  # NHWC convolutions and group norms of oneDNN: ~4% faster on CPU; PyTorch's
+if model in UNet_models and not cuda:  # NHWC convolutions and group norms of oneDNN are faster on CPU; PyTorch's
     net = net.to(memory_format=torch.channels_last)  # eager CUDA group norm would convert back to NCHW at each norm
 net.y_embedder.perturb = perturb
 if label_smoothing:
     net.y_embedder.smoothing = label_smoothing
 ema = deepcopy(net).requires_grad_(False).eval()
-# fused: one kernel over all parameters, on GPU and on CPU (there ~4x faster than the foreach implementation)
+# fused: one kernel over all parameters, on GPU and on CPU (there far faster than the foreach implementation)
 opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay,
                         fused=True)
 step = 0
@@ -340,7 +338,7 @@ for (x, y), index in zip(loader, batches):  # a second pass of the sampler: the 
     loss = diffusion.training_loss(out, x, x_t, t, noise).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    grad_norm = nn.utils.clip_grad_norm_(net.parameters(), grad_clip or float("inf"))  # the norm, for the NaN check
     opt.step()
     update_ema(ema, net, ema_decay)
     loss_sum += loss.detach()
