@@ -22,6 +22,7 @@ import math
 import multiprocessing
 import os
 import re
+import runpy
 import shutil
 import signal
 import subprocess
@@ -1167,6 +1168,28 @@ def bad_config_errors(tmp_path_factory):
             "print(json.dumps(errors))")
     errors = json.loads(run([sys.executable, "-c", code, json.dumps(argvs)]).stdout.splitlines()[-1])
     return [(error, os.path.exists(out / str(i) / "log.txt")) for i, error in enumerate(errors)]
+
+
+def test_presets_set_only_train_py_keys_and_the_papers_values(tmp_path):
+    """config/*.py as `train.py config/X.py` reads them: every key known, then check_config's first failure (our
+    --max_steps=0) proves the file was applied. The values the paper fixes are checked against it."""
+    presets = sorted(glob.glob(os.path.join(ROOT, "config", "*.py")))
+    code = ("import json, runpy, sys\nout = []\n"
+            "for sys.argv in json.loads(sys.argv[1]):\n"
+            "    try:\n        runpy.run_path('train.py', run_name='__main__')\n    except Exception as e:\n"
+            "        out.append(str(e))\n"
+            "print(json.dumps(out))")
+    argvs = [["train.py", p, f"--out_dir={tmp_path}", "--max_steps=0"] for p in presets]
+    errors = json.loads(run([sys.executable, "-c", code, json.dumps(argvs)]).stdout.splitlines()[-1])
+    assert len(presets) >= 3 and errors == ["max_steps must be > 0, got 0"] * len(presets)
+    scope = lambda name: runpy.run_path(os.path.join(ROOT, "config", name))
+    dit, ldm, cc3m = scope("dit_xl2_in256.py"), scope("ldm4_in256.py"), scope("ldm4_cc3m.py")
+    assert (dit["model"], dit["schedule"], dit["global_batch_size"], dit["lr"], dit["ema_decay"]) == \
+        ("DiT-XL/2", "linear", 256, 1e-4, 0.9999) and dit["learn_sigma"] and dit["grid_cfg_scale"] == 1.75
+    assert (ldm["model"], ldm["schedule"], ldm["global_batch_size"], ldm["learn_sigma"]) == \
+        ("LDM-4", "scaled_linear", 512, False) and ldm["grid_cfg_scale"] == 2.0
+    assert cc3m["text_encoder"] == "clip" and cc3m["schedule"] == "scaled_linear" and cc3m["grid_cfg_scale"] == 3.0
+    assert not any(k in p for p in (dit, ldm, cc3m) for k in ("corrupt", "cep"))  # a preset is neither
 
 
 @pytest.mark.parametrize("case", range(len(BAD_CONFIGS)), ids=[" ".join(args) for args, _ in BAD_CONFIGS])
