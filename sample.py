@@ -9,9 +9,10 @@ classifier-free guidance.
   torchrun --nproc_per_node=8 sample.py --ckpt out/ckpt.pt --prompts captions_val2014.json --num_samples 30000
       # the .npz, and its prompts one per line beside it in <name>_prompts.txt
 
-Checkpoints: ours (EMA weights by default; DiT or U-Net, in pixel or latent space) or a bare DiT state dict
-(official or diffusers layout). Latents are decoded with the VAE the checkpoint records, or --vae; the official
-DiT checkpoints record none: python sample.py --ckpt DiT-XL-2-256x256.pt --vae sd-vae-ft-ema
+Checkpoints: ours (EMA weights by default; DiT or U-Net, in pixel or latent space), a bare DiT state dict
+(official or diffusers layout), or a diffusers pipeline folder as the paper's released LDM-4s are saved
+(python sample.py --ckpt DiffusionNoise-ldm-in1k-cep-u/ --cfg_scale 2.0). Latents are decoded with the VAE the
+checkpoint records, or --vae; the official DiT checkpoints record none: python sample.py --ckpt DiT-XL-2-256x256.pt --vae sd-vae-ft-ema
 """
 import json
 import os
@@ -25,9 +26,9 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from diffusion import GaussianDiffusion
-from model import UNet_models, build_model, load_dit
+from model import LabelEmbedder, UNet, UNet_models, build_model, load_dit
 from text import TextEmbedder, TextEncoder, tokenize
-from vae import load_first_stage
+from vae import load_first_stage, read_diffusers_weights
 
 # -----------------------------------------------------------------------------
 ckpt = "out/ckpt.pt"
@@ -57,10 +58,89 @@ def build(model_args):
     return build_model(**args)
 
 
+def unet_from_diffusers(config, state_dict, y_embedder=None):
+    """Our UNet with the weights of diffusers' UNet2DConditionModel (`config`: its config.json as a dict): Stable
+    Diffusion v1's layout and LDM's converted to diffusers, which are the same network under other names. One
+    explicit key map: down/up/mid blocks -> input/output/middle blocks, to_q -> q, to_k and to_v -> one kv."""
+    chans, n = config["block_out_channels"], config["layers_per_block"]
+    heads = config.get("num_attention_heads") or config["attention_head_dim"]  # diffusers' name for the head count
+    heads = set(heads) if isinstance(heads, (list, tuple)) else {heads}
+    layout = dict(flip_sin_to_cos=True, freq_shift=0, norm_num_groups=32, transformer_layers_per_block=1,
+                  mid_block_type="UNetMidBlock2DCrossAttn", resnet_time_scale_shift="default", act_fn="silu")
+    other = [k for k in ("use_linear_projection", "upcast_attention", "only_cross_attention", "class_embed_type",
+                         "addition_embed_type", "time_cond_proj_dim", "encoder_hid_dim", "center_input_sample")
+             if config.get(k)] + [k for k, v in layout.items() if config.get(k, v) != v]
+    if len(heads) > 1 or other:
+        raise ValueError(f"this UNet2DConditionModel's {', '.join(other) or 'attention_head_dim'} is not the SD-1 / "
+                         "LDM layout our UNet has")
+    levels = range(len(chans))
+    unet = UNet(config["in_channels"], chans[0], [c // chans[0] for c in chans], n,
+                [2 ** i for i in levels if config["down_block_types"][i].startswith("CrossAttn")], heads.pop(),
+                config["cross_attention_dim"], getattr(y_embedder, "num_classes", 0), y_embedder=y_embedder)
+    prefixes = {"conv_in.": "input_blocks.0.0.", "time_embedding.linear_1.": "time_embed.0.",
+                "time_embedding.linear_2.": "time_embed.2.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
+                "mid_block.resnets.0.": "middle_block.0.", "mid_block.attentions.0.": "middle_block.1.",
+                "mid_block.resnets.1.": "middle_block.2."}
+    k = 1
+    for i in levels:
+        for j in range(n):
+            prefixes.update({f"down_blocks.{i}.resnets.{j}.": f"input_blocks.{k}.0.",
+                             f"down_blocks.{i}.attentions.{j}.": f"input_blocks.{k}.1."})
+            k += 1
+        prefixes[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{k}.0."
+        k += 1
+    for k, (i, j) in enumerate((i, j) for i in levels for j in range(n + 1)):  # up_blocks[0] is the deepest
+        attention = config["up_block_types"][i].startswith("CrossAttn")
+        prefixes.update({f"up_blocks.{i}.resnets.{j}.": f"output_blocks.{k}.0.",
+                         f"up_blocks.{i}.attentions.{j}.": f"output_blocks.{k}.1.",
+                         f"up_blocks.{i}.upsamplers.0.conv.": f"output_blocks.{k}.{1 + attention}.1."})
+    names = [("time_emb_proj.", "emb."), ("conv_shortcut.", "skip."), ("transformer_blocks.0.", ""),
+             ("attn1.to_out.0.", "attn1.proj."), ("attn2.to_out.0.", "attn2.proj."), ("to_q.", "q."),
+             ("ff.net.0.proj.", "ff_in."), ("ff.net.2.", "ff_out.")]
+    ours = {}
+    for key, value in state_dict.items():
+        prefix = max((p for p in prefixes if key.startswith(p)), key=len)
+        rest = key[len(prefix):]
+        for old, new in names:
+            rest = rest.replace(old, new)
+        ours[prefixes[prefix] + rest] = value
+    for key in [k for k in ours if ".to_k." in k]:  # separate k, v -> one kv projection
+        ours[key.replace(".to_k.", ".kv.")] = torch.cat([ours.pop(key), ours.pop(key.replace(".to_k.", ".to_v."))])
+    if y_embedder is not None:
+        ours.update({f"y_embedder.{k}": v for k, v in y_embedder.state_dict().items()})
+    unet.load_state_dict(ours)
+    return unet
+
+
+def load_pipeline(folder):
+    """A diffusers pipeline folder as the paper's released LDMs are saved (huggingface.co/DiffusionNoise, by the
+    authors' diffusers fork: LDMClassToImagePipeline): unet/ (UNet2DConditionModel), class_embedder/ (one
+    nn.Embedding whose last row is the null class), vqvae/ (VQ-f4, latents decoded unscaled), scheduler/. The model
+    in eval mode and what load_model returns beside it."""
+    def config(sub):
+        with open(os.path.join(folder, sub, "scheduler_config.json" if sub == "scheduler" else "config.json")) as f:
+            return json.load(f)
+    unet_config, scheduler = config("unet"), config("scheduler")
+    table = read_diffusers_weights(os.path.join(folder, "class_embedder"), "class_embedder")["embedding.weight"]
+    y_embedder = LabelEmbedder(table.shape[0] - 1, table.shape[1], 0.0)
+    y_embedder.embedding_table.weight.data.copy_(table)
+    unet = unet_from_diffusers(unet_config, read_diffusers_weights(os.path.join(folder, "unet"), "unet"), y_embedder)
+    betas = (scheduler["beta_schedule"], scheduler["beta_start"], scheduler["beta_end"])
+    schedule = {("scaled_linear", 0.0015, 0.0195): "scaled_linear", ("linear", 1e-4, 0.02): "linear"}.get(betas)
+    prediction = {"epsilon": "eps", "v_prediction": "v"}.get(scheduler.get("prediction_type", "epsilon"))
+    if schedule is None or prediction is None or scheduler.get("num_train_timesteps", 1000) != 1000:
+        raise ValueError(f"{folder}/scheduler: {scheduler} is neither DiT's nor LDM's schedule of 1000 steps")
+    first_stage = dict(vae=os.path.join(folder, "vqvae"), scale=1.0)
+    return unet.eval(), dict(model_args=dict(input_size=unet_config["sample_size"]), first_stage=first_stage,
+                             prediction=prediction, schedule=schedule)
+
+
 def load_model(path, use_ema=True):
     """The model of a checkpoint, in eval mode, and what train.py recorded beside it: model_args (input_size...),
-    first_stage (dict(vae=path, scale), None in pixel space), prediction and schedule; {} for a bare state dict. A missing file:
-    an error that names it."""
+    first_stage (dict(vae=path, scale), None in pixel space), prediction and schedule; {} for a bare state dict. A
+    diffusers pipeline folder (load_pipeline) loads too. A missing file: an error that names it."""
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return load_pipeline(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} not found: train one with train.py, or pass --ckpt "
                                 "with the path of an official DiT checkpoint (e.g. DiT-XL-2-256x256.pt)")

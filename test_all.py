@@ -49,7 +49,7 @@ from configurator import configure
 from diffusion import GaussianDiffusion, discretized_gaussian_log_likelihood
 from model import DiT, DiT_models, UNet, UNet_models, diffusers_to_dit, load_dit
 from vae import AutoencoderKL, VQModel, load_first_stage
-from sample import load_model, sample, sample_npz
+from sample import load_model, sample, sample_npz, unet_from_diffusers
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MANIFESTS = os.path.join(ROOT, "tests", "manifests")
@@ -331,6 +331,59 @@ def test_forward_with_cfg():
     torch.testing.assert_close(out[:, :4], null[:, :4] + 3.0 * (cond[:, :4] - null[:, :4]), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out[:, 4:], cond[:, 4:], rtol=1e-4, atol=1e-5)
     assert (out[:, :4] - cond[:, :4]).abs().max() > 1e-4
+
+
+DIFFUSERS_UNETS = {  # small UNet2DConditionModel configs with the block types of Stable Diffusion v1 and of LDM-4
+    "sd": dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=2, cross_attention_dim=16,
+               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+    "ldm": dict(block_out_channels=(32, 64, 96), layers_per_block=2, attention_head_dim=1, cross_attention_dim=24,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))}
+
+
+@pytest.mark.parametrize("layout", DIFFUSERS_UNETS)
+def test_unet_loads_diffusers_unet2dconditionmodel_and_computes_the_same(layout):
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    ref = UNet2DConditionModel(sample_size=8, in_channels=3, out_channels=3, **DIFFUSERS_UNETS[layout]).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.1)
+    ours = unet_from_diffusers(dict(ref.config), ref.state_dict()).eval()
+    x, t, c = torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, ref.config.cross_attention_dim)
+    with torch.no_grad():
+        _close(ours(x, t, context=c), ref(x, t, encoder_hidden_states=c).sample, rel=1e-5)
+    with pytest.raises(ValueError, match="use_linear_projection"):
+        unet_from_diffusers(dict(ref.config, use_linear_projection=True), ref.state_dict())
+
+
+def test_a_pipeline_folder_as_the_paper_released_samples_with_the_checkpoint_script(tmp_path):
+    """LDMClassToImagePipeline's layout (the authors' diffusers fork): unet/, class_embedder/, vqvae/, scheduler/."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel, VQModel as DiffusersVQ
+    torch.manual_seed(0)
+    folder = tmp_path / "ldm-in1k"
+    unet = UNet2DConditionModel(sample_size=8, in_channels=3, out_channels=3, **DIFFUSERS_UNETS["ldm"])
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.normal_(0, 0.1)
+    unet.save_pretrained(folder / "unet")
+    DiffusersVQ(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2, latent_channels=3,
+                up_block_types=("UpDecoderBlock2D",) * 2, num_vq_embeddings=16, norm_num_groups=8,
+                layers_per_block=1).save_pretrained(folder / "vqvae")
+    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195).save_pretrained(folder / "scheduler")
+    (folder / "class_embedder").mkdir()
+    table = torch.randn(5 + 1, 24)  # 5 classes and the null one, last
+    torch.save({"embedding.weight": table}, folder / "class_embedder" / "diffusion_pytorch_model.bin")
+    (folder / "class_embedder" / "config.json").write_text(json.dumps({"n_classes": 6, "embed_dim": 24}))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "LDMClassToImagePipeline"}))
+    model, info = load_model(str(folder))
+    assert info["schedule"] == "scaled_linear" and info["prediction"] == "eps" and model.num_classes == 5
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([5, 900]), torch.tensor([4, 5])
+    with torch.no_grad():
+        _close(model(x, t, y), unet.eval()(x, t, encoder_hidden_states=table[y][:, None]).sample, rel=1e-5)
+    run([sys.executable, "sample.py", f"--ckpt={folder}", "--grid_classes=2", "--grid_per_class=2", "--num_steps=3",
+         f"--out={tmp_path / 'grid.png'}"])
+    assert Image.open(tmp_path / "grid.png").size[0] > 2 * 8
 
 
 # -----------------------------------------------------------------------------

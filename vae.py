@@ -124,11 +124,17 @@ class VAEDecoder(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
-def load_diffusers_weights(model, path, name, url):
-    """Loads diffusers' diffusion_pytorch_model.safetensors (if the safetensors package is importable) or .bin into
-    `model` (strict). `path` is the file itself, or a folder holding it directly or in a vae/ or vqvae/ subfolder (the
-    layouts of the Hugging Face repos). With path=None the folder is <torch hub dir>/checkpoints/<name>, and a missing
-    file is downloaded there from `url` when the machine has internet."""
+def load_diffusers_weights(model, path, name, url=None):
+    """Loads diffusers' weights into `model` (strict); see read_diffusers_weights."""
+    model.load_state_dict(read_diffusers_weights(path, name, url))
+    return model
+
+
+def read_diffusers_weights(path, name, url=None):
+    """The state dict of diffusers' diffusion_pytorch_model.safetensors (if the safetensors package is importable) or
+    .bin. `path` is the file itself, or a folder holding it directly or in a vae/ or vqvae/ subfolder (the layouts
+    of the Hugging Face repos). With path=None the folder is <torch hub dir>/checkpoints/<name>, and a missing file
+    is downloaded there from `url` when the machine has internet."""
     try:
         from safetensors.torch import load_file
     except ImportError:
@@ -150,11 +156,10 @@ def load_diffusers_weights(model, path, name, url):
     if not found:
         raise FileNotFoundError(
             f"{name} weights not found: no diffusion_pytorch_model.{' or .'.join(exts)} in {path} (nor in its vae/ or "
-            f"vqvae/ subfolder). Download {url} and save it as {dest}, or pass the folder that holds it.")
+            f"vqvae/ subfolder). " + (f"Download {url} and save it as {dest}, or pass" if url else "Pass") +
+            " the folder that holds it.")
     f = found[0]
-    sd = load_file(f) if f.endswith(".safetensors") else torch.load(f, map_location="cpu", weights_only=True)
-    model.load_state_dict(sd)
-    return model
+    return load_file(f) if f.endswith(".safetensors") else torch.load(f, map_location="cpu", weights_only=True)
 
 
 class AutoencoderKL(nn.Module):
