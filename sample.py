@@ -12,7 +12,8 @@ classifier-free guidance.
 Checkpoints: ours (EMA weights by default; DiT or U-Net, in pixel or latent space), a bare DiT state dict
 (official or diffusers layout), or a diffusers pipeline folder as the paper's released LDM-4s are saved
 (python sample.py --ckpt DiffusionNoise-ldm-in1k-cep-u/ --cfg_scale 2.0). Latents are decoded with the VAE the
-checkpoint records, or --vae; the official DiT checkpoints record none: python sample.py --ckpt DiT-XL-2-256x256.pt --vae sd-vae-ft-ema
+checkpoint records, or --vae; the official DiT checkpoints record none:
+  python sample.py --ckpt DiT-XL-2-256x256.pt --vae sd-vae-ft-ema
 """
 import json
 import os
