@@ -27,6 +27,9 @@ import shlex
 import subprocess
 import sys
 
+import numpy as np
+import scipy.stats
+
 import evaluate
 import sample
 from configurator import configure
@@ -38,6 +41,7 @@ ckpt = ""                 # sweep this checkpoint instead of training runs (the 
 cfg_scales = "4.0"        # guidance scales, comma separated
 samplers = "dpm++50"      # <sampler><steps>, comma separated; sampler: dpm++ | ddpm | ddim (sample.py)
 num_samples = 1000        # per run, sampler and scale (the paper: 50000)
+seeds = "0"               # each run trained and sampled once per seed: <run>/ for seed 0, <run>-seed<s>/ for the others
 nproc = 1                 # processes of each train.py and sample.py, through torchrun: the GPUs of a node
 train_args = ""           # passed to train.py: "--max_steps 3000", ImageNet's "--latents L --model DiT-XL/2 ..."
 sample_args = ""          # passed to sample.py: "--batch_size 256", "--vae sd-vae-ft-ema" for official DiT weights
@@ -54,8 +58,8 @@ RUNS = {"clean": [], "cep-u": ["--cep", "--cep_type=uniform", "--cep_scale=1.0"]
         "cep-u-fixed": ["--cep", "--cep_type=uniform", "--cep_scale=1.0", "--cep_fixed=0.05"]}
 # what the study sets per run, sampler and scale: the same key in the pass-through arguments would be ambiguous
 OWNED = {"train.py": {"out_dir", "resume", "corrupt", "corrupt_mode", "cep", "cep_type", "cep_scale", "cep_fixed", "ip",
-                      "emb_dropout", "label_smoothing"},
-         "sample.py": {"ckpt", "sampler", "num_steps", "cfg_scale", "num_samples", "out"},
+                      "emb_dropout", "label_smoothing", "seed"},
+         "sample.py": {"ckpt", "sampler", "num_steps", "cfg_scale", "num_samples", "out", "seed"},
          "evaluate.py": {"samples", "out"}}
 # evaluate.py's report keys, with the arrow of the better direction; IS (classifier) is not the Inception IS
 METRICS = {"fid": "FID ↓", "sfid": "sFID ↓", "is": "IS (Inception) ↑", "is_std": "IS (Inception) std",
@@ -112,27 +116,69 @@ def last_grid(folder):
     return grids[-1] if grids else None
 
 
+def aggregate(rows):
+    """One row per run, sampler and scale over its seeds: each metric's mean, its seed-to-seed standard deviation
+    (<metric>_seed_std, with 2 seeds or more) and `beyond_noise`, the metrics whose mean differs from clean's (same
+    sampler and scale) beyond the seed spread: Welch's t-test, p < 0.05, with 2 seeds or more on both sides."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["run"], r["sampler"], r["cfg_scale"]), []).append(r)
+    out = []
+    for (run, sampler, scale), group in groups.items():
+        row = {k: group[0][k] for k in ("run", "eta", "sampler", "cfg_scale", "num_samples", "feature_space")}
+        row["seeds"] = len(group)
+        for k in METRICS:
+            values = [r[k] for r in group if r[k] is not None]
+            row[k] = float(np.mean(values)) if values else None
+            row[k + "_seed_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        clean = groups.get(("clean", sampler, scale), []) if run != "clean" else []
+        row["beyond_noise"] = ",".join(k for k in METRICS if not k.endswith("_std") and beyond_noise(
+            [r[k] for r in group if r[k] is not None], [r[k] for r in clean if r[k] is not None]))
+        out.append(row)
+    return out
+
+
+def beyond_noise(a, b):
+    """Whether two sets of seeds' values of a metric differ beyond their spread: Welch's t-test, p < 0.05."""
+    if len(a) < 2 or len(b) < 2:
+        return False
+    if np.ptp(a) == np.ptp(b) == 0:  # no spread at all: the t statistic is undefined
+        return a[0] != b[0]
+    return scipy.stats.ttest_ind(a, b, equal_var=False).pvalue < 0.05
+
+
 def write_table(rows, out):
-    """out.csv with every column, out.md with the metrics that were measured, labelled."""
-    keys = ["run", "eta", "sampler", "cfg_scale", "num_samples", "feature_space"]
+    """out.csv with every column, out.md with the metrics that were measured, labelled: mean ± the seed-to-seed
+    standard deviation, and * where the difference from clean is beyond the noise (see aggregate)."""
+    keys = ["run", "eta", "sampler", "cfg_scale", "num_samples", "feature_space", "seeds"]
     metrics = [k for k in METRICS if any(r[k] is not None for r in rows)]
     with open(out + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, keys + list(METRICS))
+        writer = csv.DictWriter(f, keys + [c for k in METRICS for c in (k, k + "_seed_std")] + ["beyond_noise"])
         writer.writeheader()
         writer.writerows(rows)
-    cell = lambda v: "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+    number = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    def cell(r, k):
+        if r[k] is None:
+            return ""
+        spread = f" ± {r[k + '_seed_std']:.2g}" if r.get(k + "_seed_std") is not None else ""
+        return number(r[k]) + spread + (" *" if k in r["beyond_noise"].split(",") else "")
     lines = [f"Feature space: {', '.join(sorted({r['feature_space'] for r in rows}))} (numbers from different spaces "
-             "are not comparable; IS (classifier) is the IS formula on the built-in dataset's classifier).", "",
+             "are not comparable; IS (classifier) is the IS formula on the built-in dataset's classifier).",
+             f"Seeds per run: {', '.join(sorted({str(r['seeds']) for r in rows}))}; mean ± seed-to-seed std; * differs "
+             "from clean beyond the seed spread (Welch's t-test, p < 0.05).", "",
              "| " + " | ".join(["run", "eta %", "sampler", "cfg", "samples"] + [METRICS[k] for k in metrics]) + " |",
              "|" + "---|" * (5 + len(metrics))]
-    lines += ["| " + " | ".join(cell(r[k]) for k in keys[:5] + metrics) + " |" for r in rows]
+    lines += ["| " + " | ".join([number(r[k]) for k in keys[:5]] + [cell(r, k) for k in metrics]) + " |"
+              for r in rows]
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
 def plot_metrics_vs_eta(rows, path):
-    """A panel per metric: clean and the eta runs against eta (black), the other runs (CEP, IP: trained on clean
-    data) as horizontal lines, a colour per run; a line style per sampler and scale."""
+    """A panel per metric: clean and the eta runs against eta (black, error bars: the seed spread), the other runs
+    (CEP, IP: trained on clean data) as horizontal lines with their seed spread as a band, a colour per run; a line
+    style per sampler and scale."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -145,12 +191,16 @@ def plot_metrics_vs_eta(rows, path):
         for (sampler, scale), ls in zip(series, ["-", "--", ":", "-."] * len(series)):
             mine = [r for r in rows if (r["sampler"], r["cfg_scale"]) == (sampler, scale) and r[key] is not None]
             suffix = "" if len(series) == 1 else f" ({sampler}, cfg {scale:g})"
-            points = sorted((r["eta"], r[key]) for r in mine if on_eta_axis(r))
+            points = sorted((r["eta"], r[key], r[key + "_seed_std"] or 0) for r in mine if on_eta_axis(r))
             if points:
-                ax.plot(*zip(*points), "o", ls=ls, color="k", label="clean and eta" + suffix)
+                eta, mean, std = zip(*points)
+                ax.errorbar(eta, mean, yerr=std, fmt="o", ls=ls, color="k", capsize=3, label="clean and eta" + suffix)
             for r in mine:
                 if not on_eta_axis(r):
                     ax.axhline(r[key], color=colours[r["run"]], ls=ls, lw=1.2, label=r["run"] + suffix)
+                    if r[key + "_seed_std"]:  # the seed spread as a band
+                        ax.axhspan(r[key] - r[key + "_seed_std"], r[key] + r[key + "_seed_std"],
+                                   color=colours[r["run"]], alpha=0.12)
         ax.set(xlabel="eta (% of labels wrong)", title=METRICS[key])
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(metrics):]:
@@ -215,6 +265,9 @@ def main(argv=None):
         if not m:
             raise ValueError(f"samplers: {spec!r} is not <sampler><steps> with sampler dpm++, ddpm or ddim (dpm++50)")
         specs.append((m[1], int(m[2])))
+    seed_list = [int(s) for s in seeds.split(",")] if re.fullmatch(r"\d+(,\d+)*", seeds) else []
+    if not seed_list or len(set(seed_list)) != len(seed_list) or (ckpt and len(seed_list) > 1):
+        raise ValueError(f"seeds={seeds!r}: distinct seeds >= 0, comma separated (one with --ckpt)")
     if num_samples <= 0 or nproc <= 0:
         raise ValueError(f"num_samples and nproc must be > 0, got {num_samples} and {nproc}")
     train_argv = passthrough("train.py", train_args)
@@ -232,11 +285,12 @@ def main(argv=None):
         plan = [(name, os.path.join(out_dir, name, "ckpt.pt"), *run_flags(name)) for name in runs.split(",")]
 
     rows = []
-    for name, ckpt_path, eta, flags in plan:
-        run_dir = os.path.join(out_dir, name)
+    for (name, ckpt_path, eta, flags), seed in [(p, s) for p in plan for s in seed_list]:
+        run_dir = os.path.join(out_dir, name if seed == 0 else f"{name}-seed{seed}")
+        ckpt_path = os.path.join(run_dir, "ckpt.pt") if flags is not None else ckpt_path
         os.makedirs(run_dir, exist_ok=True)
         if flags is not None:
-            launch("train.py", *train_argv, *flags, f"--out_dir={run_dir}",
+            launch("train.py", *train_argv, *flags, f"--seed={seed}", f"--out_dir={run_dir}",
                    *(["--resume"] if os.path.isfile(ckpt_path) else []))
         for sampler, steps in specs:
             for scale in scales:
@@ -245,7 +299,7 @@ def main(argv=None):
                 if fresh(npz, ckpt_path):
                     print(f"reusing {npz}")
                 else:
-                    launch("sample.py", *sample_argv, f"--ckpt={ckpt_path}", f"--sampler={sampler}",
+                    launch("sample.py", *sample_argv, f"--ckpt={ckpt_path}", f"--seed={seed}", f"--sampler={sampler}",
                            f"--num_steps={steps}", f"--cfg_scale={scale}", f"--num_samples={num_samples}",
                            f"--out={npz}")
                 if fresh(report, npz):
@@ -254,11 +308,12 @@ def main(argv=None):
                     launch("evaluate.py", *eval_argv, f"--samples={npz}", f"--out={report}")
                 with open(report) as f:
                     res = json.load(f)
-                rows.append(dict(run=name, eta=eta, sampler=f"{sampler}{steps}", cfg_scale=scale,
+                rows.append(dict(run=name, seed=seed, eta=eta, sampler=f"{sampler}{steps}", cfg_scale=scale,
                                  num_samples=res["num_samples"], feature_space=res["feature_space"],
                                  **{k: res.get(k) for k in METRICS}))
 
     written = [os.path.join(out_dir, "results.csv"), os.path.join(out_dir, "results.md")]
+    rows = aggregate(rows)
     write_table(rows, os.path.join(out_dir, "results"))
     if len({r["eta"] for r in rows if on_eta_axis(r)}) > 1:
         written.append(os.path.join(out_dir, "metrics_vs_eta.png"))

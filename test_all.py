@@ -1937,7 +1937,8 @@ def test_study_trains_each_run_and_writes_the_table_and_plots(tiny_study):
     _, out, rows = tiny_study
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
-    assert list(table[0]) == ["run", "eta", "sampler", "cfg_scale", "num_samples", "feature_space", *study.METRICS]
+    assert list(table[0]) == ["run", "eta", "sampler", "cfg_scale", "num_samples", "feature_space", "seeds",
+                              *[c for k in study.METRICS for c in (k, k + "_seed_std")], "beyond_noise"]
     assert [(r["run"], r["eta"], r["sampler"], r["cfg_scale"], r["num_samples"]) for r in table] == \
         [("clean", "0.0", "dpm++3", "2.0", "20"), ("eta10", "10.0", "dpm++3", "2.0", "20")]
     report = json.loads((out / "eta10" / "samples_dpm++3_cfg2.0_n20_metrics.json").read_text())
@@ -1954,6 +1955,26 @@ def test_study_trains_each_run_and_writes_the_table_and_plots(tiny_study):
         with Image.open(out / png) as image:
             assert image.format == "PNG" and (size is None or image.size == size), png
             image.verify()
+
+
+def test_study_aggregates_seeds_and_marks_what_is_beyond_the_noise(tmp_path):
+    def row(run, seed, fid, recall):
+        return dict(dict.fromkeys(study.METRICS), run=run, seed=seed, eta=5.0 if run == "eta5" else 0.0,
+                    sampler="dpm++50", cfg_scale=2.0, num_samples=100, feature_space="x", fid=fid, recall=recall)
+    rows = [row("clean", 0, 10.0, 0.50), row("clean", 1, 10.4, 0.60), row("clean", 2, 9.8, 0.40),
+            row("eta5", 0, 14.0, 0.52), row("eta5", 1, 14.5, 0.45), row("eta5", 2, 13.9, 0.58),
+            row("cep-u", 0, 9.0, 0.5)]
+    clean, eta5, cep = study.aggregate(rows)
+    assert (clean["seeds"], eta5["seeds"], cep["seeds"]) == (3, 3, 1)
+    assert eta5["fid"] == pytest.approx(14.133333) and eta5["fid_seed_std"] == pytest.approx(np.std([14, 14.5, 13.9],
+                                                                                                  ddof=1))
+    assert scipy.stats.ttest_ind([14, 14.5, 13.9], [10, 10.4, 9.8], equal_var=False).pvalue < 0.05
+    assert eta5["beyond_noise"] == "fid"  # recall's difference is inside the spread
+    assert clean["beyond_noise"] == cep["beyond_noise"] == "" and cep["fid_seed_std"] is None  # one seed: no test
+    study.write_table([clean, eta5, cep], str(tmp_path / "r"))
+    markdown = (tmp_path / "r.md").read_text()
+    assert "| eta5 | 5 | dpm++50 | 2 | 100 | 14.13 ± 0.32 * |" in markdown and "| cep-u | 0 | dpm++50 | 2 | 100 | 9 |" in \
+        markdown
 
 
 def test_study_reuses_what_exists_and_sweeps_guidance_scales(tiny_study, monkeypatch):
@@ -1998,7 +2019,8 @@ def test_study_runs_name_the_papers_baselines():
 @pytest.mark.parametrize("arg, message", [
     ("--runs=clean,eta150", "eta150"), ("--runs=cep", "'cep'"), ("--samplers=dpm50", "dpm50"),
     ("--train_args=--max_steps 9 --corrupt 0.1", "set corrupt"), ("--sample_args=--cfg_scale 2", "set cfg_scale"),
-    ("--eval_args=--reff synthetic", "reff"), ("--ckpt=/nonexistent/ckpt.pt", "not found")])
+    ("--eval_args=--reff synthetic", "reff"), ("--ckpt=/nonexistent/ckpt.pt", "not found"),
+    ("--seeds=0,0", "seeds='0,0'"), ("--seeds=a", "seeds='a'")])
 def test_study_rejects_bad_settings_before_any_work(tmp_path, arg, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         study.main([f"--out_dir={tmp_path}/study", arg])
@@ -2011,8 +2033,8 @@ def test_study_plots_cep_and_ip_as_reference_lines(tmp_path):
                  is_classifier_std=0.1, precision=0.5, recall=0.4)
             for run, eta in [("clean", 0.0), ("eta5", 5.0), ("eta20", 20.0), ("cep-u", 0.0), ("ip", 0.0)]
             for scale in (1.5, 4.0)]
-    study.plot_metrics_vs_eta(rows, tmp_path / "eta.png")
-    study.plot_guidance(rows, tmp_path / "guidance.png")
+    study.plot_metrics_vs_eta(study.aggregate(rows), tmp_path / "eta.png")
+    study.plot_guidance(study.aggregate(rows), tmp_path / "guidance.png")
     with Image.open(tmp_path / "eta.png") as image:
         assert image.size == (4 * 4 * 80, int(3.2 * 80))  # a panel per measured metric, none for the stds
     with Image.open(tmp_path / "guidance.png") as image:

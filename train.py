@@ -54,6 +54,7 @@ vae = ""                  # a folder of diffusers VAE (or VQ-f4) weights: encode
                           # VAE that decodes the grids, by default the one the cache was written with
 image_size = 16           # the CPU default: at 16 px with patch 2 the model learns the shapes in minutes (README)
 synthetic_size = 20000
+synthetic_seed = 0        # the built-in dataset's draw, apart from `seed`: evaluate.py's reference draws seed 1
 model = "DiT-Ti/2"        # model.DiT_models (DiT-XL/2, ...) or model.UNet_models (LDM-4, LDM-S)
 learn_sigma = True
 prediction = "v"          # v | eps: what the model predicts. DiT and LDM predict eps; v learns far sooner on a
@@ -214,7 +215,7 @@ elif data_path:
     dataset = ImageCaptions(data_path, image_size) if text_encoder else \
         ImageFolder(data_path, image_size, skipped=bad_images if skip_bad_images else None)
 else:
-    dataset = SyntheticShapes(synthetic_size, image_size, seed)
+    dataset = SyntheticShapes(synthetic_size, image_size, synthetic_seed)
 if (text_encoder and dataset.captions is None) or (not text_encoder and dataset.labels is None):
     raise ValueError(f"the cache {latents!r} holds " + ("no captions: extract it from captioned images" if text_encoder
                      else "captions, not classes: set text_encoder"))
