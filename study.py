@@ -46,6 +46,9 @@ nproc = 1                 # processes of each train.py and sample.py, through to
 train_args = ""           # passed to train.py: "--max_steps 3000", ImageNet's "--latents L --model DiT-XL/2 ..."
 sample_args = ""          # passed to sample.py: "--batch_size 256", "--vae sd-vae-ft-ema" for official DiT weights
 eval_args = "--train synthetic"  # passed to evaluate.py; ImageNet: "--ref VIRTUAL_imagenet256_labeled.npz"
+export_digits = ""        # a folder: write scikit-learn's handwritten digits there as class folders, then stop
+digits_per_class = 0      # export_digits: training images per class (0: all that are not held out)
+digits_held_out = 50      # export_digits: held-out images per class, never trained on
 # -----------------------------------------------------------------------------
 _DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -67,6 +70,32 @@ METRICS = {"fid": "FID ↓", "sfid": "sFID ↓", "is": "IS (Inception) ↑", "is
            "precision": "precision ↑", "recall": "recall ↑", "class_accuracy": "class accuracy ↑",
            "memorisation_ratio": "memorisation ratio ↓", "avg_l2_top5": "L2 to 5 nearest train ↑",
            "rmd_top1": "top-1% RMD ↑"}
+
+
+def write_digits(out, per_class=0, held_out=50, size=16, seed=0):
+    """The UCI handwritten digits that scikit-learn ships (1797 grey 8x8 images, 10 classes; no download) as class
+    folders, a real dataset nobody here drew: out/train/<digit>/<index>.png, per_class images of each class (0: all
+    but the held-out ones), and out/heldout/<digit>/<index>.png, held_out images of each class that are never in
+    train. Upscaled to size px, bilinear (our choice). The split depends on the seed alone, so n = 20 and n = 100
+    share their held-out images and the 20 are among the 100."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError("export_digits needs scikit-learn (a study-only dependency): pip install scikit-learn") \
+            from None
+    from PIL import Image
+    digits, rng = load_digits(), np.random.default_rng(seed)
+    for label in range(10):
+        order = rng.permutation(np.flatnonzero(digits.target == label))
+        if held_out + max(per_class, 1) > len(order):
+            raise ValueError(f"digit {label} has {len(order)} images: {held_out} held out leave fewer than "
+                             f"digits_per_class={per_class}")
+        for split, chosen in (("heldout", order[:held_out]), ("train", order[held_out:][:per_class or None])):
+            folder = os.path.join(out, split, str(label))
+            os.makedirs(folder, exist_ok=True)
+            for i in chosen:
+                image = Image.fromarray(np.uint8(np.round(digits.images[i] * 255 / 16)), "L")
+                image.resize((size, size), Image.BILINEAR).save(os.path.join(folder, f"{i}.png"))
 
 
 def run_flags(name):
@@ -257,6 +286,10 @@ def plot_grids(grids, path):
 def main(argv=None):
     globals().update(_DEFAULTS)  # main() may run more than once in a process (tests): start from the defaults
     configure(globals(), sys.argv[1:] if argv is None else argv)
+    if export_digits:
+        write_digits(export_digits, digits_per_class, digits_held_out)
+        print(f"wrote {export_digits}/train and {export_digits}/heldout")
+        return []
     # every setting is checked here, before the first run starts
     scales = [float(s) for s in cfg_scales.split(",")]
     specs = []

@@ -1957,6 +1957,28 @@ def test_study_trains_each_run_and_writes_the_table_and_plots(tiny_study):
             image.verify()
 
 
+def test_digits_export_splits_held_out_images_and_trains_through_image_folder(tmp_path):
+    from sklearn.datasets import load_digits
+    study.main([f"--export_digits={tmp_path / 'd3'}", "--digits_per_class=3", "--digits_held_out=2"])
+    study.write_digits(tmp_path / "d5", per_class=5, held_out=2)
+    files = lambda root, split: {p.relative_to(root / split) for p in (root / split).glob("*/*.png")}
+    train3, held3 = files(tmp_path / "d3", "train"), files(tmp_path / "d3", "heldout")
+    assert len(train3) == 30 and len(held3) == 20 and {p.parent.name for p in train3} == set("0123456789")
+    assert not {p.name for p in train3} & {p.name for p in held3}  # no image is in both
+    assert train3 <= files(tmp_path / "d5", "train") and held3 == files(tmp_path / "d5", "heldout")  # nested
+    digits = load_digits()
+    some = sorted(train3)[0]
+    index = int(some.stem)
+    assert digits.target[index] == int(some.parent.name)
+    with Image.open(tmp_path / "d3" / "train" / some) as image:
+        assert image.mode == "L" and image.size == (16, 16)
+        small = np.asarray(image.resize((8, 8), Image.BOX), dtype=np.float64)  # back to the 8x8 grid, roughly
+    assert np.corrcoef(small.ravel(), digits.images[index].ravel())[0, 1] > 0.9
+    train(tmp_path / "run", f"--data_path={tmp_path / 'd3' / 'train'}", "--flip=False", "--max_steps=1",
+          "--grid_steps=2")
+    assert "10 classes" in (tmp_path / "run" / "log.txt").read_text()
+
+
 def test_study_aggregates_seeds_and_marks_what_is_beyond_the_noise(tmp_path):
     def row(run, seed, fid, recall):
         return dict(dict.fromkeys(study.METRICS), run=run, seed=seed, eta=5.0 if run == "eta5" else 0.0,

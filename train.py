@@ -47,6 +47,7 @@ from vae import load_first_stage
 out_dir = "out"
 data_path = ""            # "": the built-in synthetic shapes; else an ImageNet-style folder root/<class>/<image>, or
                           # with a text encoder an image-caption set (data.ImageCaptions: .txt beside, or a manifest)
+flip = True               # class folders: random horizontal flips (ADM, DiT); False where a flip changes the class
 skip_bad_images = False   # an unreadable image of a class folder stops the run naming it; True: the next image
                           # stands in, and the log counts them
 latents = ""              # a cache written by data.py: train on its latents instead of images (the fast path)
@@ -213,7 +214,7 @@ if latents:
     dataset = LatentDataset(latents)
 elif data_path:
     dataset = ImageCaptions(data_path, image_size) if text_encoder else \
-        ImageFolder(data_path, image_size, skipped=bad_images if skip_bad_images else None)
+        ImageFolder(data_path, image_size, flip, skipped=bad_images if skip_bad_images else None)
 else:
     dataset = SyntheticShapes(synthetic_size, image_size, synthetic_seed)
 if (text_encoder and dataset.captions is None) or (not text_encoder and dataset.labels is None):
