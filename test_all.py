@@ -738,6 +738,17 @@ def test_skipped_images_are_counted_in_the_log_across_loader_workers(tmp_path):
     assert all(f"skipped: cannot read image {tmp_path}/images/{bad}" in result.stderr for bad in ("n01/3.png", "n02/5.png"))
 
 
+def test_a_bad_image_read_in_a_loader_worker_ends_the_run_in_one_line(tmp_path):
+    make_folder(tmp_path / "images", sizes=[(20, 20)] * 8)
+    (tmp_path / "images" / "n02" / "5.png").write_bytes(b"")
+    result = train(tmp_path / "run", f"--data_path={tmp_path}/images", "--num_workers=1", "--max_steps=2", check=False)
+    last = result.stderr.splitlines()[-1]  # under the progress bar, not buried in the worker's traceback
+    assert result.returncode == 1 and "Traceback" not in result.stderr and \
+        last.startswith(f"error: cannot read image {tmp_path}/images/n02/5.png: ") and \
+        last.endswith("Remove or replace this file. Or train on without it: skip_bad_images=True. (DEBUG=1 shows the "
+                      "traceback)")
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a folder"):
         data.ImageFolder(str(tmp_path / "nope"), 16)
@@ -1052,6 +1063,28 @@ def test_configure_errors_name_the_key(argv, message, tmp_path):
     os.chdir(tmp_path)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         configure(dict(steps=10, cep=False), argv)
+
+
+def test_config_file_errors_name_the_file_and_line(tmp_path):
+    (tmp_path / "syntax.py").write_text("max_steps = 3\nlr = = 2\n")
+    (tmp_path / "name.py").write_text("max_steps = 3\n\nlr = three\n")
+    for name, message in [("syntax.py", "line 2: invalid syntax: lr = = 2"), ("name.py", "line 3: NameError")]:
+        with pytest.raises(ValueError, match=re.escape(f"config file {tmp_path / name}, {message}")):
+            configure(dict(max_steps=1, lr=0.1), [str(tmp_path / name)])
+
+
+def test_expected_errors_end_in_one_line_unexpected_ones_keep_their_traceback(tmp_path):
+    (tmp_path / "cfg.py").write_text("max_steps = 3\nlr = = 2\n")
+    result = run([sys.executable, "train.py", str(tmp_path / "cfg.py")], check=False)
+    assert result.returncode == 1 and result.stderr == \
+        f"error: config file {tmp_path / 'cfg.py'}, line 2: invalid syntax: lr = = 2 (DEBUG=1 shows the traceback)\n"
+    debug = subprocess.run([sys.executable, "train.py", str(tmp_path / "cfg.py")], cwd=ROOT, capture_output=True,
+                           text=True, env=dict(ENV, DEBUG="1"))
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and debug.stderr.endswith("lr = = 2\n")
+    # a bug (here a shape error inside torch) is no expected error: its traceback stays
+    bug = run([sys.executable, "-c", "import configurator, torch\nconfigurator.configure({}, [])\n"
+               "torch.zeros(2) @ torch.zeros(3)"], check=False)
+    assert bug.returncode == 1 and "Traceback" in bug.stderr and "error: " not in bug.stderr
 
 
 # -----------------------------------------------------------------------------
