@@ -22,6 +22,7 @@ import math
 import multiprocessing
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -1147,14 +1148,18 @@ def bad_config_errors(tmp_path_factory):
     """train.py's error under each of BAD_CONFIGS, and whether it logged (began work): the script run by runpy, as
     `python train.py` runs it, in one process (torch imported once, not once a case)."""
     out = tmp_path_factory.mktemp("bad")
-    argvs = [train_args(out / str(i), *args)[1:] for i, (args, _) in enumerate(BAD_CONFIGS)]
+    errors = train_errors([train_args(out / str(i), *args)[1:] for i, (args, _) in enumerate(BAD_CONFIGS)])
+    return [(error, os.path.exists(out / str(i) / "log.txt")) for i, error in enumerate(errors)]
+
+
+def train_errors(argvs):
+    """The error of train.py under each argv ("no error" if none), all in one process."""
     code = ("import json, runpy, sys\nerrors = []\n"
             "for sys.argv in json.loads(sys.argv[1]):\n"
             "    try:\n        runpy.run_path('train.py', run_name='__main__')\n        errors.append('no error')\n"
             "    except Exception as e:\n        errors.append(f'{type(e).__name__}: {e}')\n"
             "print(json.dumps(errors))")
-    errors = json.loads(run([sys.executable, "-c", code, json.dumps(argvs)]).stdout.splitlines()[-1])
-    return [(error, os.path.exists(out / str(i) / "log.txt")) for i, error in enumerate(errors)]
+    return json.loads(run([sys.executable, "-c", code, json.dumps(argvs)]).stdout.splitlines()[-1])
 
 
 @pytest.mark.parametrize("case", range(len(BAD_CONFIGS)), ids=[" ".join(args) for args, _ in BAD_CONFIGS])
@@ -1192,6 +1197,51 @@ def test_torchrun_design_card_command(tmp_path):
     _, direct = corrupt.corrupt_labels(labels, 0.05, seed=0)
     assert record["indices"] == direct["indices"] and record["new"] == direct["new"]
     assert result.returncode == 0
+
+
+def test_damaged_foreign_or_other_model_checkpoints_are_named_on_resume_and_in_sample_py(tmp_path):
+    train(tmp_path / "good", "--max_steps=2")
+    good = (tmp_path / "good" / "ckpt.pt").read_bytes()
+    state = torch.load(tmp_path / "good" / "ckpt.pt", weights_only=True)
+    files = {"truncated": good[:len(good) // 2], "text": b"not a checkpoint\n", "tmp": good[:4096]}
+    for name, content in files.items():
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "ckpt.pt").write_bytes(content)
+    os.makedirs(tmp_path / "bare")
+    torch.save(state["ema"], tmp_path / "bare" / "ckpt.pt")  # weights only, as an official DiT checkpoint
+    cases = [(name, []) for name in files] + [("bare", []), ("good", ["--model=DiT-S/8"])]
+    errors = train_errors([train_args(tmp_path / name, "--resume", "--max_steps=3", *args)[1:] for name, args in cases])
+    for (name, _), error in zip(cases[:3], errors):
+        assert error.startswith(f"ValueError: checkpoint '{tmp_path / name / 'ckpt.pt'}' is damaged (truncated?) or "
+                                "not a checkpoint of this project (") and "ckpt.pt.tmp: never a good one" in error
+        assert "weights_only" not in error  # torch's advice to load it unsafely: wrong for a damaged file
+        with pytest.raises(ValueError, match="is damaged"):
+            load_model(str(tmp_path / name / "ckpt.pt"))
+    assert errors[3].startswith(f"ValueError: '{tmp_path / 'bare' / 'ckpt.pt'}' holds weights only") and \
+        "sample.py can sample it" in errors[3]
+    loaded = load_model(str(tmp_path / "bare" / "ckpt.pt"))[0].state_dict()  # it can
+    assert all(torch.equal(loaded[k], v) for k, v in state["ema"].items())
+    assert "holds another model than this run asks for (model DiT-Ti/8 in the checkpoint, DiT-S/8 in this run)" \
+        in errors[4]
+    assert (tmp_path / "good" / "ckpt.pt").read_bytes() == good  # nothing was overwritten
+    result = train(tmp_path / "truncated", "--resume", check=False)  # as a user sees it: one line
+    assert result.returncode == 1 and result.stderr.startswith("error: checkpoint ") and "Traceback" not in \
+        result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_a_full_disk_during_a_save_names_the_file_removes_the_partial_one_and_keeps_the_previous(tmp_path):
+    train(tmp_path, "--max_steps=2")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+
+    def file_size_limit():  # what a full disk does to a write, for real: the write fails (EFBIG)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 4,) * 2)
+    result = run(train_args(tmp_path, "--max_steps=4", "--resume"), check=False, preexec_fn=file_size_limit)
+    assert result.returncode == 1 and result.stderr.splitlines()[-1] == \
+        f"error: cannot write {tmp_path / 'ckpt.pt'}: File too large (out of space: a full disk, a quota or a " \
+        "file-size limit); the previous ckpt.pt, if any, is kept (DEBUG=1 shows the traceback)"
+    assert "Traceback" not in result.stderr and "step 4 |" in (tmp_path / "log.txt").read_text()
+    assert (tmp_path / "ckpt.pt").read_bytes() == before and not (tmp_path / "ckpt.pt.tmp").exists()
 
 
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, start_train):
