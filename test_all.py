@@ -758,6 +758,39 @@ def test_image_folder_errors(tmp_path):
         data.ImageFolder(str(tmp_path), 16)
 
 
+def test_16_and_32_bit_palette_alpha_and_cmyk_images_read_as_8_bit_rgb(tmp_path):
+    """Real files of each mode, through ImageFolder and evaluate.py's folder reader: PIL's convert("RGB") would make
+    16-bit mid grey white (it clips at 255); integers are scaled from their full range, floats from [0, 1]."""
+    rows = lambda values, dtype: Image.fromarray(np.array([values] * 4, dtype))  # 4x4, every row the same
+    grey = {"i16.png": (rows([0, 32768, 65535, 25700], np.uint16), [0, 128, 255, 100]),
+            "i32.tif": (rows([0, 2 ** 31 - 1, -5, 2 ** 30], np.int32), [0, 255, 0, 128]),
+            "f32.tif": (rows([0, 0.5, 1, 2], np.float32), [0, 128, 255, 255])}
+    palette = Image.new("P", (4, 4))
+    palette.putpalette([10, 20, 30, 200, 100, 50, 0, 255, 0, 1, 2, 3])
+    palette.putdata([0, 1, 2, 3] * 4)
+    palette.info["transparency"] = 2  # a transparent entry: its colour, alpha dropped
+    colour = {"p.png": (palette, [(10, 20, 30), (200, 100, 50), (0, 255, 0), (1, 2, 3)]),
+              "la.png": (Image.new("LA", (4, 4), (100, 0)), [(100, 100, 100)] * 4),
+              "rgba.png": (Image.new("RGBA", (4, 4), (1, 2, 3, 0)), [(1, 2, 3)] * 4),
+              "cmyk.tif": (Image.new("CMYK", (4, 4), (0, 255, 255, 0)), [(255, 0, 0)] * 4)}
+    expected = {**{k: [(v, v, v) for v in values] for k, (_, values) in grey.items()},
+                **{k: values for k, (_, values) in colour.items()}}
+    os.makedirs(tmp_path / "set" / "c")
+    for name, (image, _) in {**grey, **colour}.items():
+        image.save(tmp_path / "set" / "c" / name)
+        with Image.open(tmp_path / "set" / "c" / name) as reread:
+            assert reread.mode == image.mode, name  # the file holds the mode under test
+    assert Image.open(tmp_path / "set" / "c" / "i16.png").mode == "I;16"
+    ds = data.ImageFolder(str(tmp_path / "set"), 4, flip=False)
+    images = evaluate.open_images(str(tmp_path / "set"))
+    read = np.concatenate(list(images.batches(8)))  # the files in sorted order, as ImageFolder lists them
+    for i, path in enumerate(ds.paths):
+        want = np.array(expected[os.path.basename(path)], np.uint8)
+        np.testing.assert_array_equal(np.asarray(data.load_image(path))[0], want, err_msg=path)
+        np.testing.assert_array_equal(read[i][0], want, err_msg=path)
+        np.testing.assert_allclose(((ds[i][0][:, 0] + 1) * 127.5).T.numpy(), want, atol=1e-4, err_msg=path)
+
+
 def make_caption_folder(root, captions, size=(20, 12)):
     """Images in two shard folders, as img2dataset writes them, each with its caption in a same-named .txt."""
     for i, caption in enumerate(captions):
