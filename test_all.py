@@ -1779,19 +1779,22 @@ def test_evaluate_end_to_end_inception_with_cache(tmp_path, weights, monkeypatch
     monkeypatch.setattr(fid, "compute_features", lambda images, *a, **k: calls.append(1) or real_compute(images, *a, **k))
     args = ["--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"), "--features=inception",
             f"--inception_weights={path}", "--cache_dir", str(tmp_path / "cache"), "--progress=False",
-            "--device=cpu", "--out", str(tmp_path / "m.json"), "--fd_method=eigh"]  # eigh: 2048-d in seconds
+            "--device=cpu", "--out", str(tmp_path / "m.json"), "--is_splits=3"]
     first = evaluate.main(args)
     assert len(calls) == 2 and first["ref_cache"] == "miss"
     with open(tmp_path / "m.json") as f:
         report = json.load(f)
     assert report["feature_space"] == "inception-2015-12-05" and "resize=pytorch-fid" in report["feature_space_detail"]
-    for k in ("fid", "sfid", "is", "precision", "recall"):
+    for k in ("is", "precision", "recall"):
         assert report[k] is not None and np.isfinite(report[k]), k
-    assert report["fid"] > 0 and report["is"] >= 1 and report["num_samples"] == 6 and report["num_ref"] == 8
+    assert report["is"] >= 1 and report["num_samples"] == 6 and report["num_ref"] == 8
+    assert report["fid"] is report["sfid"] is None and report["skipped"] == {  # FID on 6 samples would mean nothing
+        "fid": "6 samples and 8 reference images, fewer than the 2048 feature dimensions: each set needs as many",
+        "sfid": "6 samples and 8 reference images, fewer than the 2023 feature dimensions: each set needs as many"}
     assert "is_classifier" not in report
     second = evaluate.main(args)
     assert len(calls) == 3 and second["ref_cache"] == "hit"  # only the samples were run through the network
-    for k in ("fid", "sfid", "is", "precision", "recall"):
+    for k in ("is", "precision", "recall"):
         assert second[k] == pytest.approx(first[k], rel=1e-9)
     # the cache file is itself a statistics file usable as --ref, features (for precision/recall) included
     space = type("Space", (), {"name": fid.FEATURE_SPACE})()
@@ -1808,10 +1811,10 @@ def test_evaluate_end_to_end_inception_with_cache(tmp_path, weights, monkeypatch
 
 def test_evaluate_synthetic_classifier_and_memorisation(tmp_path):
     from data import SyntheticShapes
-    ds = SyntheticShapes(size=40, resolution=16, seed=5)
+    ds = SyntheticShapes(size=100, resolution=16, seed=5)  # as many as the 96 feature dimensions, for FID
     np.savez(tmp_path / "s.npz", ds.images_uint8(), ds.labels)
     base = ["--samples", str(tmp_path / "s.npz"), "--cache_dir", str(tmp_path / "cache"), "--progress=False",
-            "--device=cpu", "--classifier_size=200", "--classifier_epochs=1", "--synthetic_ref_size=60"]
+            "--device=cpu", "--classifier_size=200", "--classifier_epochs=1", "--synthetic_ref_size=100"]
     res = evaluate.main(base + ["--train=synthetic", "--synthetic_train_size=50"])
     assert res["feature_space"] == "synthetic-classifier" and res["is"] is None and res["sfid"] is None
     assert 0 <= res["class_accuracy"] <= 1 and 0 <= res["precision"] <= 1 and res["fid"] >= 0
@@ -1868,6 +1871,72 @@ def test_evaluate_cli_on_a_folder(tmp_path):
     assert p.returncode != 0 and "bogus_key" in p.stderr
 
 
+def test_evaluate_skips_what_too_few_samples_cannot_measure(tmp_path):
+    from data import SyntheticShapes
+    ds = SyntheticShapes(size=5, resolution=16, seed=5)
+    args = ["--cache_dir", str(tmp_path / "cache"), "--progress=False", "--device=cpu", "--classifier_size=100",
+            "--classifier_epochs=1", "--synthetic_ref_size=30"]
+    for n in (1, 5):  # 1 sample crashed in scipy's sqrtm; 5 gave FID 0.087 and IS 1.0 (splits of one sample)
+        np.savez(tmp_path / f"s{n}.npz", ds.images_uint8()[:n], ds.labels[:n])
+        res = evaluate.main(["--samples", str(tmp_path / f"s{n}.npz"), *args])
+        assert res["fid"] is res["is_classifier"] is None and 0 <= res["class_accuracy"] <= 1
+        assert res["skipped"]["fid"] == f"{n} samples and 30 reference images, fewer than the 96 feature dimensions: " \
+            "each set needs as many"
+        assert res["skipped"]["is_classifier"] == f"{n} samples in 10 splits: each split needs 2 at least"
+        assert (res["precision"] is None) == (n <= 3) == ("precision" in res["skipped"])
+    assert fid.unmeasurable(10000, None, {"fid": 2048}, split_size=5000) == {}  # ADM's rule: 2 chunks of 5000
+    assert fid.unmeasurable(3, None, {}, split_size=1) == {"is": "3 samples in 3 splits: each split needs 2 at least",
+                                                           "precision": "3 samples: k=3 needs more than 3 of each",
+                                                           "recall": "3 samples: k=3 needs more than 3 of each"}
+    assert set(fid.unmeasurable(2047, 50000, {"fid": 2048, "sfid": 2023})) == {"fid"}
+
+
+def test_evaluate_caches_and_report_are_written_whole_and_unreadable_caches_made_again(tmp_path, capsys):
+    from data import SyntheticShapes
+    ds = SyntheticShapes(size=12, resolution=16, seed=5)
+    np.savez(tmp_path / "s.npz", ds.images_uint8(), ds.labels)
+    classifier, report = tmp_path / "classifier.pt", tmp_path / "report.json"
+    args = ["--samples", str(tmp_path / "s.npz"), "--classifier_path", str(classifier), "--cache_dir",
+            str(tmp_path / "cache"), "--progress=False", "--device=cpu", "--classifier_size=100",
+            "--classifier_epochs=1", "--synthetic_ref_size=30", "--out", str(report)]
+    # a kill while the classifier is written: torch.save blocks writing into a FIFO, so the kill lands mid-write
+    os.mkfifo(f"{classifier}.tmp")
+    proc = subprocess.Popen([sys.executable, "evaluate.py", *args], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        with open(os.open(f"{classifier}.tmp", os.O_RDONLY | os.O_NONBLOCK), "rb", buffering=0) as fifo:
+            partial = wait_until(lambda: fifo.read(4096), proc)
+            proc.kill()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert partial.startswith(b"PK") and not classifier.exists()  # the final name was never written
+    os.remove(f"{classifier}.tmp")
+    with open(f"{classifier}.tmp", "wb") as f:  # what the kill leaves on a real disk
+        f.write(partial)
+    first = evaluate.main(args)  # trains it again, as if absent
+    assert classifier.exists() and not os.path.exists(f"{classifier}.tmp") and json.loads(report.read_text()) == first
+    # caches cut short (a copy, or a kill in a version that wrote in place): made again, said once
+    for path in (first["ref_cache_path"], str(classifier)):  # the features, then the classifier (and its features)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+        capsys.readouterr()
+        again = evaluate.main(args)
+        out = capsys.readouterr().out
+        assert out.count("is unreadable") == out.count(f"the cache {path} is unreadable (") == 1, out
+        assert again["ref_cache"] == "miss" and again["precision"] == first["precision"]
+        assert again["classifier_val_accuracy"] == first["classifier_val_accuracy"]  # retrained from the same seed
+    # a full disk while the report is written: the previous report stays whole, and the error names the file
+
+    def file_size_limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+    before = report.read_text()
+    result = run([sys.executable, "evaluate.py", *args], check=False, preexec_fn=file_size_limit)
+    assert result.returncode == 1 and result.stderr.startswith(f"error: cannot write {report}: File too large")
+    assert "Traceback" not in result.stderr and report.read_text() == before and not os.path.exists(f"{report}.tmp")
+
+
 def test_clip_score_matches_a_direct_computation(tmp_path):
     import clip
     ref = tiny_clip(tmp_path / "clip.pt", torchscript=False)
@@ -1891,15 +1960,16 @@ def test_clip_score_matches_a_direct_computation(tmp_path):
 # study.py
 
 
-STUDY_EVAL = ("--train=synthetic --synthetic_train_size=64 --synthetic_ref_size=60 --classifier_size=200 "
+STUDY_EVAL = ("--train=synthetic --synthetic_train_size=64 --synthetic_ref_size=100 --classifier_size=200 "
               "--classifier_epochs=1 --progress=False --device=cpu")
 
 
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
-    """A 2-run study (clean, eta 10%) of 2 training steps, 20 samples at one scale: (its arguments, out_dir, rows)."""
+    """A 2-run study (clean, eta 10%) of 2 training steps, 100 samples at one scale (FID needs as many as the 96
+    feature dimensions): (its arguments, out_dir, rows)."""
     out = tmp_path_factory.mktemp("study")
-    args = [f"--out_dir={out}", "--runs=clean,eta10", "--cfg_scales=2", "--samplers=dpm++3", "--num_samples=20",
+    args = [f"--out_dir={out}", "--runs=clean,eta10", "--cfg_scales=2", "--samplers=dpm++3", "--num_samples=100",
             "--train_args=" + " ".join(TINY + ["--max_steps=2"]), f"--eval_args={STUDY_EVAL} --cache_dir={out}/cache"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
@@ -1913,14 +1983,15 @@ def test_study_trains_each_run_and_writes_the_table_and_plots(tiny_study):
         table = list(csv.DictReader(f))
     assert list(table[0]) == ["run", "eta", "sampler", "cfg_scale", "num_samples", "feature_space", *study.METRICS]
     assert [(r["run"], r["eta"], r["sampler"], r["cfg_scale"], r["num_samples"]) for r in table] == \
-        [("clean", "0.0", "dpm++3", "2.0", "20"), ("eta10", "10.0", "dpm++3", "2.0", "20")]
-    report = json.loads((out / "eta10" / "samples_dpm++3_cfg2.0_n20_metrics.json").read_text())
+        [("clean", "0.0", "dpm++3", "2.0", "100"), ("eta10", "10.0", "dpm++3", "2.0", "100")]
+    report = json.loads((out / "eta10" / "samples_dpm++3_cfg2.0_n100_metrics.json").read_text())
     for key in ("fid", "is_classifier", "precision", "recall", "class_accuracy", "memorisation_ratio", "avg_l2_top5",
                 "rmd_top1"):
         assert float(table[1][key]) == report[key] == rows[1][key], key  # evaluate.py's numbers, every metric
     assert table[1]["feature_space"] == "synthetic-classifier" and table[1]["is"] == table[1]["sfid"] == ""
     markdown = (out / "results.md").read_text()
-    assert "| eta10 | 10 | dpm++3 | 2 | 20 |" in markdown and "IS (classifier) ↑" in markdown and "sFID" not in markdown
+    assert "| eta10 | 10 | dpm++3 | 2 | 100 |" in markdown and "IS (classifier) ↑" in markdown
+    assert "sFID" not in markdown
     # the runs are what their names say
     assert json.loads((out / "eta10" / "corruption.json").read_text())["eta"] == 0.1
     assert not os.path.exists(out / "clean" / "corruption.json")
@@ -1932,15 +2003,15 @@ def test_study_trains_each_run_and_writes_the_table_and_plots(tiny_study):
 
 def test_study_reuses_what_exists_and_sweeps_guidance_scales(tiny_study, monkeypatch):
     args, out, _ = tiny_study
-    done = [out / "clean" / name for name in ("ckpt.pt", "samples_0000002.png", "samples_dpm++3_cfg2.0_n20.npz",
-                                               "samples_dpm++3_cfg2.0_n20_metrics.json")]
+    done = [out / "clean" / name for name in ("ckpt.pt", "samples_0000002.png", "samples_dpm++3_cfg2.0_n100.npz",
+                                               "samples_dpm++3_cfg2.0_n100_metrics.json")]
     before = [os.path.getmtime(p) for p in done]
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     rows = study.main(args + ["--runs=clean", "--cfg_scales=2,4"])
     assert [os.path.getmtime(p) for p in done] == before  # not retrained, resampled or re-evaluated
     assert "ckpt.pt is at step 2, max_steps=2: nothing to train" in (out / "clean" / "log.txt").read_text()
     assert [(r["run"], r["cfg_scale"]) for r in rows] == [("clean", 2.0), ("clean", 4.0)]
-    assert np.load(out / "clean" / "samples_dpm++3_cfg4.0_n20.npz")["arr_0"].shape == (20, 16, 16, 3)
+    assert np.load(out / "clean" / "samples_dpm++3_cfg4.0_n100.npz")["arr_0"].shape == (100, 16, 16, 3)
     with open(out / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
 
@@ -1948,13 +2019,13 @@ def test_study_reuses_what_exists_and_sweeps_guidance_scales(tiny_study, monkeyp
 def test_study_sweeps_a_checkpoint_with_two_samplers_through_torchrun(tiny_study, monkeypatch):
     args, out, _ = tiny_study
     log = (out / "eta10" / "log.txt").read_text()
-    reused = out / "eta10" / "samples_dpm++3_cfg2.0_n20.npz"
+    reused = out / "eta10" / "samples_dpm++3_cfg2.0_n100.npz"
     before = os.path.getmtime(reused)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     rows = study.main(args + [f"--ckpt={out}/eta10/ckpt.pt", "--samplers=dpm++3,ddpm4", "--nproc=2"])
     assert (out / "eta10" / "log.txt").read_text() == log and os.path.getmtime(reused) == before  # trains nothing
     assert [(r["run"], r["sampler"], r["eta"]) for r in rows] == [("eta10", "dpm++3", None), ("eta10", "ddpm4", None)]
-    assert rows[1]["num_samples"] == 20 and np.isfinite(rows[1]["fid"])
+    assert rows[1]["num_samples"] == 100 and np.isfinite(rows[1]["fid"])
 
 
 @pytest.mark.parametrize("arg, message", [
