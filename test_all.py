@@ -5,13 +5,14 @@ Sections, in this order (find one by searching for its title; run one with -k an
   vae.py         KL-f8 and VQ-f4 against diffusers, key manifests (tests/manifests), weight-file errors
   text.py        CLIP's text transformer against clip-anytorch, the offline tokenizer
   diffusion.py   schedule, q_sample, hybrid / v / Min-SNR losses, DDIM, DDPM and DPM-Solver++ update rules
-  data.py        built-in shapes, class folders, bad images, caption sets, the step-indexed batch sampler
+  data.py        built-in shapes, class folders, bad images, image modes (16-bit...), caption sets, the batch sampler
   corrupt.py     symmetric / asymmetric labels, swapped / rewritten captions, random mode, and in training
   cep.py         CEP-U / CEP-G statistics, null condition and sampling untouched, per token; IP
-  configurator.py, train.py   overrides; exact resume, old checkpoints (tests/fixtures), bad settings, NaN,
-                 SIGKILL / SIGTERM, torchrun
+  configurator.py, train.py   overrides, config-file errors, one-line errors; exact resume, old checkpoints
+                 (tests/fixtures), bad settings, NaN, SIGKILL / SIGTERM, damaged checkpoints, a full disk, torchrun
   latent diffusion and text-to-image end to end; sample.py grids and .npz files
-  fid.py and evaluate.py   Inception against pytorch-fid / torch-fidelity, FID, IS, precision/recall, CLIP score
+  fid.py and evaluate.py   Inception against pytorch-fid / torch-fidelity, FID, IS, precision/recall, CLIP score,
+                 too few samples, caches written whole
   study.py, gmm.py, bench.py
 """
 import contextlib
