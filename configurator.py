@@ -4,8 +4,19 @@ nanoGPT-style configuration, shared by train.py, sample.py and evaluate.py.
 The defaults are the module-level variables of the calling script. They are overridden, in order, by a Python
 config file given as the first argument, then by `--key=value` or `--key value` on the command line; a bare
 `--flag` means `--flag=True`. A key that is not a default, or a value of the wrong type, is an error naming it.
+
+Also what every script shares: errors that end in one line (one_line_errors, installed by configure), and files
+written whole or not at all (atomic_write).
 """
 import ast
+import contextlib
+import errno
+import os
+import re
+import sys
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _convert(key, value, default):
@@ -31,10 +42,20 @@ def configure(scope, argv):
     keys = {k for k, v in scope.items() if not k.startswith("_") and k.islower()
             and (v is None or isinstance(v, (int, float, bool, str)))}
     overrides = []
+    sys.excepthook = one_line_errors
     if argv and not argv[0].startswith("--"):
         file_scope = {}
+        if not os.path.isfile(argv[0]):
+            raise FileNotFoundError(f"config file {argv[0]!r} not found (the first argument, unless it is --key)")
         with open(argv[0]) as f:
-            exec(f.read(), file_scope)
+            source = f.read()
+        try:
+            exec(compile(source, argv[0], "exec"), file_scope)
+        except SyntaxError as e:
+            raise ValueError(f"config file {argv[0]}, line {e.lineno}: {e.msg}: {(e.text or '').strip()}") from None
+        except Exception as e:
+            line = [fr.lineno for fr in traceback.extract_tb(e.__traceback__) if fr.filename == argv[0]][-1]
+            raise ValueError(f"config file {argv[0]}, line {line}: {type(e).__name__}: {e}") from e
         overrides += [(k, v) for k, v in file_scope.items() if not k.startswith("__")]
         argv = argv[1:]
     i = 0
@@ -56,3 +77,69 @@ def configure(scope, argv):
             raise ValueError(f"unknown config key {key!r}; the keys are: {', '.join(sorted(keys))}")
         scope[key] = _convert(key, value, scope[key])
     return {k: scope[k] for k in sorted(keys)}
+
+
+def one_line_errors(kind, error, tb):
+    """sys.excepthook: an error our code raises on purpose (a bad setting, a missing or damaged file, a bad image:
+    a `raise` of ValueError, OSError, RuntimeError or FloatingPointError in a file of this project, also in a data
+    loader's worker) ends the script with `error: <message>`, one line on stderr, exit code 1. Anything else, or
+    DEBUG=1 in the environment, keeps Python's traceback: unexpected errors are bugs, and bugs need it."""
+    message = expected_error(error, tb)
+    if message is None or os.environ.get("DEBUG", "0") not in ("", "0"):
+        return sys.__excepthook__(kind, error, tb)
+    if "tqdm" in sys.modules:  # a progress bar still drawn would swallow the line
+        for bar in list(getattr(sys.modules["tqdm"].tqdm, "_instances", [])):
+            bar.close()
+    print(f"error: {message} (DEBUG=1 shows the traceback)", file=sys.stderr, flush=True)
+
+
+def expected_error(error, tb):
+    """The message of an error raised on purpose by this project's code, else None."""
+    if not isinstance(error, (ValueError, OSError, RuntimeError, FloatingPointError)):
+        return None
+    # a DataLoader worker's error comes back as the same type whose message is the worker's traceback
+    worker = re.search(r"Original Traceback \(most recent call last\):\n(.*)", str(error), re.S)
+    if worker:  # (file, source line) of each frame, and the last line: "RuntimeError: <message>"
+        frames = re.findall(r'^  File "(.+?)", line \d+, in .*\n +(.*)', worker[1], re.M)
+        message = worker[1].strip().splitlines()[-1].split(": ", 1)[-1]
+    else:
+        frames, message = [(f.filename, f.line or "") for f in traceback.extract_tb(tb)], str(error)
+    origin, line = frames[-1] if frames else ("", "")
+    ours = os.path.isfile(origin) and os.path.dirname(os.path.abspath(origin)) == HERE
+    return message if ours and line.startswith("raise ") and message else None
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Open `path`.tmp to write `path`: on success the file is flushed to disk and renamed over `path`, so a kill or a
+    full disk leaves the previous `path` (or none), never a half-written one. On failure the .tmp is removed, and a
+    failed write (a full disk) is an OSError that names `path`. A SIGKILL can leave the .tmp: never a good one."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        cause = next((c for c in (e, e.__context__, e.__cause__) if isinstance(c, OSError)), None)
+        if cause is None:
+            raise
+        full = cause.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # EFBIG: a file-size limit, a quota
+        raise OSError(f"cannot write {path}: {cause.strerror or cause}"
+                      f"{' (out of space: a full disk, a quota or a file-size limit)' if full else ''}; "
+                      f"the previous {os.path.basename(path)}, if any, is kept") from e
+
+
+def read_cache(path, load):
+    """load(path), or None when the cache is missing or unreadable (cut short by a copy, or by a kill in a version
+    that wrote in place): then the caller makes it again, and this says so."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        return load(path)
+    except Exception as e:
+        print(f"the cache {path} is unreadable ({type(e).__name__}: {str(e).split('. ')[0]}): making it again")
+        return None

@@ -155,9 +155,24 @@ def load_image(path):
     """An RGB PIL image; any failure to decode names the file."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")  # convert() forces the full decode, so truncated files fail here
+            return to_rgb(image)  # converting forces the full decode, so truncated files fail here
     except Exception as e:
         raise RuntimeError(f"cannot read image {path}: {e}. Remove or replace this file.") from e
+
+
+def to_rgb(image):
+    """8-bit RGB from any mode. PIL's convert("RGB") clips 16- and 32-bit greyscale at 255 (mid grey would train as
+    white): those are scaled from their full range instead, 16-bit (I;16*, and I from a PNG, as older Pillows open
+    16-bit PNGs) by 255/65535, 32-bit integers (I) by 255/(2^31 - 1) with negatives at 0, floats (F) from [0, 1] (the
+    convention of torchvision and scikit-image; ours, as the file does not say). Alpha is dropped, as torchvision's
+    and ADM's loaders (and pytorch-fid's) drop it; palettes and CMYK are PIL's conversions."""
+    if image.mode.startswith("I") or image.mode == "F":
+        full = 1.0 if image.mode == "F" else 65535 if image.mode != "I" or image.format == "PNG" else 2 ** 31 - 1
+        grey = np.clip(np.asarray(image, dtype=np.float64) / full * 255, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:  # PIL warns unless the palette goes through RGBA
+        image = image.convert("RGBA")
+    return image.convert("RGB")
 
 
 class ImageFolder(torch.utils.data.Dataset):

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import fid
+from configurator import atomic_write, read_cache
 from text import load_clip
 
 # -----------------------------------------------------------------------------
@@ -265,15 +266,16 @@ def train_classifier(path, resolution, size, seed, epochs, dev):
         acc = (model(xv.to(dev))[1].argmax(1).cpu() == yv).float().mean().item()
     print(f"trained the synthetic classifier in {time.time() - t0:.0f}s: held-out accuracy {acc:.3f}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"model": model.state_dict(), "resolution": resolution, "num_classes": len(ds.classes),
-                "val_accuracy": acc, "size": size, "seed": seed, "epochs": epochs}, path)
+    with atomic_write(path) as f:
+        torch.save({"model": model.state_dict(), "resolution": resolution, "num_classes": len(ds.classes),
+                    "val_accuracy": acc, "size": size, "seed": seed, "epochs": epochs}, f)
 
 
 class ClassifierSpace:
     name = "synthetic-classifier"
 
     def __init__(self, path, resolution, dev):
-        if not os.path.isfile(path):
+        if read_cache(path, lambda p: torch.load(p, weights_only=True)) is None:
             train_classifier(path, resolution, classifier_size, classifier_seed, classifier_epochs, dev)
         ck = torch.load(path, map_location="cpu", weights_only=True)
         self.model = SmallCNN(ck["num_classes"], ck["resolution"])
@@ -301,9 +303,9 @@ def cached_features(images, space, bs, cache):
     """{pool, mu, sigma[, mu_s, sigma_s], labels} for a reference or training set; (dict, 'hit' | 'miss')."""
     key = hashlib.sha1(f"{images.key}|{space.key}".encode()).hexdigest()[:20]
     path = os.path.join(cache, f"features-{key}.npz")
-    if os.path.isfile(path):
-        with np.load(path) as z:
-            return {k: z[k] for k in z.keys()}, "hit", path
+    cached = read_cache(path, lambda p: dict(np.load(p)))
+    if cached is not None:
+        return cached, "hit", path
     f = space.extract(images, bs)
     d = {"features": f["pool"]}
     d["mu"], d["sigma"] = fid.statistics(f["pool"])
@@ -313,9 +315,8 @@ def cached_features(images, space, bs, cache):
         d["labels"] = images.labels
     d["feature_space"] = np.array(space.name)
     os.makedirs(cache, exist_ok=True)
-    tmp = path + ".tmp.npz"  # written whole, then renamed, so an interrupted run leaves no half-written cache
-    np.savez(tmp, **d)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        np.savez(f, **d)
     return d, "miss", path
 
 
@@ -432,18 +433,22 @@ def main(argv=None):
            "samples": os.path.abspath(samples), "ref": ref if ref == "synthetic" else os.path.abspath(ref),
            "num_samples": len(s["pool"]), "num_ref": int(len(r["features"])) if "features" in r else None,
            "ref_cache": ref_cache, "ref_cache_path": ref_path}
-    mu, sigma = fid.statistics(s["pool"])
-    res["fid"] = fid.frechet_distance(mu, sigma, r["mu"], r["sigma"], method=fd_method)
+    is_key = "is" if space.name == fid.FEATURE_SPACE else "is_classifier"
+    dims = {m: s[f].shape[1] for m, f in (("fid", "pool"), ("sfid", "spatial")) if f in s}
+    skipped = res["skipped"] = {is_key if m == "is" else m: why for m, why in fid.unmeasurable(
+        len(s["pool"]), res["num_ref"], dims, is_splits, is_split_size or None, pr_k).items()}
+    res["fid"] = None if "fid" in skipped else \
+        fid.frechet_distance(*fid.statistics(s["pool"]), r["mu"], r["sigma"], method=fd_method)
     res["sfid"] = (fid.frechet_distance(*fid.statistics(s["spatial"]), r["mu_s"], r["sigma_s"], method=fd_method)
-                   if "spatial" in s and "mu_s" in r else None)
+                   if "spatial" in s and "mu_s" in r and "sfid" not in skipped else None)
     # the IS formula on the space's own classifier: Inception's, or in the classifier space an analogue under its
     # own name ("IS (classifier)", at most the 10 classes), so that nobody takes one for the other
     res["is"] = res["is_std"] = None
-    is_key = "is" if space.name == fid.FEATURE_SPACE else "is_classifier"
-    res[is_key], res[is_key + "_std"] = fid.inception_score(s["logits"], is_splits, is_split_size or None)
+    res[is_key], res[is_key + "_std"] = (None, None) if is_key in skipped else \
+        fid.inception_score(s["logits"], is_splits, is_split_size or None)
     res["is_splits"] = f"chunks of {is_split_size}" if is_split_size else f"{is_splits} equal splits"
     res["precision"] = res["recall"] = None
-    if "features" in r:
+    if "features" in r and "precision" not in skipped:
         res["precision"], res["recall"] = fid.precision_recall(r["features"], s["pool"], pr_k, device=dev)
     if isinstance(space, ClassifierSpace):
         res["classifier_val_accuracy"] = space.val_accuracy
@@ -473,10 +478,10 @@ def main(argv=None):
     for k in ("fid", "sfid", "is", "is_classifier", "precision", "recall", "class_accuracy", "memorisation_ratio",
               "avg_l2_top5", "rmd_top1", "clip_score"):
         if k in res:
-            v = res[k]
-            print(f"{k:<22}{'-' if v is None else f'{v:.4f}':>12}")
+            print(f"{k:<22}{'-' if res[k] is None else f'{res[k]:.4f}':>12}"
+                  + (f"   not measured: {skipped[k]}" if k in skipped else ""))
     path = out or os.path.splitext(samples.rstrip("/"))[0] + "_metrics.json"
-    with open(path, "w") as f:
+    with atomic_write(path, "w") as f:  # study.py reuses it: never half-written
         json.dump(res, f, indent=2)
     print(f"wrote {path}")
     return res

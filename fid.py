@@ -394,6 +394,22 @@ def inception_score(logits, splits=10, split_size=None):
     return float(np.mean(scores)), float(np.std(scores))
 
 
+def unmeasurable(n, n_ref=None, dims=None, splits=10, split_size=None, k=3):
+    """{metric: why} for the metrics that n samples and n_ref reference images (None: statistics only) are too few
+    to measure: FID needs as many of each as feature dimensions (dims, e.g. {"fid": 2048, "sfid": 2023}; fewer leave
+    the covariance singular, and the number means nothing), IS 2 samples a split (the IS of one sample is 1, whatever
+    it is), precision and recall more than k of each."""
+    fewest, counts = min(n, n_ref or n), f"{n} samples" + ("" if n_ref is None else f" and {n_ref} reference images")
+    why = {m: f"{counts}, fewer than the {d} feature dimensions: each set needs as many"
+           for m, d in (dims or {}).items() if fewest < d}
+    splits = -(-n // split_size) if split_size else splits
+    if n < 2 * splits:
+        why["is"] = f"{n} samples in {splits} splits: each split needs 2 at least"
+    if fewest <= k:
+        why["precision"] = why["recall"] = f"{counts}: k={k} needs more than {k} of each"
+    return why
+
+
 def _chunks(x, size):
     return [(i, x[i:i + size]) for i in range(0, len(x), size)]
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from configurator import atomic_write, configure
 from diffusion import GaussianDiffusion
 from model import LabelEmbedder, UNet, UNet_models, build_model, load_dit
 from text import TextEmbedder, TextEncoder, tokenize
@@ -136,18 +137,41 @@ def load_pipeline(folder):
                              prediction=prediction, schedule=schedule)
 
 
-def load_model(path, use_ema=True):
-    """The model of a checkpoint, in eval mode, and what train.py recorded beside it: model_args (input_size...),
-    first_stage (dict(vae=path, scale), None in pixel space), prediction and schedule; {} for a bare state dict. A
-    diffusers pipeline folder (load_pipeline) loads too. A missing file: an error that names it."""
-    if os.path.isfile(os.path.join(path, "model_index.json")):
-        return load_pipeline(path)
+def load_checkpoint(path, map_location="cpu"):
+    """The dict a checkpoint holds: train.py's (model, ema, opt, step, model_args, ...) or a bare state dict. A
+    missing, damaged (truncated) or foreign file is an error that names it and says what to do."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} not found: train one with train.py, or pass --ckpt "
                                 "with the path of an official DiT checkpoint (e.g. DiT-XL-2-256x256.pt)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    def damaged(reason):
+        return ValueError(f"checkpoint {path!r} is damaged (truncated?) or not a checkpoint of this project "
+                          f"({reason}); use the previous one (a kill mid-save leaves {os.path.basename(path)}.tmp: "
+                          "never a good one), or train again")
+    try:  # weights only: a checkpoint holds tensors and plain types, nothing a file could execute
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # torch's own messages (a zip reader's, or advice to load unsafely) would mislead here
+        raise damaged(f"{type(e).__name__}: {str(e).split('. ')[0].splitlines()[0][:150]}") from e
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in dict(state.get("model", state)).values()):
+        raise damaged(f"it holds no weights: a {type(state).__name__}")
+    return state
+
+
+def load_model(path, use_ema=True):
+    """The model of a checkpoint, in eval mode, and what train.py recorded beside it: model_args (input_size...),
+    first_stage (dict(vae=path, scale), None in pixel space), prediction and schedule; {} for a bare state dict. A
+    diffusers pipeline folder (load_pipeline) loads too."""
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return load_pipeline(path)
+    state = load_checkpoint(path)
     if "ema" not in state:  # a bare DiT state dict
-        return load_dit(state).eval(), {}
+        try:
+            return load_dit(state).eval(), {}
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise ValueError(f"checkpoint {path!r} is a bare state dict but not of a DiT ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:120]}): pass a checkpoint of train.py or an official DiT "
+                             "checkpoint") from e
     model = build(state["model_args"])
     model.load_state_dict(state["ema" if use_ema else "model"])
     return model.eval(), dict(model_args=state["model_args"], first_stage=state["first_stage"],
@@ -271,19 +295,14 @@ def sample_npz(model, path, conditions, batch_size, seed=0, rank=0, world_size=1
         shard = {b: v for part in gathered for b, v in part.items()}
     if rank == 0:
         images = np.concatenate([shard[b] for b in sorted(shard)])
-        tmp = path + ".tmp.npz"
         if isinstance(conditions[0], str):
-            with open(prompts_path(path) + ".tmp", "w", encoding="utf-8") as f:
+            with atomic_write(prompts_path(path), "w") as f:
                 f.write("\n".join(conditions) + "\n")
-            os.replace(prompts_path(path) + ".tmp", prompts_path(path))
-            np.savez(tmp, images)
-        else:
-            np.savez(tmp, images, np.asarray(conditions))
-        os.replace(tmp, path)
+        with atomic_write(path) as f:
+            np.savez(f, *([images] if isinstance(conditions[0], str) else [images, np.asarray(conditions)]))
 
 
 def main():
-    from configurator import configure
     configure(globals(), sys.argv[1:])
     ddp = "RANK" in os.environ
     if ddp:

@@ -32,7 +32,7 @@ import scipy.stats
 
 import evaluate
 import sample
-from configurator import configure
+from configurator import atomic_write, configure, read_cache
 
 # -----------------------------------------------------------------------------
 out_dir = "study"
@@ -139,6 +139,11 @@ def fresh(path, source):
     return os.path.isfile(path) and os.path.getmtime(path) >= os.path.getmtime(source)
 
 
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def last_grid(folder):
     """train.py's last sample grid in folder (samples_<step>.png), or None."""
     grids = sorted(glob.glob(os.path.join(folder, "samples_[0-9]*.png")))
@@ -181,7 +186,7 @@ def write_table(rows, out):
     standard deviation, and * where the difference from clean is beyond the noise (see aggregate)."""
     keys = ["run", "eta", "sampler", "cfg_scale", "num_samples", "feature_space", "seeds"]
     metrics = [k for k in METRICS if any(r[k] is not None for r in rows)]
-    with open(out + ".csv", "w", newline="") as f:
+    with atomic_write(out + ".csv", "w") as f:
         writer = csv.DictWriter(f, keys + [c for k in METRICS for c in (k, k + "_seed_std")] + ["beyond_noise"])
         writer.writeheader()
         writer.writerows(rows)
@@ -200,7 +205,7 @@ def write_table(rows, out):
              "|" + "---|" * (5 + len(metrics))]
     lines += ["| " + " | ".join([number(r[k]) for k in keys[:5]] + [cell(r, k) for k in metrics]) + " |"
               for r in rows]
-    with open(out + ".md", "w") as f:
+    with atomic_write(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
@@ -335,12 +340,12 @@ def main(argv=None):
                     launch("sample.py", *sample_argv, f"--ckpt={ckpt_path}", f"--seed={seed}", f"--sampler={sampler}",
                            f"--num_steps={steps}", f"--cfg_scale={scale}", f"--num_samples={num_samples}",
                            f"--out={npz}")
-                if fresh(report, npz):
-                    print(f"reusing {report}")
-                else:
+                res = read_cache(report, read_json) if fresh(report, npz) else None  # unreadable: evaluated again
+                if res is None:
                     launch("evaluate.py", *eval_argv, f"--samples={npz}", f"--out={report}")
-                with open(report) as f:
-                    res = json.load(f)
+                    res = read_json(report)
+                else:
+                    print(f"reusing {report}")
                 rows.append(dict(run=name, seed=seed, eta=eta, sampler=f"{sampler}{steps}", cfg_scale=scale,
                                  num_samples=res["num_samples"], feature_space=res["feature_space"],
                                  **{k: res.get(k) for k in METRICS}))

@@ -5,13 +5,14 @@ Sections, in this order (find one by searching for its title; run one with -k an
   vae.py         KL-f8 and VQ-f4 against diffusers, key manifests (tests/manifests), weight-file errors
   text.py        CLIP's text transformer against clip-anytorch, the offline tokenizer
   diffusion.py   schedule, q_sample, hybrid / v / Min-SNR losses, DDIM, DDPM and DPM-Solver++ update rules
-  data.py        built-in shapes, class folders, bad images, caption sets, the step-indexed batch sampler
+  data.py        built-in shapes, class folders, bad images, image modes (16-bit...), caption sets, the batch sampler
   corrupt.py     symmetric / asymmetric labels, swapped / rewritten captions, random mode, and in training
   cep.py         CEP-U / CEP-G statistics, null condition and sampling untouched, per token; IP
-  configurator.py, train.py   overrides; exact resume, old checkpoints (tests/fixtures), bad settings, NaN,
-                 SIGKILL / SIGTERM, torchrun
+  configurator.py, train.py   overrides, config-file errors, one-line errors; exact resume, old checkpoints
+                 (tests/fixtures), bad settings, NaN, SIGKILL / SIGTERM, damaged checkpoints, a full disk, torchrun
   latent diffusion and text-to-image end to end; sample.py grids and .npz files
-  fid.py and evaluate.py   Inception against pytorch-fid / torch-fidelity, FID, IS, precision/recall, CLIP score
+  fid.py and evaluate.py   Inception against pytorch-fid / torch-fidelity, FID, IS, precision/recall, CLIP score,
+                 too few samples, caches written whole
   study.py, gmm.py, bench.py
 """
 import contextlib
@@ -22,6 +23,7 @@ import math
 import multiprocessing
 import os
 import re
+import resource
 import runpy
 import shutil
 import signal
@@ -834,12 +836,56 @@ def test_skipped_images_are_counted_in_the_log_across_loader_workers(tmp_path):
     assert all(f"skipped: cannot read image {tmp_path}/images/{bad}" in result.stderr for bad in ("n01/3.png", "n02/5.png"))
 
 
+def test_a_bad_image_read_in_a_loader_worker_ends_the_run_in_one_line(tmp_path):
+    make_folder(tmp_path / "images", sizes=[(20, 20)] * 8)
+    (tmp_path / "images" / "n02" / "5.png").write_bytes(b"")
+    result = train(tmp_path / "run", f"--data_path={tmp_path}/images", "--num_workers=1", "--max_steps=2", check=False)
+    last = result.stderr.splitlines()[-1]  # under the progress bar, not buried in the worker's traceback
+    assert result.returncode == 1 and "Traceback" not in result.stderr and \
+        last.startswith(f"error: cannot read image {tmp_path}/images/n02/5.png: ") and \
+        last.endswith("Remove or replace this file. Or train on without it: skip_bad_images=True. (DEBUG=1 shows the "
+                      "traceback)")
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a folder"):
         data.ImageFolder(str(tmp_path / "nope"), 16)
     os.makedirs(tmp_path / "empty_class")
     with pytest.raises(FileNotFoundError, match="empty_class"):
         data.ImageFolder(str(tmp_path), 16)
+
+
+def test_16_and_32_bit_palette_alpha_and_cmyk_images_read_as_8_bit_rgb(tmp_path):
+    """Real files of each mode, through ImageFolder and evaluate.py's folder reader: PIL's convert("RGB") would make
+    16-bit mid grey white (it clips at 255); integers are scaled from their full range, floats from [0, 1]."""
+    rows = lambda values, dtype: Image.fromarray(np.array([values] * 4, dtype))  # 4x4, every row the same
+    grey = {"i16.png": (rows([0, 32768, 65535, 25700], np.uint16), [0, 128, 255, 100]),
+            "i32.tif": (rows([0, 2 ** 31 - 1, -5, 2 ** 30], np.int32), [0, 255, 0, 128]),
+            "f32.tif": (rows([0, 0.5, 1, 2], np.float32), [0, 128, 255, 255])}
+    palette = Image.new("P", (4, 4))
+    palette.putpalette([10, 20, 30, 200, 100, 50, 0, 255, 0, 1, 2, 3])
+    palette.putdata([0, 1, 2, 3] * 4)
+    palette.info["transparency"] = 2  # a transparent entry: its colour, alpha dropped
+    colour = {"p.png": (palette, [(10, 20, 30), (200, 100, 50), (0, 255, 0), (1, 2, 3)]),
+              "la.png": (Image.new("LA", (4, 4), (100, 0)), [(100, 100, 100)] * 4),
+              "rgba.png": (Image.new("RGBA", (4, 4), (1, 2, 3, 0)), [(1, 2, 3)] * 4),
+              "cmyk.tif": (Image.new("CMYK", (4, 4), (0, 255, 255, 0)), [(255, 0, 0)] * 4)}
+    expected = {**{k: [(v, v, v) for v in values] for k, (_, values) in grey.items()},
+                **{k: values for k, (_, values) in colour.items()}}
+    os.makedirs(tmp_path / "set" / "c")
+    for name, (image, _) in {**grey, **colour}.items():
+        image.save(tmp_path / "set" / "c" / name)
+        with Image.open(tmp_path / "set" / "c" / name) as reread:
+            assert reread.mode == image.mode, name  # the file holds the mode under test
+    assert Image.open(tmp_path / "set" / "c" / "i16.png").mode == "I;16"
+    ds = data.ImageFolder(str(tmp_path / "set"), 4, flip=False)
+    images = evaluate.open_images(str(tmp_path / "set"))
+    read = np.concatenate(list(images.batches(8)))  # the files in sorted order, as ImageFolder lists them
+    for i, path in enumerate(ds.paths):
+        want = np.array(expected[os.path.basename(path)], np.uint8)
+        np.testing.assert_array_equal(np.asarray(data.load_image(path))[0], want, err_msg=path)
+        np.testing.assert_array_equal(read[i][0], want, err_msg=path)
+        np.testing.assert_allclose(((ds[i][0][:, 0] + 1) * 127.5).T.numpy(), want, atol=1e-4, err_msg=path)
 
 
 def make_caption_folder(root, captions, size=(20, 12)):
@@ -1169,6 +1215,28 @@ def test_configure_errors_name_the_key(argv, message, tmp_path):
         configure(dict(steps=10, cep=False), argv)
 
 
+def test_config_file_errors_name_the_file_and_line(tmp_path):
+    (tmp_path / "syntax.py").write_text("max_steps = 3\nlr = = 2\n")
+    (tmp_path / "name.py").write_text("max_steps = 3\n\nlr = three\n")
+    for name, message in [("syntax.py", "line 2: invalid syntax: lr = = 2"), ("name.py", "line 3: NameError")]:
+        with pytest.raises(ValueError, match=re.escape(f"config file {tmp_path / name}, {message}")):
+            configure(dict(max_steps=1, lr=0.1), [str(tmp_path / name)])
+
+
+def test_expected_errors_end_in_one_line_unexpected_ones_keep_their_traceback(tmp_path):
+    (tmp_path / "cfg.py").write_text("max_steps = 3\nlr = = 2\n")
+    result = run([sys.executable, "train.py", str(tmp_path / "cfg.py")], check=False)
+    assert result.returncode == 1 and result.stderr == \
+        f"error: config file {tmp_path / 'cfg.py'}, line 2: invalid syntax: lr = = 2 (DEBUG=1 shows the traceback)\n"
+    debug = subprocess.run([sys.executable, "train.py", str(tmp_path / "cfg.py")], cwd=ROOT, capture_output=True,
+                           text=True, env=dict(ENV, DEBUG="1"))
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and debug.stderr.endswith("lr = = 2\n")
+    # a bug (here a shape error inside torch) is no expected error: its traceback stays
+    bug = run([sys.executable, "-c", "import configurator, torch\nconfigurator.configure({}, [])\n"
+               "torch.zeros(2) @ torch.zeros(3)"], check=False)
+    assert bug.returncode == 1 and "Traceback" in bug.stderr and "error: " not in bug.stderr
+
+
 # -----------------------------------------------------------------------------
 # train.py: resume, bad settings, faults, torchrun
 
@@ -1234,14 +1302,18 @@ def bad_config_errors(tmp_path_factory):
     """train.py's error under each of BAD_CONFIGS, and whether it logged (began work): the script run by runpy, as
     `python train.py` runs it, in one process (torch imported once, not once a case)."""
     out = tmp_path_factory.mktemp("bad")
-    argvs = [train_args(out / str(i), *args)[1:] for i, (args, _) in enumerate(BAD_CONFIGS)]
+    errors = train_errors([train_args(out / str(i), *args)[1:] for i, (args, _) in enumerate(BAD_CONFIGS)])
+    return [(error, os.path.exists(out / str(i) / "log.txt")) for i, error in enumerate(errors)]
+
+
+def train_errors(argvs):
+    """The error of train.py under each argv ("no error" if none), all in one process."""
     code = ("import json, runpy, sys\nerrors = []\n"
             "for sys.argv in json.loads(sys.argv[1]):\n"
             "    try:\n        runpy.run_path('train.py', run_name='__main__')\n        errors.append('no error')\n"
             "    except Exception as e:\n        errors.append(f'{type(e).__name__}: {e}')\n"
             "print(json.dumps(errors))")
-    errors = json.loads(run([sys.executable, "-c", code, json.dumps(argvs)]).stdout.splitlines()[-1])
-    return [(error, os.path.exists(out / str(i) / "log.txt")) for i, error in enumerate(errors)]
+    return json.loads(run([sys.executable, "-c", code, json.dumps(argvs)]).stdout.splitlines()[-1])
 
 
 def test_presets_set_only_train_py_keys_and_the_papers_values(tmp_path):
@@ -1301,6 +1373,51 @@ def test_torchrun_design_card_command(tmp_path):
     _, direct = corrupt.corrupt_labels(labels, 0.05, seed=0)
     assert record["indices"] == direct["indices"] and record["new"] == direct["new"]
     assert result.returncode == 0
+
+
+def test_damaged_foreign_or_other_model_checkpoints_are_named_on_resume_and_in_sample_py(tmp_path):
+    train(tmp_path / "good", "--max_steps=2")
+    good = (tmp_path / "good" / "ckpt.pt").read_bytes()
+    state = torch.load(tmp_path / "good" / "ckpt.pt", weights_only=True)
+    files = {"truncated": good[:len(good) // 2], "text": b"not a checkpoint\n", "tmp": good[:4096]}
+    for name, content in files.items():
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "ckpt.pt").write_bytes(content)
+    os.makedirs(tmp_path / "bare")
+    torch.save(state["ema"], tmp_path / "bare" / "ckpt.pt")  # weights only, as an official DiT checkpoint
+    cases = [(name, []) for name in files] + [("bare", []), ("good", ["--model=DiT-S/8"])]
+    errors = train_errors([train_args(tmp_path / name, "--resume", "--max_steps=3", *args)[1:] for name, args in cases])
+    for (name, _), error in zip(cases[:3], errors):
+        assert error.startswith(f"ValueError: checkpoint '{tmp_path / name / 'ckpt.pt'}' is damaged (truncated?) or "
+                                "not a checkpoint of this project (") and "ckpt.pt.tmp: never a good one" in error
+        assert "weights_only" not in error  # torch's advice to load it unsafely: wrong for a damaged file
+        with pytest.raises(ValueError, match="is damaged"):
+            load_model(str(tmp_path / name / "ckpt.pt"))
+    assert errors[3].startswith(f"ValueError: '{tmp_path / 'bare' / 'ckpt.pt'}' holds weights only") and \
+        "sample.py can sample it" in errors[3]
+    loaded = load_model(str(tmp_path / "bare" / "ckpt.pt"))[0].state_dict()  # it can
+    assert all(torch.equal(loaded[k], v) for k, v in state["ema"].items())
+    assert "holds another model than this run asks for (model DiT-Ti/8 in the checkpoint, DiT-S/8 in this run)" \
+        in errors[4]
+    assert (tmp_path / "good" / "ckpt.pt").read_bytes() == good  # nothing was overwritten
+    result = train(tmp_path / "truncated", "--resume", check=False)  # as a user sees it: one line
+    assert result.returncode == 1 and result.stderr.startswith("error: checkpoint ") and "Traceback" not in \
+        result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_a_full_disk_during_a_save_names_the_file_removes_the_partial_one_and_keeps_the_previous(tmp_path):
+    train(tmp_path, "--max_steps=2")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+
+    def file_size_limit():  # what a full disk does to a write, for real: the write fails (EFBIG)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 4,) * 2)
+    result = run(train_args(tmp_path, "--max_steps=4", "--resume"), check=False, preexec_fn=file_size_limit)
+    assert result.returncode == 1 and result.stderr.splitlines()[-1] == \
+        f"error: cannot write {tmp_path / 'ckpt.pt'}: File too large (out of space: a full disk, a quota or a " \
+        "file-size limit); the previous ckpt.pt, if any, is kept (DEBUG=1 shows the traceback)"
+    assert "Traceback" not in result.stderr and "step 4 |" in (tmp_path / "log.txt").read_text()
+    assert (tmp_path / "ckpt.pt").read_bytes() == before and not (tmp_path / "ckpt.pt.tmp").exists()
 
 
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, start_train):
@@ -1805,19 +1922,22 @@ def test_evaluate_end_to_end_inception_with_cache(tmp_path, weights, monkeypatch
     monkeypatch.setattr(fid, "compute_features", lambda images, *a, **k: calls.append(1) or real_compute(images, *a, **k))
     args = ["--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"), "--features=inception",
             f"--inception_weights={path}", "--cache_dir", str(tmp_path / "cache"), "--progress=False",
-            "--device=cpu", "--out", str(tmp_path / "m.json"), "--fd_method=eigh"]  # eigh: 2048-d in seconds
+            "--device=cpu", "--out", str(tmp_path / "m.json"), "--is_splits=3"]
     first = evaluate.main(args)
     assert len(calls) == 2 and first["ref_cache"] == "miss"
     with open(tmp_path / "m.json") as f:
         report = json.load(f)
     assert report["feature_space"] == "inception-2015-12-05" and "resize=pytorch-fid" in report["feature_space_detail"]
-    for k in ("fid", "sfid", "is", "precision", "recall"):
+    for k in ("is", "precision", "recall"):
         assert report[k] is not None and np.isfinite(report[k]), k
-    assert report["fid"] > 0 and report["is"] >= 1 and report["num_samples"] == 6 and report["num_ref"] == 8
+    assert report["is"] >= 1 and report["num_samples"] == 6 and report["num_ref"] == 8
+    assert report["fid"] is report["sfid"] is None and report["skipped"] == {  # FID on 6 samples would mean nothing
+        "fid": "6 samples and 8 reference images, fewer than the 2048 feature dimensions: each set needs as many",
+        "sfid": "6 samples and 8 reference images, fewer than the 2023 feature dimensions: each set needs as many"}
     assert "is_classifier" not in report
     second = evaluate.main(args)
     assert len(calls) == 3 and second["ref_cache"] == "hit"  # only the samples were run through the network
-    for k in ("fid", "sfid", "is", "precision", "recall"):
+    for k in ("is", "precision", "recall"):
         assert second[k] == pytest.approx(first[k], rel=1e-9)
     # the cache file is itself a statistics file usable as --ref, features (for precision/recall) included
     space = type("Space", (), {"name": fid.FEATURE_SPACE})()
@@ -1834,10 +1954,10 @@ def test_evaluate_end_to_end_inception_with_cache(tmp_path, weights, monkeypatch
 
 def test_evaluate_synthetic_classifier_and_memorisation(tmp_path):
     from data import SyntheticShapes
-    ds = SyntheticShapes(size=40, resolution=16, seed=5)
+    ds = SyntheticShapes(size=100, resolution=16, seed=5)  # as many as the 96 feature dimensions, for FID
     np.savez(tmp_path / "s.npz", ds.images_uint8(), ds.labels)
     base = ["--samples", str(tmp_path / "s.npz"), "--cache_dir", str(tmp_path / "cache"), "--progress=False",
-            "--device=cpu", "--classifier_size=200", "--classifier_epochs=1", "--synthetic_ref_size=60"]
+            "--device=cpu", "--classifier_size=200", "--classifier_epochs=1", "--synthetic_ref_size=100"]
     res = evaluate.main(base + ["--train=synthetic", "--synthetic_train_size=50"])
     assert res["feature_space"] == "synthetic-classifier" and res["is"] is None and res["sfid"] is None
     assert 0 <= res["class_accuracy"] <= 1 and 0 <= res["precision"] <= 1 and res["fid"] >= 0
@@ -1894,6 +2014,72 @@ def test_evaluate_cli_on_a_folder(tmp_path):
     assert p.returncode != 0 and "bogus_key" in p.stderr
 
 
+def test_evaluate_skips_what_too_few_samples_cannot_measure(tmp_path):
+    from data import SyntheticShapes
+    ds = SyntheticShapes(size=5, resolution=16, seed=5)
+    args = ["--cache_dir", str(tmp_path / "cache"), "--progress=False", "--device=cpu", "--classifier_size=100",
+            "--classifier_epochs=1", "--synthetic_ref_size=30"]
+    for n in (1, 5):  # 1 sample crashed in scipy's sqrtm; 5 gave FID 0.087 and IS 1.0 (splits of one sample)
+        np.savez(tmp_path / f"s{n}.npz", ds.images_uint8()[:n], ds.labels[:n])
+        res = evaluate.main(["--samples", str(tmp_path / f"s{n}.npz"), *args])
+        assert res["fid"] is res["is_classifier"] is None and 0 <= res["class_accuracy"] <= 1
+        assert res["skipped"]["fid"] == f"{n} samples and 30 reference images, fewer than the 96 feature dimensions: " \
+            "each set needs as many"
+        assert res["skipped"]["is_classifier"] == f"{n} samples in 10 splits: each split needs 2 at least"
+        assert (res["precision"] is None) == (n <= 3) == ("precision" in res["skipped"])
+    assert fid.unmeasurable(10000, None, {"fid": 2048}, split_size=5000) == {}  # ADM's rule: 2 chunks of 5000
+    assert fid.unmeasurable(3, None, {}, split_size=1) == {"is": "3 samples in 3 splits: each split needs 2 at least",
+                                                           "precision": "3 samples: k=3 needs more than 3 of each",
+                                                           "recall": "3 samples: k=3 needs more than 3 of each"}
+    assert set(fid.unmeasurable(2047, 50000, {"fid": 2048, "sfid": 2023})) == {"fid"}
+
+
+def test_evaluate_caches_and_report_are_written_whole_and_unreadable_caches_made_again(tmp_path, capsys):
+    from data import SyntheticShapes
+    ds = SyntheticShapes(size=12, resolution=16, seed=5)
+    np.savez(tmp_path / "s.npz", ds.images_uint8(), ds.labels)
+    classifier, report = tmp_path / "classifier.pt", tmp_path / "report.json"
+    args = ["--samples", str(tmp_path / "s.npz"), "--classifier_path", str(classifier), "--cache_dir",
+            str(tmp_path / "cache"), "--progress=False", "--device=cpu", "--classifier_size=100",
+            "--classifier_epochs=1", "--synthetic_ref_size=30", "--out", str(report)]
+    # a kill while the classifier is written: torch.save blocks writing into a FIFO, so the kill lands mid-write
+    os.mkfifo(f"{classifier}.tmp")
+    proc = subprocess.Popen([sys.executable, "evaluate.py", *args], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        with open(os.open(f"{classifier}.tmp", os.O_RDONLY | os.O_NONBLOCK), "rb", buffering=0) as fifo:
+            partial = wait_until(lambda: fifo.read(4096), proc)
+            proc.kill()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert partial.startswith(b"PK") and not classifier.exists()  # the final name was never written
+    os.remove(f"{classifier}.tmp")
+    with open(f"{classifier}.tmp", "wb") as f:  # what the kill leaves on a real disk
+        f.write(partial)
+    first = evaluate.main(args)  # trains it again, as if absent
+    assert classifier.exists() and not os.path.exists(f"{classifier}.tmp") and json.loads(report.read_text()) == first
+    # caches cut short (a copy, or a kill in a version that wrote in place): made again, said once
+    for path in (first["ref_cache_path"], str(classifier)):  # the features, then the classifier (and its features)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+        capsys.readouterr()
+        again = evaluate.main(args)
+        out = capsys.readouterr().out
+        assert out.count("is unreadable") == out.count(f"the cache {path} is unreadable (") == 1, out
+        assert again["ref_cache"] == "miss" and again["precision"] == first["precision"]
+        assert again["classifier_val_accuracy"] == first["classifier_val_accuracy"]  # retrained from the same seed
+    # a full disk while the report is written: the previous report stays whole, and the error names the file
+
+    def file_size_limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+    before = report.read_text()
+    result = run([sys.executable, "evaluate.py", *args], check=False, preexec_fn=file_size_limit)
+    assert result.returncode == 1 and result.stderr.startswith(f"error: cannot write {report}: File too large")
+    assert "Traceback" not in result.stderr and report.read_text() == before and not os.path.exists(f"{report}.tmp")
+
+
 def test_clip_score_matches_a_direct_computation(tmp_path):
     import clip
     ref = tiny_clip(tmp_path / "clip.pt", torchscript=False)
@@ -1917,15 +2103,16 @@ def test_clip_score_matches_a_direct_computation(tmp_path):
 # study.py
 
 
-STUDY_EVAL = ("--train=synthetic --synthetic_train_size=64 --synthetic_ref_size=60 --classifier_size=200 "
+STUDY_EVAL = ("--train=synthetic --synthetic_train_size=64 --synthetic_ref_size=100 --classifier_size=200 "
               "--classifier_epochs=1 --progress=False --device=cpu")
 
 
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
-    """A 2-run study (clean, eta 10%) of 2 training steps, 20 samples at one scale: (its arguments, out_dir, rows)."""
+    """A 2-run study (clean, eta 10%) of 2 training steps, 100 samples at one scale (FID needs as many as the 96
+    feature dimensions): (its arguments, out_dir, rows)."""
     out = tmp_path_factory.mktemp("study")
-    args = [f"--out_dir={out}", "--runs=clean,eta10", "--cfg_scales=2", "--samplers=dpm++3", "--num_samples=20",
+    args = [f"--out_dir={out}", "--runs=clean,eta10", "--cfg_scales=2", "--samplers=dpm++3", "--num_samples=100",
             "--train_args=" + " ".join(TINY + ["--max_steps=2"]), f"--eval_args={STUDY_EVAL} --cache_dir={out}/cache"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
@@ -1940,14 +2127,15 @@ def test_study_trains_each_run_and_writes_the_table_and_plots(tiny_study):
     assert list(table[0]) == ["run", "eta", "sampler", "cfg_scale", "num_samples", "feature_space", "seeds",
                               *[c for k in study.METRICS for c in (k, k + "_seed_std")], "beyond_noise"]
     assert [(r["run"], r["eta"], r["sampler"], r["cfg_scale"], r["num_samples"]) for r in table] == \
-        [("clean", "0.0", "dpm++3", "2.0", "20"), ("eta10", "10.0", "dpm++3", "2.0", "20")]
-    report = json.loads((out / "eta10" / "samples_dpm++3_cfg2.0_n20_metrics.json").read_text())
+        [("clean", "0.0", "dpm++3", "2.0", "100"), ("eta10", "10.0", "dpm++3", "2.0", "100")]
+    report = json.loads((out / "eta10" / "samples_dpm++3_cfg2.0_n100_metrics.json").read_text())
     for key in ("fid", "is_classifier", "precision", "recall", "class_accuracy", "memorisation_ratio", "avg_l2_top5",
                 "rmd_top1"):
         assert float(table[1][key]) == report[key] == rows[1][key], key  # evaluate.py's numbers, every metric
     assert table[1]["feature_space"] == "synthetic-classifier" and table[1]["is"] == table[1]["sfid"] == ""
     markdown = (out / "results.md").read_text()
-    assert "| eta10 | 10 | dpm++3 | 2 | 20 |" in markdown and "IS (classifier) ↑" in markdown and "sFID" not in markdown
+    assert "| eta10 | 10 | dpm++3 | 2 | 100 |" in markdown and "IS (classifier) ↑" in markdown
+    assert "sFID" not in markdown
     # the runs are what their names say
     assert json.loads((out / "eta10" / "corruption.json").read_text())["eta"] == 0.1
     assert not os.path.exists(out / "clean" / "corruption.json")
@@ -2001,15 +2189,15 @@ def test_study_aggregates_seeds_and_marks_what_is_beyond_the_noise(tmp_path):
 
 def test_study_reuses_what_exists_and_sweeps_guidance_scales(tiny_study, monkeypatch):
     args, out, _ = tiny_study
-    done = [out / "clean" / name for name in ("ckpt.pt", "samples_0000002.png", "samples_dpm++3_cfg2.0_n20.npz",
-                                               "samples_dpm++3_cfg2.0_n20_metrics.json")]
+    done = [out / "clean" / name for name in ("ckpt.pt", "samples_0000002.png", "samples_dpm++3_cfg2.0_n100.npz",
+                                               "samples_dpm++3_cfg2.0_n100_metrics.json")]
     before = [os.path.getmtime(p) for p in done]
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     rows = study.main(args + ["--runs=clean", "--cfg_scales=2,4"])
     assert [os.path.getmtime(p) for p in done] == before  # not retrained, resampled or re-evaluated
     assert "ckpt.pt is at step 2, max_steps=2: nothing to train" in (out / "clean" / "log.txt").read_text()
     assert [(r["run"], r["cfg_scale"]) for r in rows] == [("clean", 2.0), ("clean", 4.0)]
-    assert np.load(out / "clean" / "samples_dpm++3_cfg4.0_n20.npz")["arr_0"].shape == (20, 16, 16, 3)
+    assert np.load(out / "clean" / "samples_dpm++3_cfg4.0_n100.npz")["arr_0"].shape == (100, 16, 16, 3)
     with open(out / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
 
@@ -2017,13 +2205,13 @@ def test_study_reuses_what_exists_and_sweeps_guidance_scales(tiny_study, monkeyp
 def test_study_sweeps_a_checkpoint_with_two_samplers_through_torchrun(tiny_study, monkeypatch):
     args, out, _ = tiny_study
     log = (out / "eta10" / "log.txt").read_text()
-    reused = out / "eta10" / "samples_dpm++3_cfg2.0_n20.npz"
+    reused = out / "eta10" / "samples_dpm++3_cfg2.0_n100.npz"
     before = os.path.getmtime(reused)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     rows = study.main(args + [f"--ckpt={out}/eta10/ckpt.pt", "--samplers=dpm++3,ddpm4", "--nproc=2"])
     assert (out / "eta10" / "log.txt").read_text() == log and os.path.getmtime(reused) == before  # trains nothing
     assert [(r["run"], r["sampler"], r["eta"]) for r in rows] == [("eta10", "dpm++3", None), ("eta10", "ddpm4", None)]
-    assert rows[1]["num_samples"] == 20 and np.isfinite(rows[1]["fid"])
+    assert rows[1]["num_samples"] == 100 and np.isfinite(rows[1]["fid"])
 
 
 def test_study_runs_name_the_papers_baselines():

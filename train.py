@@ -33,12 +33,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from cep import CEP, FixedCEP, input_perturbation
-from configurator import configure
+from configurator import atomic_write, configure
 from corrupt import check_corruption, corrupt_batch, corrupt_conditions
 from data import CaptionPairs, ImageCaptions, ImageFolder, LatentDataset, StepBatches, SyntheticShapes
 from diffusion import GaussianDiffusion
 from model import DiT_models, UNet_models
-from sample import build, class_rows, sample_grid
+from sample import build, class_rows, load_checkpoint, sample_grid
 from text import load_clip_text_encoder, tokenize
 from vae import load_first_stage
 
@@ -166,13 +166,6 @@ def update_ema(ema, model, decay):
     torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1 - decay)
 
 
-def save_checkpoint(path, state):
-    """Atomic: a crash mid-write leaves the previous checkpoint intact."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 config = configure(globals(), sys.argv[1:])
 ddp = "RANK" in os.environ
 if ddp:
@@ -247,7 +240,7 @@ else:
     dataset.labels, corruption, record = corrupt_conditions(dataset.labels, corrupt, corrupt_type, corrupt_mode, seed,
                                                             corrupt_subset, classes=dataset.classes)
 if record and master:
-    with open(os.path.join(out_dir, "corruption.json"), "w") as f:
+    with atomic_write(os.path.join(out_dir, "corruption.json"), "w") as f:
         json.dump(record, f)
 if ddp:  # every rank decided alone; a dataset listed differently on another node would silently differ
     records = [None] * world_size
@@ -282,7 +275,16 @@ opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr,
                         fused=True)
 step = 0
 if resume:
-    state = torch.load(ckpt_path, map_location=device, weights_only=True)
+    state = load_checkpoint(ckpt_path, map_location=device)
+    if "opt" not in state:
+        raise ValueError(f"{ckpt_path!r} holds weights only (a bare state dict): sample.py can sample it, but a resume "
+                         "needs what train.py saves beside them (optimiser, step, corruption); use another out_dir")
+    if state["model_args"] != model_args:
+        diff = "; ".join(f"{'model' if k == 'name' else k} {state['model_args'].get(k, '-')} in the checkpoint, "
+                         f"{model_args.get(k, '-')} in this run" for k in sorted({*state["model_args"], *model_args})
+                         if state["model_args"].get(k) != model_args.get(k))
+        raise ValueError(f"{ckpt_path!r} holds another model than this run asks for ({diff}): resume with the "
+                         "checkpoint's settings (its config is in it), or use another out_dir")
     if state["corruption"] != corruption:
         raise ValueError(f"the checkpoint was trained with corruption {state['corruption']}, this run has {corruption}")
     net.load_state_dict(state["model"])
@@ -369,9 +371,10 @@ for (x, y), index in zip(loader, batches):  # a second pass of the sampler: the 
         loss_sum.zero_()
         last_log_step, last_log_time = step, now
     if (at_ckpt or preempted) and master:
-        save_checkpoint(ckpt_path, dict(model=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                                        step=step, config=config, corruption=corruption, model_args=model_args,
-                                        prediction=prediction, schedule=schedule, first_stage=first_stage_args))
+        with atomic_write(ckpt_path) as f:  # a kill or a full disk mid-write leaves the previous checkpoint
+            torch.save(dict(model=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
+                            config=config, corruption=corruption, model_args=model_args, prediction=prediction,
+                            schedule=schedule, first_stage=first_stage_args), f)
     if preempted:
         log(f"SIGTERM: saved {ckpt_path} at step {step} and stopped; continue with --resume")
         break
