@@ -271,11 +271,12 @@ def sample_grid(model, path, rows, per_row=8, seed=0, **kwargs):
     device = next(model.parameters()).device
     y = as_condition(rows, device).repeat_interleave(per_row, dim=0)
     x = sample(model, y, generator=torch.Generator(device).manual_seed(seed), **kwargs)
-    if isinstance(rows[0], str):
-        captioned_grid(to_uint8(x), [r for r in rows for _ in range(per_row)], per_row).save(path)
-    else:  # small images enlarged (nearest) to at least 64 px, so that a grid of 16 px samples can be looked at
-        save_image(F.interpolate((x + 1) / 2, scale_factor=max(1, 64 // x.shape[-1]), mode="nearest"), path,
-                   nrow=per_row, padding=1)
+    with atomic_write(path) as f:  # study.py shows the last grid of each run: never a half-written one
+        if isinstance(rows[0], str):
+            captioned_grid(to_uint8(x), [r for r in rows for _ in range(per_row)], per_row).save(f, format="PNG")
+        else:  # small images enlarged (nearest) to at least 64 px, so that a grid of 16 px samples can be looked at
+            save_image(F.interpolate((x + 1) / 2, scale_factor=max(1, 64 // x.shape[-1]), mode="nearest"), f,
+                       nrow=per_row, padding=1, format="png")
 
 
 def sample_npz(model, path, conditions, batch_size, seed=0, rank=0, world_size=1, **kwargs):
