@@ -337,8 +337,10 @@ def sampling_rows(name):
     del net, out
     vae = (AutoencoderKL() if channels == 4 else VQModel()).to(device).eval()
     z = torch.randn(min(32, sample_batch_size), channels, side, side, device=device)  # sample.py's chunk
-    with torch.inference_mode():
+    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False  # off, as in sample.py
+    with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         decode = timed([lambda: vae.decode(z)])[0]
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     rows.append(dict(task=f"decode to {side * vae.factor}x{side * vae.factor} images", model=type(vae).__name__,
                      input=f"{side}x{side}x{channels}", batch=len(z), seconds=decode, images=len(z), flops=0,
                      compile="no", dtype="float32"))
