@@ -38,6 +38,7 @@ from configurator import configure
 from diffusion import GaussianDiffusion
 from model import DiT, DiT_models, DiT_sizes, SpatialTransformer, UNet, UNetResBlock, build_model, load_dit
 from sample import sample
+from vae import AutoencoderKL, VQModel
 
 device = "cuda" if torch.cuda.is_available() else "cpu"  # the defaults below follow the machine
 models = "DiT-S/2,DiT-B/2,DiT-XL/2,LDM-S,LDM-4" if device == "cuda" else "DiT-S/2,LDM-S"
@@ -52,9 +53,9 @@ sample_steps = 50
 cfg_scale = 4.0
 fid_images = 512 if device == "cuda" else 16       # 256x256 uint8 images through the FID Inception; 0: none
 compare = True                          # the diffusers and pytorch-fid rows, when those packages are installed
-csv = ""                                # also write the table to this CSV file (speedups: and beside it a .md)
+csv = ""                                # also write the table to this CSV file, and beside it a .md with the notes
 seed = 0
-# suite=speedups: eager against compiled on one GPU, the rows of docs/speed.md's speed-ups table (see speedups())
+# suite=speedups: eager against compiled on one GPU, the rows docs/speed.md owes (see jobs())
 suite = "table"                         # table: the models x compile x dtypes grid above | speedups
 sample_models = "DiT-XL/2,LDM-4" if device == "cuda" else "DiT-S/2"  # sampling: eager, then compiled (CUDA graphs)
 graph_models = "DiT-S/2,LDM-S"          # training steps at batch_size: eager against reduce-overhead (CUDA graphs)
@@ -310,8 +311,7 @@ def relative_difference(a, b):
 def sampling_rows(name):
     """sample.py's sampling with guidance (DPM-Solver++ 50 steps), one batch a row: eager in bfloat16 at batch 32 (the
     table's), then at sample_batch_size eager in float32 and bfloat16 and compiled in bfloat16 (a CUDA graph on GPU),
-    from one seed; and the first stage's decode to images as sample.py runs it (random weights, the trained speed)."""
-    from vae import AutoencoderKL, VQModel
+    from one seed; and the first stage's decode to images as sample.py runs it (random weights: as fast as trained)."""
     net, channels, side = random_model(name)
     net.eval()
     rows, out, cuda = [], {}, device.startswith("cuda")
