@@ -309,44 +309,36 @@ def relative_difference(a, b):
 
 
 def sampling_rows(name):
-    """sample.py's sampling with guidance (DPM-Solver++ 50 steps), one batch a row: eager in bfloat16 at batch 32 (the
-    table's), then at sample_batch_size eager in float32 and bfloat16 and compiled in bfloat16 (a CUDA graph on GPU),
-    from one seed; and the first stage's decode to images as sample.py runs it (random weights: as fast as trained)."""
+    """sample.py's sampling with guidance (DPM-Solver++ 50 steps) and the first stage's decode (random weights: as
+    fast as trained), one batch a row: eager in bfloat16 at batch 32 (the table's), then at sample_batch_size eager in
+    float32 and bfloat16 and compiled in bfloat16 (a CUDA graph on GPU), from one seed. FLOPs: the denoiser's."""
     net, channels, side = random_model(name)
     net.eval()
-    rows, out, cuda = [], {}, device.startswith("cuda")
-    runs = [(32, False, torch.bfloat16)] + [(sample_batch_size, c, d) for c, d in
-                                            [(False, torch.float32), (False, torch.bfloat16), (True, torch.bfloat16)]]
+    vae = (AutoencoderKL() if channels == 4 else VQModel()).to(device).eval()
+    rows, out, cuda, first = [], {}, device.startswith("cuda"), min(32, sample_batch_size)
+    runs = [(first, False, torch.bfloat16)] + [(sample_batch_size, False, torch.float32),
+                                               (sample_batch_size, False, torch.bfloat16),
+                                               (sample_batch_size, True, torch.bfloat16)]
     for batch, use_compile, dtype in runs:
         def run(num_steps):
             out[use_compile, dtype] = sample(net, torch.arange(batch, device=device) % 1000, cfg_scale, sampler,
-                                             num_steps, size=side, dtype=dtype, compile=use_compile,
+                                             num_steps, size=side, vae=vae, dtype=dtype, compile=use_compile,
                                              generator=torch.Generator(device).manual_seed(seed))
         run(3)  # the warm-up: compiles, records the CUDA graph at the second step, replays it at the third
-        rows.append(dict(task=f"sample, {sampler} {sample_steps} steps, cfg {cfg_scale}", model=name, batch=batch,
-                         input=f"{side}x{side}x{channels}", seconds=seconds(lambda: run(sample_steps)), images=batch,
+        rows.append(dict(task=f"sample, {sampler} {sample_steps} steps, cfg {cfg_scale}, {type(vae).__name__} decode",
+                         model=name, batch=batch, input=f"{side}x{side}x{channels}", images=batch,
+                         seconds=seconds(lambda: run(sample_steps)), dtype=dtype_name(dtype),
                          flops=sample_steps * batch * (1 if cfg_scale == 1 else 2) * forward_flops(net, side),
-                         dtype=dtype_name(dtype), compile=("reduce-overhead" if cuda else "default") if use_compile
-                         else "no"))
+                         compile=("reduce-overhead" if cuda else "default") if use_compile else "no"))
     eager, compiled = out[False, torch.bfloat16], out[True, torch.bfloat16]
+    minutes = [50000 * r["seconds"] / r["images"] / 60 for r in (rows[0], rows[-1])]
     notes = [f"{name}, sampling at batch {sample_batch_size}, bfloat16: compiled "
-             f"{rows[-2]['seconds'] / rows[-1]['seconds']:.2f}x as fast as eager; from the same seeds, samples that "
+             f"{rows[-2]['seconds'] / rows[-1]['seconds']:.2f}x as fast as eager; from the same seeds, images that "
              f"differ by {relative_difference(compiled, eager):.1e} (relative RMS; max "
              f"{(compiled - eager).abs().max():.2g}, at std {eager.std():.2g}), where bfloat16 and float32 eager "
-             f"differ by {relative_difference(eager, out[False, torch.float32]):.1e}"]
-    del net, out
-    vae = (AutoencoderKL() if channels == 4 else VQModel()).to(device).eval()
-    z = torch.randn(min(32, sample_batch_size), channels, side, side, device=device)  # sample.py's chunk
-    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False  # off, as in sample.py
-    with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        decode = timed([lambda: vae.decode(z)])[0]
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    rows.append(dict(task=f"decode to {side * vae.factor}x{side * vae.factor} images", model=type(vae).__name__,
-                     input=f"{side}x{side}x{channels}", batch=len(z), seconds=decode, images=len(z), flops=0,
-                     compile="no", dtype="float32"))
-    minutes = [50000 * (r["seconds"] / r["images"] + decode / len(z)) / 60 for r in (rows[0], rows[-2])]
-    notes.append(f"{name}: 50K samples and their decoding take {minutes[0]:.0f} minutes eager at batch 32 and "
-                 f"{minutes[1]:.0f} compiled at batch {sample_batch_size}, per GPU (bfloat16)")
+             f"differ by {relative_difference(eager, out[False, torch.float32]):.1e}",
+             f"{name}: 50K images take {minutes[0]:.0f} minutes eager at batch {first} and {minutes[1]:.0f} compiled "
+             f"at batch {sample_batch_size}, per GPU (bfloat16, decoded)"]
     return rows, notes
 
 

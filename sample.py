@@ -44,8 +44,7 @@ batch_size = 64
 seed = 0
 out = ""                # default: beside the checkpoint
 vae = ""                # a folder of diffusers VAE weights, to decode latents; default: the one the checkpoint records
-dtype = "float32"       # the denoiser's autocast dtype: float32 | bfloat16 (faster on GPU; the VAE decodes in
-                        # float32 either way)
+dtype = "float32"       # autocast of the denoiser and the VAE: float32 | bfloat16 (faster on GPU)
 compile = False         # torch.compile the guided denoiser step; on GPU replayed as a CUDA graph (docs/speed.md)
 # -----------------------------------------------------------------------------
 
@@ -87,9 +86,9 @@ def sample(model, labels, cfg_scale=4.0, sampler="dpm++", num_steps=50, ddim_eta
     """Images (float, about [-1, 1]) for `labels`, from `num_steps` evenly spaced steps of the 1000 (diffusion.py's
     samplers). The model denoises size x size inputs (default: the DiT's input size): pixels, or with a first stage
     `vae` its latents, decoded at the end. The predicted x0 is clipped to [-1, 1] in pixel space only: latents are
-    unbounded (DiT does not clip). `prediction`: what the model predicts, "eps" or "v". The denoiser runs under
-    autocast to `dtype`, and with `compile` as one compiled graph (on GPU a CUDA graph: the shapes are the same at
-    every step); the update rules and the VAE run in float32, eagerly."""
+    unbounded (DiT does not clip). `prediction`: what the model predicts, "eps" or "v". The denoiser and the VAE run
+    under autocast to `dtype`, and with `compile` the denoiser as one compiled graph (on GPU a CUDA graph: the shapes
+    are the same at every step); the update rules run in float32, eagerly."""
     diffusion = GaussianDiffusion(learn_sigma=model.learn_sigma, prediction=prediction).respaced(num_steps)
     size = size or model.x_embedder.proj.kernel_size[0] * int(model.pos_embed.shape[1] ** 0.5)
     x = torch.randn(len(labels), model.in_channels, size, size, device=labels.device, generator=generator)
@@ -107,8 +106,12 @@ def sample(model, labels, cfg_scale=4.0, sampler="dpm++", num_steps=50, ddim_eta
             return step(model, x, t, labels, cfg_scale)
     x = diffusion.sample(denoise, x, sampler, ddim_eta, clip_denoised=vae is None, generator=generator,
                          progress=progress)
-    # in chunks: at 256 px the KL-f8 decoder holds ~0.2 GB of activations an image, too many for a batch of 256
-    return x if vae is None else torch.cat([vae.decode(z) for z in x.split(32)])
+    if vae is None:
+        return x
+    # in chunks: at 256 px the KL-f8 decoder holds ~0.2 GB of activations an image, too many for a batch of 256. In
+    # `dtype` too: it costs about one guided step of DiT-XL/2 in FLOPs, which float32 would run several times slower
+    with autocast:
+        return torch.cat([vae.decode(z).float() for z in x.split(32)])
 
 
 def to_uint8(x):

@@ -2091,13 +2091,14 @@ def test_bench_table_rows_with_and_without_diffusers(tmp_path, monkeypatch, caps
 
 
 def test_bench_speedups_rows_before_and_after(tmp_path, monkeypatch, capsys):
-    """The GPU suite on CPU, on tiny models: every row and note, the CSV and markdown beside it, and the batch halved
-    when the eager step runs out of memory. torch.compile runs with the aot_eager backend here, to take seconds (the
+    """The GPU suite on CPU, on tiny models (and a tiny first stage): every row and note, the CSV and markdown beside
+    it, and the batch halved when the eager step runs out of memory. torch.compile runs with the aot_eager backend here, to take seconds (the
     Inductor samples are checked in test_compiled_sampling_gives_the_eager_samples): the compiled path then computes
     the eager arithmetic exactly."""
     import bench
     real_compile, real_step = torch.compile, bench.train_step
     monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: real_compile(fn, backend="aot_eager", **kw))
+    monkeypatch.setattr(bench, "AutoencoderKL", lambda: AutoencoderKL(block_out_channels=(32, 32), norm_num_groups=8))
 
     def train_step(*args):  # a GPU that holds batches of 2 at most
         step = real_step(*args)
@@ -2112,16 +2113,16 @@ def test_bench_speedups_rows_before_and_after(tmp_path, monkeypatch, capsys):
                         "--mfu_model=DiT-Ti/8", "--mfu_batch_size=8", "--batch_size=2", "--sample_batch_size=2",
                         "--sample_steps=2", "--steps=1", "--warmup=0", f"--csv={csv_path}"])
     out = capsys.readouterr().out
-    sample = "sample, dpm++ 2 steps, cfg 4.0"
+    sample = "sample, dpm++ 2 steps, cfg 4.0, AutoencoderKL decode"
     assert [[row[i] for i in (0, 3, 4, 5)] for row in table] == [
-        [sample, 32, "no", "bfloat16"], [sample, 2, "no", "float32"], [sample, 2, "no", "bfloat16"],
-        [sample, 2, "default", "bfloat16"], ["decode to 256x256 images", 2, "no", "float32"],
+        [sample, 2, "no", "bfloat16"], [sample, 2, "no", "float32"], [sample, 2, "no", "bfloat16"],
+        [sample, 2, "default", "bfloat16"],
         ["train", 2, "no", "bfloat16"], ["train", 2, "default", "bfloat16"],  # batch_size: eager, CUDA graphs
         ["train", 2, "no", "bfloat16"], ["train", 2, "default", "bfloat16"]], out  # the MFU rows, halved twice
     assert all(float(row[6]) > 0 for row in table)
-    assert re.search(r"compiled \S+x as fast as eager; from the same seeds, samples that differ by 0\.0e\+00", out)
+    assert re.search(r"compiled \S+x as fast as eager; from the same seeds, images that differ by 0\.0e\+00", out)
     assert re.search(r"where bfloat16 and float32 eager differ by [1-9]", out)  # bf16 does round
-    assert re.search(r"DiT-Ti/8: 50K samples and their decoding take \d+ minutes eager at batch 32", out)
+    assert re.search(r"DiT-Ti/8: 50K images take \d+ minutes eager at batch 2 and \d+ compiled at batch 2", out)
     assert "DiT-Ti/8, training at batch 2 (8 did not fit): compiled" in out
     with open(csv_path, newline="") as f:
         assert list(csv.reader(f))[1:] == [list(map(str, row)) for row in table]
