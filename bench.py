@@ -372,10 +372,10 @@ def mfu_rows():
         except torch.cuda.OutOfMemoryError:
             if batch == 1:
                 raise
-            batch //= 2
-            net.zero_grad(set_to_none=True)
-            gc.collect()
-            torch.cuda.empty_cache()
+        batch //= 2  # out of the except clause: its traceback no longer holds the activations
+        net.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.empty_cache()
     net.compile()
     step = train_step(net, net, channels, side, torch.bfloat16, dit, batch)
     times = [eager, timed([step])[0]]
@@ -437,8 +437,9 @@ def jobs(kinds):
         return ([(f"sampling {n}", partial(sampling_rows, n)) for n in sample_models.split(",") if n]
                 + [(f"CUDA graphs {n}", partial(graph_rows, n)) for n in graph_models.split(",") if n]
                 + ([(f"MFU {mfu_model}", mfu_rows)] if mfu_model else []))
-    grid = [(f"{name}, compile {c}, {dtype_name(d)}", partial(bench_model, name, c, d)) for name in models.split(",")
-            for c in {"off": [False], "on": [True], "both": [False, True]}[compile] for d in kinds]
+    grid = [(f"{name}, {'compiled' if c else 'eager'}, {dtype_name(d)}", partial(bench_model, name, c, d))
+            for name in models.split(",") for c in {"off": [False], "on": [True], "both": [False, True]}[compile]
+            for d in kinds]
     return grid + ([("FID features", bench_inception)] if fid_images else [])
 
 
