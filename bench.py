@@ -1,12 +1,13 @@
 """
 Throughput, in one table: training steps of the DiTs (on 32x32x4 latents) and the U-Nets, each DiT side by side with
 diffusers' DiTTransformer2DModel on the same weights; sampling with guidance; FID Inception features, side by side
-with pytorch-fid.
+with pytorch-fid. Or (--suite=speedups) eager against compiled and CUDA graphs, before and after in one run.
 
   python bench.py                               # CPU: DiT-S/2 and LDM-S, small batches, eager (a few minutes)
   python bench.py --compile=both --csv=bench.csv
   python bench.py                               # GPU: DiT-S/2, DiT-B/2, DiT-XL/2, LDM-S, LDM-4 at batch 32, eager and
                                                 # compiled, TF32 and bf16, with model FLOPs utilisation (MFU)
+  python bench.py --suite=speedups --sample_batch_size=128 --csv=out/speedups.csv   # GPU, about 6 minutes
 
 A training step is train.py's: autocast, hybrid loss (plain MSE, as DiT), backward, gradient clipping, fused
 AdamW, EMA. Sampling is sample.py's sample() with guidance, which runs the conditional and unconditional halves in
@@ -18,10 +19,15 @@ and MFU divides the model FLOP/s by the GPU's dense peak (the TF32 peak for floa
 bfloat16 on CPU is autocast as on GPU: native on CPUs with AVX512-BF16 or AMX, emulated and slow elsewhere.
 The diffusers and pytorch-fid rows need those packages (requirements-test.txt); without them the rows are skipped.
 """
+import csv as csv_module  # as csv_module: `csv` is the name of an option
 import gc
+import io
+import os
 import statistics
 import sys
 import time
+from copy import deepcopy
+from functools import partial
 
 import numpy as np
 import torch
@@ -32,6 +38,7 @@ from configurator import configure
 from diffusion import GaussianDiffusion
 from model import DiT, DiT_models, DiT_sizes, SpatialTransformer, UNet, UNetResBlock, build_model, load_dit
 from sample import sample
+from vae import AutoencoderKL, VQModel
 
 device = "cuda" if torch.cuda.is_available() else "cpu"  # the defaults below follow the machine
 models = "DiT-S/2,DiT-B/2,DiT-XL/2,LDM-S,LDM-4" if device == "cuda" else "DiT-S/2,LDM-S"
@@ -46,8 +53,14 @@ sample_steps = 50
 cfg_scale = 4.0
 fid_images = 512 if device == "cuda" else 16       # 256x256 uint8 images through the FID Inception; 0: none
 compare = True                          # the diffusers and pytorch-fid rows, when those packages are installed
-csv = ""                                # also write the table to this CSV file
+csv = ""                                # also write the table to this CSV file, and beside it a .md with the notes
 seed = 0
+# suite=speedups: eager against compiled on one GPU, the rows docs/speed.md owes (see jobs())
+suite = "table"                         # table: the models x compile x dtypes grid above | speedups
+sample_models = "DiT-XL/2,LDM-4" if device == "cuda" else "DiT-S/2"  # sampling: eager, then compiled (CUDA graphs)
+graph_models = "DiT-S/2,LDM-S"          # training steps at batch_size: eager against reduce-overhead (CUDA graphs)
+mfu_model = "DiT-XL/2" if device == "cuda" else "DiT-S/2"  # training, eager and compiled, at mfu_batch_size
+mfu_batch_size = 256 if device == "cuda" else 4  # halved until the eager step fits the GPU
 
 # dense tensor-core peaks in TFLOP/s (bfloat16, TF32), from NVIDIA's data sheets; the first name found in the
 # device's name is taken
@@ -123,17 +136,17 @@ def host_syncs(fn):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def train_step(net, forward, channels, side, dtype, learn_sigma):
-    """train.py's training step on random latents, for forward(x_t, t, y) -> model output."""
+def train_step(net, forward, channels, side, dtype, learn_sigma, batch):
+    """train.py's training step on a batch of random latents, for forward(x_t, t, y) -> model output."""
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     ema = [p.detach().clone() for p in params]
     diffusion = GaussianDiffusion(learn_sigma=learn_sigma)
-    x0 = torch.randn(batch_size, channels, side, side, device=device)
-    y = torch.randint(0, 1000, (batch_size,), device=device)
+    x0 = torch.randn(batch, channels, side, side, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
 
     def step():
-        t = torch.randint(0, diffusion.num_timesteps, (batch_size,), device=device)
+        t = torch.randint(0, diffusion.num_timesteps, (batch,), device=device)
         noise = torch.randn_like(x0)
         x_t = diffusion.q_sample(x0, t, noise)
         with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
@@ -170,10 +183,14 @@ def diffusers_twin(name):
     return load_dit(ref.state_dict(), input_size=32, num_heads=heads), ref
 
 
+def latent_shape(name):
+    return (3, 64) if name == "LDM-4" else (4, 32)  # LDM-4 on its 64x64x3 VQ-f4 latents, the others on SD's 32x32x4
+
+
 def bench_model(name, use_compile, dtype):
     """Rows for the training step (diffusers' beside ours for a DiT) and for sampling of one model, and notes."""
     torch.manual_seed(seed)
-    channels, side = (3, 64) if name == "LDM-4" else (4, 32)  # LDM-4 on its 64x64x3 VQ-f4 latents
+    channels, side = latent_shape(name)
     dit, notes = name in DiT_models, []
     net, ref = diffusers_twin(name) if dit and compare else (None, None)
     if dit and compare and ref is None:
@@ -192,7 +209,7 @@ def bench_model(name, use_compile, dtype):
         module.to(device).train()
         if use_compile:
             module.compile()  # in place, so that forward_with_cfg, which sample() calls, runs compiled too
-    step_fns = [train_step(module, forward, channels, side, dtype, dit) for module, forward in impls]
+    step_fns = [train_step(module, forward, channels, side, dtype, dit, batch_size) for module, forward in impls]
     times = timed(step_fns)
     config = f"{name}, {'compiled' if use_compile else 'eager'}, {dtype_name(dtype)}"
     if device.startswith("cuda"):
@@ -219,7 +236,7 @@ def bench_model(name, use_compile, dtype):
     rows.append(dict(task=f"sample, {sampler} {sample_steps} steps, cfg {cfg_scale}", model=name,
                      input=f"{side}x{side}x{channels}", batch=sample_batch_size, seconds=s, images=sample_batch_size,
                      flops=forwards * forward_flops(net, side)))
-    return rows, notes
+    return [dict(r, compile="yes" if use_compile else "no", dtype=dtype_name(dtype)) for r in rows], notes
 
 
 def random_inception():
@@ -274,16 +291,168 @@ def bench_inception():
     return rows, notes
 
 
+def random_model(name):
+    """The model `name` on its latents, with every zero-initialised weight drawn from N(0, 0.02^2): at DiT's adaLN-Zero
+    init (and the U-Net's zero convolutions) the output is 0, on which eager and compiled samples agree trivially."""
+    torch.manual_seed(seed)
+    channels, side = latent_shape(name)
+    net = build_model(name, side, in_channels=channels, num_classes=1000, learn_sigma=name in DiT_models)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(std=0.02)
+    return net.to(device), channels, side
+
+
+def relative_difference(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def sampling_rows(name):
+    """sample.py's sampling with guidance (DPM-Solver++ 50 steps) and the first stage's decode (random weights: as
+    fast as trained), one batch a row: eager in bfloat16 at batch 32 (the table's), then at sample_batch_size eager in
+    float32 and bfloat16 and compiled in bfloat16 (a CUDA graph on GPU), from one seed. FLOPs: the denoiser's."""
+    net, channels, side = random_model(name)
+    net.eval()
+    vae = (AutoencoderKL() if channels == 4 else VQModel()).to(device).eval()
+    rows, out, cuda, first = [], {}, device.startswith("cuda"), min(32, sample_batch_size)
+    runs = [(first, False, torch.bfloat16)] + [(sample_batch_size, False, torch.float32),
+                                               (sample_batch_size, False, torch.bfloat16),
+                                               (sample_batch_size, True, torch.bfloat16)]
+    for batch, use_compile, dtype in runs:
+        def run(num_steps):
+            out[use_compile, dtype] = sample(net, torch.arange(batch, device=device) % 1000, cfg_scale, sampler,
+                                             num_steps, size=side, vae=vae, dtype=dtype, compile=use_compile,
+                                             generator=torch.Generator(device).manual_seed(seed))
+        run(3)  # the warm-up: compiles, records the CUDA graph at the second step, replays it at the third
+        rows.append(dict(task=f"sample, {sampler} {sample_steps} steps, cfg {cfg_scale}, {type(vae).__name__} decode",
+                         model=name, batch=batch, input=f"{side}x{side}x{channels}", images=batch,
+                         seconds=seconds(lambda: run(sample_steps)), dtype=dtype_name(dtype),
+                         flops=sample_steps * batch * (1 if cfg_scale == 1 else 2) * forward_flops(net, side),
+                         compile=("reduce-overhead" if cuda else "default") if use_compile else "no"))
+    eager, compiled = out[False, torch.bfloat16], out[True, torch.bfloat16]
+    minutes = [50000 * r["seconds"] / r["images"] / 60 for r in (rows[0], rows[-1])]
+    notes = [f"{name}, sampling at batch {sample_batch_size}, bfloat16: compiled "
+             f"{rows[-2]['seconds'] / rows[-1]['seconds']:.2f}x as fast as eager; from the same seeds, images that "
+             f"differ by {relative_difference(compiled, eager):.1e} (relative RMS; max "
+             f"{(compiled - eager).abs().max():.2g}, at std {eager.std():.2g}), where bfloat16 and float32 eager "
+             f"differ by {relative_difference(eager, out[False, torch.float32]):.1e}",
+             f"{name}: 50K images take {minutes[0]:.0f} minutes eager at batch {first} and {minutes[1]:.0f} compiled "
+             f"at batch {sample_batch_size}, per GPU (bfloat16, decoded)"]
+    return rows, notes
+
+
+def graph_rows(name):
+    """train.py's training step at batch_size in bfloat16, eager against compile_mode=reduce-overhead (CUDA graphs; on
+    CPU the compiled code without graphs), on two copies of one model, timed in turn."""
+    eager, channels, side = random_model(name)
+    graphed = deepcopy(eager)
+    graphed.compile(mode="reduce-overhead")
+    step_fns = [train_step(m, m, channels, side, torch.bfloat16, name in DiT_models, batch_size)
+                for m in (eager, graphed)]
+    times = timed(step_fns)
+    rows = [dict(task="train", model=name, input=f"{side}x{side}x{channels}", batch=batch_size, seconds=s,
+                 images=batch_size, flops=3 * forward_flops(eager, side) * batch_size, compile=c, dtype="bfloat16")
+            for s, c in zip(times, ["no", "reduce-overhead" if device.startswith("cuda") else "default"])]
+    notes = [f"{name}, training at batch {batch_size}: reduce-overhead {times[0] / times[1]:.2f}x as fast as eager"]
+    if device.startswith("cuda"):
+        notes.append(f"{name}, reduce-overhead: the training step {host_syncs(step_fns[1])}")
+    return rows, notes
+
+
+def mfu_rows():
+    """The training step of mfu_model in bfloat16 at mfu_batch_size, halved until the eager step fits: eager, then
+    compiled (the default mode: at this size the GPU, not the launches, is the bound)."""
+    net, channels, side = random_model(mfu_model)
+    dit, batch = mfu_model in DiT_models, mfu_batch_size
+    while True:
+        try:
+            eager = timed([train_step(net, net, channels, side, torch.bfloat16, dit, batch)])[0]
+            break
+        except torch.cuda.OutOfMemoryError:
+            if batch == 1:
+                raise
+        batch //= 2  # out of the except clause: its traceback no longer holds the activations
+        net.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+    net.compile()
+    step = train_step(net, net, channels, side, torch.bfloat16, dit, batch)
+    times = [eager, timed([step])[0]]
+    rows = [dict(task="train", model=mfu_model, input=f"{side}x{side}x{channels}", batch=batch, seconds=s,
+                 images=batch, flops=3 * forward_flops(net, side) * batch, compile=c, dtype="bfloat16")
+            for s, c in zip(times, ["no", "default"])]
+    too_big = f" ({mfu_batch_size} did not fit)" if batch < mfu_batch_size else ""
+    notes = [f"{mfu_model}, training at batch {batch}{too_big}: compiled {times[0] / times[1]:.2f}x as fast as eager"]
+    if device.startswith("cuda"):
+        notes.append(f"{mfu_model}, compiled at batch {batch}: the training step {host_syncs(step)}")
+    return rows, notes
+
+
 def dtype_name(dtype):
     return str(dtype).removeprefix("torch.")
 
 
+HEADER = ["task", "model", "input", "batch", "compile", "dtype", "images/s", "TFLOP/s", "MFU"]
+
+
+def table_of(rows, peak):
+    table = []
+    for r in rows:
+        tflops = r["flops"] / r["seconds"] / 1e12
+        mfu = f"{tflops / peak[r['dtype'] == 'float32']:.1%}" if peak and r["flops"] else "-"
+        table.append([r["task"], r["model"], r["input"], r["batch"], r["compile"], r["dtype"],
+                      f"{r['images'] / r['seconds']:.3g}", f"{tflops:.3g}" if r["flops"] else "-", mfu])
+    return table
+
+
+def markdown(title, table, notes):
+    lines = [title, "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(map(str, line)) + " |" for line in table]
+    return "\n".join(lines + [f"- {note}" for note in dict.fromkeys(notes)]) + "\n"  # each note once, in order
+
+
+def write(path, text):
+    """Atomically: a run killed mid-write leaves the last complete table."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def save(title, table, notes):
+    """The CSV at `csv`, and beside it (.md) the markdown table with its notes."""
+    buffer = io.StringIO()
+    csv_module.writer(buffer).writerows([HEADER] + table)
+    write(csv, buffer.getvalue())
+    write(os.path.splitext(csv)[0] + ".md", markdown(title, table, notes))
+
+
+def jobs(kinds):
+    """(name, function) pairs, each function returning rows and notes. speedups: eager against compiled on one GPU,
+    before and after in one process, in about 6 minutes on an H100, mostly compiling (docs/speed.md)."""
+    if suite == "speedups":
+        return ([(f"sampling {n}", partial(sampling_rows, n)) for n in sample_models.split(",") if n]
+                + [(f"CUDA graphs {n}", partial(graph_rows, n)) for n in graph_models.split(",") if n]
+                + ([(f"MFU {mfu_model}", mfu_rows)] if mfu_model else []))
+    grid = [(f"{name}, {'compiled' if c else 'eager'}, {dtype_name(d)}", partial(bench_model, name, c, d))
+            for name in models.split(",") for c in {"off": [False], "on": [True], "both": [False, True]}[compile]
+            for d in kinds]
+    return grid + ([("FID features", bench_inception)] if fid_images else [])
+
+
 def main(argv):
-    """Prints the table and its notes, and returns the table (a list of rows, as in the CSV)."""
+    """Prints the table and its notes, and returns the table (a list of rows, as in the CSV). With `csv`, the CSV is
+    rewritten after each model, so that a run stopped early keeps what it measured."""
     configure(globals(), argv)
     if compile not in ("off", "on", "both"):
         raise ValueError(f"compile must be off, on or both, got {compile!r}")
-    unknown = [n for n in models.split(",") if n not in DiT_models and n not in ("LDM-4", "LDM-S")]
+    if suite not in ("table", "speedups"):
+        raise ValueError(f"suite must be table or speedups, got {suite!r}")
+    names = models if suite == "table" else ",".join([sample_models, graph_models, mfu_model])
+    unknown = [n for n in names.split(",") if n and n not in DiT_models and n not in ("LDM-4", "LDM-S")]
     if unknown:
         raise ValueError(f"unknown models {unknown}: choose from {', '.join(DiT_models)}, LDM-4, LDM-S")
     kinds = [getattr(torch, d, None) for d in dtypes.split(",")]
@@ -297,44 +466,25 @@ def main(argv):
             notes.append(f"{torch.cuda.get_device_name()} does not support bfloat16: those rows are skipped")
     machine = torch.cuda.get_device_name() if cuda else f"CPU ({torch.backends.cpu.get_cpu_capability()})"
     peak = next((p for k, p in PEAK_TFLOPS.items() if k in machine), None) if cuda else None
-    rows = []
-    for name in models.split(","):
-        for use_compile in {"off": [False], "on": [True], "both": [False, True]}[compile]:
-            for dtype in kinds:
-                torch._dynamo.reset()  # no graphs of the previous model (nor its recompilations, which are limited)
-                config = dict(compile="yes" if use_compile else "no", dtype=dtype_name(dtype))
-                try:
-                    new, new_notes = bench_model(name, use_compile, dtype)
-                except torch.cuda.OutOfMemoryError:
-                    new, new_notes = [], [f"{name}, {dtype_name(dtype)}, compile {config['compile']}: out of memory "
-                                          f"at batch {batch_size} (lower --batch_size)"]
-                rows += [dict(r, **config) for r in new]
-                notes += new_notes
-                gc.collect()
-                if cuda:
-                    torch.cuda.empty_cache()
-    if fid_images:
-        new, new_notes = bench_inception()
+    title = (f"{machine}, {torch.get_num_threads()} threads, torch {torch.__version__}; training and features: medians "
+             f"of {steps} repeats, sampling: one run")
+    rows, start = [], time.perf_counter()
+    for name, job in jobs(kinds):
+        torch._dynamo.reset()  # no graphs of the previous model (nor its recompilations, which are limited)
+        try:
+            new, new_notes = job()
+        except torch.cuda.OutOfMemoryError:
+            new, new_notes = [], [f"{name}: out of memory (lower the batch size)"]
         rows += new
         notes += new_notes
-    header = ["task", "model", "input", "batch", "compile", "dtype", "images/s", "TFLOP/s", "MFU"]
-    table = []
-    for r in rows:
-        tflops = r["flops"] / r["seconds"] / 1e12
-        mfu = f"{tflops / peak[r['dtype'] == 'float32']:.1%}" if peak and r["flops"] else "-"
-        table.append([r["task"], r["model"], r["input"], r["batch"], r["compile"], r["dtype"],
-                      f"{r['images'] / r['seconds']:.3g}", f"{tflops:.3g}" if r["flops"] else "-", mfu])
-    print(f"{machine}, {torch.get_num_threads()} threads, torch {torch.__version__}; training and features: medians of "
-          f"{steps} repeats, sampling: one run")
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for line in table:
-        print("| " + " | ".join(map(str, line)) + " |")
-    for note in dict.fromkeys(notes):  # once each, in order
-        print(f"- {note}")
-    if csv:
-        import csv as csv_module  # here: `csv` is the name of the option
-        with open(csv, "w", newline="") as f:
-            csv_module.writer(f).writerows([header] + table)
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        print(f"[{time.perf_counter() - start:.0f} s] {name}", file=sys.stderr, flush=True)
+        if csv:
+            save(title, table_of(rows, peak), notes)
+    table = table_of(rows, peak)
+    print(markdown(title, table, notes), end="")
     return table
 
 

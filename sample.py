@@ -47,6 +47,8 @@ batch_size = 64
 seed = 0
 out = ""                # default: beside the checkpoint
 vae = ""                # a folder of diffusers VAE weights, to decode latents; default: the one the checkpoint records
+dtype = "float32"       # autocast of the denoiser and the VAE: float32 | bfloat16 (faster on GPU)
+compile = False         # torch.compile the guided denoiser step; on GPU replayed as a CUDA graph (docs/speed.md)
 # -----------------------------------------------------------------------------
 
 
@@ -178,22 +180,45 @@ def load_model(path, use_ema=True):
                               prediction=state["prediction"], schedule=state.get("schedule", "linear"))
 
 
+def guided_step(model, x, t, labels, cfg_scale):
+    """The denoiser of one sampling step: the model, with guidance one forward of both halves."""
+    return model(x, t, labels) if cfg_scale == 1 else model.forward_with_cfg(x, t, labels, cfg_scale)
+
+
 @torch.no_grad()
 def sample(model, labels, cfg_scale=4.0, sampler="dpm++", num_steps=50, ddim_eta=0.0, generator=None,
-           progress=False, size=None, vae=None, prediction="eps", schedule="linear"):
+           progress=False, size=None, vae=None, prediction="eps", schedule="linear", dtype=torch.float32,
+           compile=False):
     """Images (float, about [-1, 1]) for `labels`, from `num_steps` evenly spaced steps of the 1000 (diffusion.py's
     samplers). The model denoises size x size inputs (default: the DiT's input size): pixels, or with a first stage
     `vae` its latents, decoded at the end. The predicted x0 is clipped to [-1, 1] in pixel space only: latents are
-    unbounded (DiT does not clip). `prediction` ("eps" or "v") and `schedule` are the model's training settings."""
+    unbounded (DiT does not clip). `prediction` ("eps" or "v") and `schedule` are the model's training settings. The
+    denoiser and the VAE run under autocast to `dtype`, and with `compile` the denoiser as one compiled graph (on GPU
+    a CUDA graph: the shapes are the same at every step); the update rules run in float32, eagerly."""
     diffusion = GaussianDiffusion(learn_sigma=model.learn_sigma, prediction=prediction, schedule=schedule)
     diffusion = diffusion.respaced(num_steps)
     size = size or model.x_embedder.proj.kernel_size[0] * int(model.pos_embed.shape[1] ** 0.5)
     x = torch.randn(len(labels), model.in_channels, size, size, device=labels.device, generator=generator)
-    denoise = (lambda x, t: model(x, t, labels)) if cfg_scale == 1 else \
-        (lambda x, t: model.forward_with_cfg(x, t, labels, cfg_scale))
+    step = guided_step
+    if compile:  # one wrapper per call is free: torch.compile caches the graph on guided_step's code
+        compiled = torch.compile(guided_step, fullgraph=True, mode="reduce-overhead" if x.is_cuda else None)
+
+        def step(*args):
+            torch.compiler.cudagraph_mark_step_begin()  # the last output is consumed: the graph may overwrite it
+            return compiled(*args)
+    autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def denoise(x, t):
+        with autocast:
+            return step(model, x, t, labels, cfg_scale)
     x = diffusion.sample(denoise, x, sampler, ddim_eta, clip_denoised=vae is None, generator=generator,
                          progress=progress)
-    return x if vae is None else vae.decode(x)
+    if vae is None:
+        return x
+    # in chunks: at 256 px the KL-f8 decoder holds ~0.2 GB of activations an image, too many for a batch of 256. In
+    # `dtype` too: it costs about one guided step of DiT-XL/2 in FLOPs, which float32 would run several times slower
+    with autocast:
+        return torch.cat([vae.decode(z).float() for z in x.split(32)])
 
 
 def to_uint8(x):
@@ -305,6 +330,8 @@ def sample_npz(model, path, conditions, batch_size, seed=0, rank=0, world_size=1
 
 def main():
     configure(globals(), sys.argv[1:])
+    if dtype not in ("float32", "bfloat16"):  # as train.py
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     ddp = "RANK" in os.environ
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -332,7 +359,7 @@ def main():
     size = info["model_args"]["input_size"] if info else None
     kwargs = dict(cfg_scale=cfg_scale, sampler=sampler, num_steps=num_steps, ddim_eta=ddim_eta, size=size,
                   vae=first_stage, prediction=info.get("prediction", "eps"),  # official DiT checkpoints: eps,
-                  schedule=info.get("schedule", "linear"))                     # and the linear schedule
+                  schedule=info.get("schedule", "linear"), dtype=getattr(torch, dtype), compile=compile)  # linear
     stem = out or os.path.join(os.path.dirname(ckpt) or ".", f"samples_{sampler}{num_steps}_cfg{cfg_scale}")
     if num_samples > 0:
         path = stem if stem.endswith(".npz") else stem + ".npz"

@@ -1291,6 +1291,7 @@ BAD_CONFIGS = [
     (["--prediction=x0"], "prediction"), (["--schedule=cosine"], "schedule must be"),
     (["--cep", "--emb_dropout=0.1"], "cep and emb_dropout are alternatives"), (["--cep_fixed=0.1"], "add --cep"),
     (["--model=LDM-S", "--text_encoder=small", "--label_smoothing=0.1"], "label_smoothing mixes class embeddings"),
+    (["--compile", "--compile_mode=max"], "compile_mode must be default, reduce-overhead or max-autotune"),
     (["--corrupt=0.1", "--corrupt_type=swap"], "swap and rewrite need a text_encoder"),
     (["--model=LDM-S", "--text_encoder=small", "--corrupt=0.1", "--corrupt_type=rewrite"], "corrupt_rewrites"),
     (["--model=LDM-S", "--text_encoder=clip", "--clip_model=/nonexistent/clip.pt"], "/nonexistent/clip.pt"),
@@ -1670,6 +1671,25 @@ def test_guided_sampling_is_one_forward_a_step_on_both_halves():
     assert batches == [6] * 5
 
 
+def test_compiled_sampling_gives_the_eager_samples():
+    """sample(compile=True) runs the guided denoiser step as one Inductor graph (on GPU a CUDA graph): the same seeds
+    give the same images as eager, to float32 rounding, and one graph serves every step."""
+    model = randomize(tiny_dit()).eval()
+    y = torch.tensor([0, 1, 2])
+    eager = sample(model, y, cfg_scale=4.0, num_steps=4, generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = sample(model, y, cfg_scale=4.0, num_steps=4, generator=torch.Generator().manual_seed(0),
+                          compile=True)
+    assert eager.abs().max() > 0.1  # not the zeros of an untrained DiT
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)  # outputs ~1: float32 rounding
+
+
+def test_sample_script_rejects_a_bad_dtype(tmp_path):
+    r = run([sys.executable, "sample.py", "--dtype=float16", f"--ckpt={tmp_path}/none.pt"], check=False)
+    assert r.returncode != 0 and "dtype must be float32 or bfloat16, got 'float16'" in r.stderr
+
+
 def test_sample_script_grid_and_torchrun_npz(tmp_path):
     out = tmp_path / "run"
     train(out, "--max_steps=2")
@@ -1683,6 +1703,11 @@ def test_sample_script_grid_and_torchrun_npz(tmp_path):
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
     assert one["arr_1"].tolist() == [i % 10 for i in range(10)]
+    # compiled: the same images, but for a rare rounding to the next uint8 value (Inductor fuses differently)
+    run([sys.executable, "sample.py", f"--ckpt={out}/ckpt.pt", "--num_steps=2", "--num_samples=8", "--batch_size=4",
+         "--compile", f"--out={tmp_path}/compiled.npz"])
+    compiled = np.load(tmp_path / "compiled.npz")["arr_0"]
+    assert np.abs(compiled.astype(int) - one["arr_0"][:8]).max() <= 1
 
 
 # -----------------------------------------------------------------------------
@@ -2449,3 +2474,43 @@ def test_bench_table_rows_with_and_without_diffusers(tmp_path, monkeypatch, caps
     assert [row[:2] for row in table] == [["train", "DiT-Ti/8"], [sample, "DiT-Ti/8"], ["train", "LDM-S"],
                                           [sample, "LDM-S"]]
     assert "diffusers is not installed: the diffusers row of DiT-Ti/8 is skipped" in capsys.readouterr().out
+
+
+def test_bench_speedups_rows_before_and_after(tmp_path, monkeypatch, capsys):
+    """The GPU suite on CPU, on tiny models (and a tiny first stage): every row and note, the CSV and markdown beside
+    it, and the batch halved when the eager step runs out of memory. torch.compile runs with the aot_eager backend here, to take seconds (the
+    Inductor samples are checked in test_compiled_sampling_gives_the_eager_samples): the compiled path then computes
+    the eager arithmetic exactly."""
+    import bench
+    real_compile, real_step = torch.compile, bench.train_step
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: real_compile(fn, backend="aot_eager", **kw))
+    monkeypatch.setattr(bench, "AutoencoderKL", lambda: AutoencoderKL(block_out_channels=(32, 32), norm_num_groups=8))
+
+    def train_step(*args):  # a GPU that holds batches of 2 at most
+        step = real_step(*args)
+        if args[-1] <= 2:
+            return step
+        def out_of_memory():
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return out_of_memory
+    monkeypatch.setattr(bench, "train_step", train_step)
+    csv_path = tmp_path / "gpu" / "speedups.csv"
+    table = bench.main(["--suite=speedups", "--sample_models=DiT-Ti/8", "--graph_models=DiT-Ti/8",
+                        "--mfu_model=DiT-Ti/8", "--mfu_batch_size=8", "--batch_size=2", "--sample_batch_size=2",
+                        "--sample_steps=2", "--steps=1", "--warmup=0", f"--csv={csv_path}"])
+    out = capsys.readouterr().out
+    sample = "sample, dpm++ 2 steps, cfg 4.0, AutoencoderKL decode"
+    assert [[row[i] for i in (0, 3, 4, 5)] for row in table] == [
+        [sample, 2, "no", "bfloat16"], [sample, 2, "no", "float32"], [sample, 2, "no", "bfloat16"],
+        [sample, 2, "default", "bfloat16"],
+        ["train", 2, "no", "bfloat16"], ["train", 2, "default", "bfloat16"],  # batch_size: eager, CUDA graphs
+        ["train", 2, "no", "bfloat16"], ["train", 2, "default", "bfloat16"]], out  # the MFU rows, halved twice
+    assert all(float(row[6]) > 0 for row in table)
+    assert re.search(r"compiled \S+x as fast as eager; from the same seeds, images that differ by 0\.0e\+00", out)
+    assert re.search(r"where bfloat16 and float32 eager differ by [1-9]", out)  # bf16 does round
+    assert re.search(r"DiT-Ti/8: 50K images take \d+ minutes eager at batch 2 and \d+ compiled at batch 2", out)
+    assert "DiT-Ti/8, training at batch 2 (8 did not fit): compiled" in out
+    with open(csv_path, newline="") as f:
+        assert list(csv.reader(f))[1:] == [list(map(str, row)) for row in table]
+    assert (tmp_path / "gpu" / "speedups.md").read_text() == out
+

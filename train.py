@@ -75,6 +75,8 @@ ema_decay = 0.995         # DiT: 0.9999 over 400K steps; a short run needs a sho
 seed = 0
 num_workers = 2
 compile = False
+compile_mode = "default"  # torch.compile's mode: default | reduce-overhead (CUDA graphs, for small models whose eager
+                          # steps wait on kernel launches; docs/speed.md) | max-autotune
 dtype = "bfloat16"        # autocast dtype on CUDA; "float32" turns autocast off
 # logging, checkpoints, samples
 log_every = 100
@@ -144,6 +146,8 @@ def check_config():
             raise ValueError(f"{key} must be > 0, got {globals()[key]}")
     if grid_steps < 2:
         raise ValueError(f"grid_steps must be >= 2, got {grid_steps}")
+    if compile_mode not in ("default", "reduce-overhead", "max-autotune"):
+        raise ValueError(f"compile_mode must be default, reduce-overhead or max-autotune, got {compile_mode!r}")
     if dtype not in ("bfloat16", "float32"):  # float16 would need a gradient scaler; bf16 does not
         raise ValueError(f"dtype must be bfloat16 or float32, got {dtype!r}")
     if data_path and not os.path.exists(data_path):
@@ -297,7 +301,7 @@ if resume:
         if ddp:
             dist.destroy_process_group()
         sys.exit()
-train_net = torch.compile(net) if compile else net
+train_net = torch.compile(net, mode=compile_mode) if compile else net
 if ddp:
     train_net = DDP(train_net, device_ids=[device] if cuda else None)
 autocast = torch.autocast("cuda", dtype=getattr(torch, dtype)) if cuda and dtype != "float32" else nullcontext()
