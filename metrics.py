@@ -302,7 +302,7 @@ def top_pr(real, fake, alpha=0.1, repeats=10, device=None, block=None):
     points where the real density exceeds the real band; recall the other way round; F1 their harmonic mean (0 when
     either is under 1e-4). Each set needs more than 5 x dimension + 1 points."""
     device = torch.device(device or "cpu")
-    block = block or (4096 if device.type == "cuda" else 1024)
+    block = block or (2048 if device.type == "cuda" else 1024)
     real, fake = (torch.as_tensor(np.asarray(f, np.float32)) for f in (real, fake))
     if real.shape[1] > 32:
         w = torch.empty(32, real.shape[1]).normal_(0, (2 / (real.shape[1] + 32)) ** 0.5,
