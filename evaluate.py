@@ -281,15 +281,15 @@ def reference(spec, space, bs, cache, resolution, synthetic_size, synthetic_seed
     return {**d, **stats, "stored": True}, f"stored statistics, image features {how}", path
 
 
-def statistics_provenance(r, ref_path):
+def statistics_provenance(r, spec):
     """(how the reference statistics were made, over how many images or None when the file does not say)."""
     if r.get("stored"):
-        return (f"stored in {ref_path} (ADM's reference batch: mu, sigma, mu_s, sigma_s over its whole reference set "
+        return (f"stored in {spec} (ADM's reference batch: mu, sigma, mu_s, sigma_s over its whole reference set "
                 "by ADM's TensorFlow pipeline; the file does not record how many images); its "
                 f"{len(r['features'])} images give precision/recall", None)
     if "features" in r:
         return f"computed by this script from {len(r['features'])} reference images", len(r["features"])
-    return f"stored in {ref_path} (mu, sigma); the file does not record how many images", None
+    return f"stored in {spec} (mu, sigma); the file does not record how many images", None
 
 # -----------------------------------------------------------------------------
 # diversity and memorisation (the paper's section 5)
@@ -367,7 +367,7 @@ def main(argv=None):
                                        synthetic_ref_seed, "ref")
     print(f"reference: {ref_cache} ({ref_path})")
     s = space.extract(s_images, batch_size)
-    ref_statistics, num_ref_statistics = statistics_provenance(r, ref_path)
+    ref_statistics, num_ref_statistics = statistics_provenance(r, os.path.abspath(ref))
     res = {"feature_space": space.name, "feature_space_detail": space.description,
            "samples": os.path.abspath(samples), "ref": ref if ref == "synthetic" else os.path.abspath(ref),
            "num_samples": len(s["pool"]), "num_ref": int(len(r["features"])) if "features" in r else None,
