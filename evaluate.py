@@ -1,21 +1,27 @@
 """
-Evaluate generated samples against a reference set: FID, sFID, IS, precision and recall (fid.py), and, when
-training images are given, the paper's diversity / memorisation metrics; for text-to-image samples, the CLIP score.
+Evaluate generated samples against a reference set: FID, sFID, IS, precision and recall (fid.py), TopP&R, and the
+paper's diversity / memorisation metrics (diversity.py); for text-to-image samples, the CLIP score. Definitions,
+feature spaces and references of every metric: docs/metrics.md.
 
   python evaluate.py --samples out/samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # Inception features
   python evaluate.py --samples out/samples.npz --train synthetic   # built-in dataset, classifier features
 
 --samples: an .npz (arr_0 uint8 NHWC images, optional arr_1 class labels; what sample.py writes) or a folder.
---ref: an .npz of images (the ADM reference batch format), a folder of images, a statistics .npz (mu, sigma and
-optionally mu_s, sigma_s, features: what this script caches, or pytorch-fid / ADM statistics), or "synthetic"
-(a fresh draw of the built-in dataset). Reference and training features are cached in cache_dir, keyed by the
-file (path, size, mtime) and the feature space, and reused.
+--ref: an .npz of images, a folder of images, a statistics .npz (mu, sigma and optionally mu_s, sigma_s, features:
+what this script caches, or pytorch-fid statistics), ADM's reference batch (images and the statistics of its whole
+reference set: the stored statistics give FID/sFID, the images precision/recall, and --resize defaults to tf1, ADM's
+pipeline), or "synthetic" (a fresh draw of the built-in dataset). The paper's reference is the 50K ImageNet validation
+images (a folder or an .npz); FID against fewer than 50K reference images is biased upward, and the report warns.
+Reference and training features are cached in cache_dir, keyed by the file (path, size, mtime) and the feature
+space, and reused.
 
 Feature spaces: "inception" (the FID Inception, pt_inception-2015-12-05; every metric) or "classifier" (a
 small CNN trained on the built-in dataset and cached, for machines without the Inception weights: FID, precision,
 recall and the class accuracy of samples in its penultimate features, and "IS (classifier)", is_classifier: the
 Inception Score's formula on its softmax over the 10 classes (at most 10), not the Inception IS; no sFID). The
-report always names the space: numbers from different spaces are not comparable.
+top-1% RMD and the memorisation metrics are in the paper's CLIP ViT-B/16 image features (--diversity_features);
+on the built-in dataset the classifier's features stand in. The report always names each space: numbers from
+different spaces are not comparable.
 
 CLIP score, when the samples have prompts (sample.py writes them beside the .npz, <name>_prompts.txt, one per line;
 or --prompts): 100 * max(cos(CLIP image embedding, CLIP text embedding), 0), averaged over the samples. That is
@@ -33,13 +39,13 @@ import zipfile
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from PIL import Image
 
 import fid
+import metrics
 from configurator import atomic_write, read_cache
+from metrics import ClassifierSpace, ClipSpace, InceptionSpace, clip_path, file_key
 from text import load_clip
+from vae import VQModel, load_first_stage
 
 # -----------------------------------------------------------------------------
 samples = ""                  # .npz or folder of generated images
@@ -47,14 +53,21 @@ ref = "synthetic"             # .npz of images | folder | statistics .npz | "syn
 train = ""                    # training images for memorisation/diversity metrics: same formats, or "synthetic"
 features = "auto"             # inception | classifier | auto (classifier when ref is "synthetic", else inception)
 inception_weights = ""        # "": torch hub cache, downloaded when online
-resize = "pytorch-fid"        # pytorch-fid | tf1 (the ADM evaluator's / torch-fidelity's resize); see fid.py
+resize = "auto"               # pytorch-fid | tf1 (the ADM evaluator's / torch-fidelity's resize; see fid.py) | auto:
+                              # tf1 against an ADM reference batch (its statistics were made so), else pytorch-fid
 batch_size = 50
 max_samples = 0               # 0: all samples
-is_splits = 10                # see fid.py: 10 equal splits; ADM uses chunks of 5000, the same at 50K
-is_split_size = 0             # 5000: ADM's rule exactly
+is_split_size = 5000          # Inception Score over chunks of this many samples: ADM's rule, the paper's numbers
+is_splits = 10                # is_split_size=0: this many equal splits instead (torch-fidelity's; the same at 50K);
+                              # IS (classifier) always uses these (it has no published counterpart to match)
 fd_method = "sqrtm"           # sqrtm: pytorch-fid's algorithm exactly | eigh: the same number, ~5x faster (fid.py)
 pr_k = 3                      # Kynkaanniemi et al.
 memorisation_threshold = 0.12 # the paper: nearest training image closer than this in L2-normalised features
+diversity_features = "auto"   # RMD and memorisation: clip (diversity_clip's image features, the paper's) | none |
+                              # auto: the classifier's on the built-in dataset, else clip when its weights are here
+diversity_clip = "ViT-B/16"   # the paper's CLIP for them: a clip model name (in ~/.cache/clip) or a checkpoint file
+entropy_vq = ""               # sample entropy: the VQ-f4 first stage (a folder for vae.load_first_stage); "": none
+entropy_tau = 0.0             # its softmax temperature; 0: the codebook's mean squared nearest-code distance (ours)
 prompts = ""                  # text-to-image: the samples' prompts, one per line; "": <samples>_prompts.txt if it exists
 clip_model = "ViT-L/14"       # CLIP score: a CLIP checkpoint file, or a clip model name (in ~/.cache/clip)
 synthetic_ref_size = 10000    # "synthetic" reference: a draw the model never saw (train.py trains on seed 0)
@@ -124,11 +137,6 @@ class _Sized:
         return self.n
 
 
-def _file_key(path):
-    st = os.stat(path)
-    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
-
-
 def open_images(path, limit=0, what="images"):
     if os.path.isdir(path):
         return _folder_images(path, limit)
@@ -153,7 +161,7 @@ def open_images(path, limit=0, what="images"):
             seen += len(b)
     if labels is not None:
         labels = np.asarray(labels)[:n].astype(np.int64)
-    return Images(n, limited, labels, f"{_file_key(path)}:{n}", shape[1])
+    return Images(n, limited, labels, f"{file_key(path)}:{n}", shape[1])
 
 
 def _folder_images(path, limit):
@@ -179,7 +187,7 @@ def _folder_images(path, limit):
                 raise ValueError(f"{bad[0]} is {arrs[files.index(bad[0]) - i].shape[:2]}, {files[0]} is "
                                  f"{first.shape[:2]}: all images of a folder must have one size")
             yield np.stack(arrs)
-    key = hashlib.sha1("\n".join(_file_key(f) for f in files).encode()).hexdigest()
+    key = hashlib.sha1("\n".join(file_key(f) for f in files).encode()).hexdigest()
     return Images(len(files), batches, labels, f"{os.path.abspath(path)}:{key}", first.shape[0])
 
 
@@ -204,96 +212,6 @@ def synthetic_digest(resolution):
 # -----------------------------------------------------------------------------
 # feature spaces
 
-
-class InceptionSpace:
-    def __init__(self, weights, resize, dev):
-        self.model = fid.load_inception(weights or None, dev, resize)
-        path = weights or os.path.join(torch.hub.get_dir(), "checkpoints", fid.FID_WEIGHTS_NAME)
-        self.name = fid.FEATURE_SPACE
-        self.description = f"{fid.FEATURE_SPACE} pool_3 (2048-d), resize={resize}, weights={os.path.abspath(path)}"
-        self.key = f"inception:{resize}:{_file_key(path)}"
-
-    def extract(self, images, bs):
-        return fid.compute_features(images.batches(bs), self.model, progress=progress)
-
-
-class SmallCNN(nn.Module):
-    """The built-in dataset's classifier; its 96-d penultimate layer is the "classifier" feature space. At the
-    default settings it reaches ~99% held-out accuracy at 32x32 in ~1-2 minutes of CPU."""
-
-    def __init__(self, num_classes=10, resolution=32, width=24):
-        super().__init__()
-        self.resolution = resolution
-        def block(cin, cout):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
-        w = width
-        self.body = nn.Sequential(block(3, w), nn.MaxPool2d(2), block(w, 2 * w), nn.MaxPool2d(2), block(2 * w, 4 * w),
-                                  nn.MaxPool2d(2), block(4 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(4 * w, num_classes)
-
-    def forward(self, x):
-        """x: uint8 NHWC -> (features [N, 4 * width], logits [N, classes])."""
-        x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
-        if x.shape[-1] != self.resolution:
-            x = F.interpolate(x, size=(self.resolution,) * 2, mode="bilinear", antialias=True, align_corners=False)
-        h = self.body(x)
-        return h, self.head(h)
-
-
-def train_classifier(path, resolution, size, seed, epochs, dev):
-    """Train SmallCNN on a draw of the built-in dataset (a seed the diffusion model never saw) and save it."""
-    from data import SyntheticShapes
-    torch.manual_seed(seed)
-    ds = SyntheticShapes(size=size, resolution=resolution, seed=seed)
-    x, y = torch.from_numpy(ds.images_uint8()), torch.from_numpy(ds.labels)
-    n_val = max(len(x) // 10, 1)
-    (xv, yv), (xt, yt) = (x[:n_val], y[:n_val]), (x[n_val:], y[n_val:])
-    model = SmallCNN(len(ds.classes), resolution).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    steps = epochs * -(-len(xt) // 64)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=max(steps, 1))
-    t0 = time.time()
-    for epoch in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(xt)).split(64):
-            loss = F.cross_entropy(model(xt[idx].to(dev))[1], yt[idx].to(dev))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
-    with torch.no_grad():
-        acc = (model(xv.to(dev))[1].argmax(1).cpu() == yv).float().mean().item()
-    print(f"trained the synthetic classifier in {time.time() - t0:.0f}s: held-out accuracy {acc:.3f}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_write(path) as f:
-        torch.save({"model": model.state_dict(), "resolution": resolution, "num_classes": len(ds.classes),
-                    "val_accuracy": acc, "size": size, "seed": seed, "epochs": epochs}, f)
-
-
-class ClassifierSpace:
-    name = "synthetic-classifier"
-
-    def __init__(self, path, resolution, dev):
-        if read_cache(path, lambda p: torch.load(p, weights_only=True)) is None:
-            train_classifier(path, resolution, classifier_size, classifier_seed, classifier_epochs, dev)
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        self.model = SmallCNN(ck["num_classes"], ck["resolution"])
-        self.model.load_state_dict(ck["model"])
-        self.model.eval().to(dev)
-        self.dev, self.val_accuracy = dev, ck["val_accuracy"]
-        self.description = (f"synthetic-classifier penultimate ({self.model.head.in_features}-d), {os.path.abspath(path)}, "
-                            f"held-out accuracy {ck['val_accuracy']:.3f}")
-        self.key = f"classifier:{_file_key(path)}"
-
-    @torch.inference_mode()
-    def extract(self, images, bs):
-        feats, logits = [], []
-        for b in images.batches(bs):
-            h, lg = self.model(torch.from_numpy(np.ascontiguousarray(b)).to(self.dev))
-            feats.append(h.float().cpu().numpy())
-            logits.append(lg.float().cpu().numpy())
-        return {"pool": np.concatenate(feats), "logits": np.concatenate(logits)}
 
 # -----------------------------------------------------------------------------
 # reference / training features, cached
@@ -320,25 +238,58 @@ def cached_features(images, space, bs, cache):
     return d, "miss", path
 
 
+def _npz_keys(path):
+    with np.load(path) as z:
+        return list(z.keys())
+
+
+def stored_statistics(spec, space, what):
+    """The statistics an .npz stores (mu, sigma[, mu_s, sigma_s][, features]), checked against the feature space."""
+    with np.load(spec) as z:
+        d = {k: z[k] for k in z.keys() if k not in ("arr_0", "arr_1")}
+    if "sigma" not in d:
+        raise ValueError(f"{what} {spec!r} has mu but no sigma: a statistics file needs both")
+    recorded = str(d.get("feature_space", fid.FEATURE_SPACE))  # pytorch-fid / ADM files: Inception
+    if recorded != space.name:
+        raise ValueError(f"{what} {spec!r} holds {recorded} statistics but the feature space is "
+                         f"{space.name}; set --features accordingly")
+    for mu, dim in space.dims.items():
+        sigma = "sigma" + mu[2:]
+        if mu in d and (d[mu].shape != (dim,) or d.get(sigma, np.empty(0)).shape != (dim, dim)):
+            raise ValueError(f"{what} {spec!r}: {mu} {d[mu].shape} / {sigma} {d.get(sigma, np.empty(0)).shape} do not "
+                             f"fit the {dim}-d {mu} features of {space.name}; they belong to another network or layer: "
+                             "recompute them from the reference images with this script")
+    return d
+
+
 def reference(spec, space, bs, cache, resolution, synthetic_size, synthetic_seed, what):
-    """Features/statistics of a reference or training set given as in the docstring at the top."""
+    """(features/statistics, how they were made, path) of a reference or training set given as in the docstring at
+    the top. An ADM reference batch gives its stored statistics (over its whole reference set) for FID/sFID, and
+    the features of its images (10K of them) for precision/recall: `stored` marks them."""
     if spec == "synthetic":
         return cached_features(synthetic_images(synthetic_size, synthetic_seed, resolution), space, bs, cache)
-    if os.path.isfile(spec) and not os.path.isdir(spec):
-        with np.load(spec) as z:
-            keys = list(z.keys())
-            if "arr_0" not in keys:  # a statistics file
-                if "mu" not in keys or "sigma" not in keys:
-                    raise ValueError(f"{what} {spec!r} has neither images (arr_0) nor statistics (mu, sigma)")
-                d = {k: z[k] for k in keys}
-                recorded = str(d.get("feature_space", fid.FEATURE_SPACE))  # pytorch-fid / ADM files: Inception
-                if recorded != space.name:
-                    raise ValueError(f"{what} {spec!r} holds {recorded} statistics but the feature space is "
-                                     f"{space.name}; set --features accordingly")
-                return d, "statistics file", spec
-    # ADM reference batches also carry precomputed mu/sigma (TF Inception, TF resize); we recompute them from the
-    # images with our pipeline so that samples and reference go through exactly the same feature extractor
-    return cached_features(open_images(spec, what=what), space, bs, cache)
+    keys = _npz_keys(spec) if os.path.isfile(spec) else []
+    if "mu" not in keys:
+        if keys and "arr_0" not in keys:
+            raise ValueError(f"{what} {spec!r} has neither images (arr_0) nor statistics (mu, sigma)")
+        return cached_features(open_images(spec, what=what), space, bs, cache)
+    stored = stored_statistics(spec, space, what)
+    if "arr_0" not in keys:
+        return stored, "statistics file", spec
+    d, how, path = cached_features(open_images(spec, what=what), space, bs, cache)
+    stats = {k: stored[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in stored}
+    return {**d, **stats, "stored": True}, f"stored statistics, image features {how}", path
+
+
+def statistics_provenance(r, spec):
+    """(how the reference statistics were made, over how many images or None when the file does not say)."""
+    if r.get("stored"):
+        return (f"stored in {spec} (ADM's reference batch: mu, sigma, mu_s, sigma_s over its whole reference set "
+                "by ADM's TensorFlow pipeline; the file does not record how many images); its "
+                f"{len(r['features'])} images give precision/recall", None)
+    if "features" in r:
+        return f"computed by this script from {len(r['features'])} reference images", len(r["features"])
+    return f"stored in {spec} (mu, sigma); the file does not record how many images", None
 
 # -----------------------------------------------------------------------------
 # diversity and memorisation (the paper's section 5)
@@ -358,43 +309,6 @@ def memorisation(sample_feats, train_feats, threshold, dev):
     return {"memorisation_ratio": float((d[:, 0] < threshold).mean()), "avg_l2_top5": float(d.mean())}
 
 
-def relative_mahalanobis(sample_feats, train_feats, train_labels, top=0.01):
-    """Top-1% RMD (Ren et al. 2021): RMD(x) = min_k MD(x; mu_k, S) - MD(x; mu_0, S_0), with class means mu_k and
-    the shared within-class covariance S of the training features, and their global mean mu_0 and covariance
-    S_0 (MD squared). Min over classes, as Ren et al. (the paper does not say; the label-free choice). The
-    metric is the mean RMD of the top 1% of samples: large = samples far from every class, i.e. novel."""
-    x, t = np.asarray(sample_feats, np.float64), np.asarray(train_feats, np.float64)
-    classes = np.unique(train_labels)
-    mus = np.stack([t[train_labels == c].mean(0) for c in classes])
-    within = t - mus[np.searchsorted(classes, train_labels)]
-    def precision(cov):  # a small ridge: features can be rank-deficient (ReLU zeros, few samples)
-        return np.linalg.pinv(cov + 1e-6 * np.trace(cov) / len(cov) * np.eye(len(cov)), hermitian=True)
-    p, p0 = precision(within.T @ within / len(t)), precision(np.cov(t, rowvar=False))
-    xp = x @ p
-    md = (xp * x).sum(1)[:, None] - 2 * xp @ mus.T + ((mus @ p) * mus).sum(1)[None]
-    d0 = x - t.mean(0)
-    rmd = md.min(1) - ((d0 @ p0) * d0).sum(1)
-    n = max(1, int(round(top * len(rmd))))
-    return float(np.sort(rmd)[-n:].mean())
-
-# -----------------------------------------------------------------------------
-# CLIP score
-
-
-@torch.inference_mode()
-def clip_score(images, prompts, model, preprocess, bs, dev):
-    """Mean over samples of 100 * max(cos(image embedding, text embedding), 0); images through CLIP's own
-    preprocessing (PIL bicubic resize of the short side, centre crop, normalisation), prompts cut to 77 tokens."""
-    import clip
-    scores, done = [], 0
-    for b in images.batches(bs):
-        x = torch.stack([preprocess(Image.fromarray(im)) for im in b]).to(dev)
-        tokens = clip.tokenize(prompts[done:done + len(b)], truncate=True).to(dev)
-        cos = F.cosine_similarity(model.encode_image(x).float(), model.encode_text(tokens).float(), dim=-1)
-        scores.append((100 * cos).clamp(min=0).cpu())
-        done += len(b)
-    return torch.cat(scores).double().mean().item()
-
 # -----------------------------------------------------------------------------
 
 
@@ -413,30 +327,63 @@ def main(argv=None):
         raise ValueError(f"--fd_method must be sqrtm or eigh, got {fd_method!r}")
     if is_split_size < 0 or is_splits < 1:
         raise ValueError("is_splits must be >= 1 and is_split_size >= 0")
+    if diversity_features not in ("auto", "clip", "none"):
+        raise ValueError(f"--diversity_features must be auto, clip or none, got {diversity_features!r}")
+    if resize not in ("auto", "pytorch-fid", "tf1"):
+        raise ValueError(f"--resize must be auto, pytorch-fid or tf1, got {resize!r}")
 
     s_images = open_images(samples, max_samples, "samples")
+    if space_kind == "inception" and is_split_size and len(s_images) < is_split_size:
+        raise ValueError(f"{len(s_images)} samples are fewer than one Inception Score chunk (is_split_size="
+                         f"{is_split_size}, ADM's rule, the paper's): generate more, or pass --is_split_size 0 for "
+                         f"{is_splits} equal splits (torch-fidelity's rule)")
+    # the space of RMD and memorisation: the paper's CLIP, or the classifier standing in on the built-in dataset;
+    # CLIP and the VQ load first, so that a missing file stops the run before any work
+    skipped, warnings = {}, []
+    dkind = diversity_features
+    if dkind == "auto" and space_kind == "classifier":
+        dkind = "classifier"
+    elif dkind == "auto":
+        dkind = "clip" if os.path.isfile(clip_path(diversity_clip) or "") else "none"
+    clip_space = ClipSpace(diversity_clip, dev) if dkind == "clip" else None
+    vq = load_first_stage(entropy_vq).eval().to(dev) if entropy_vq else None
+    if vq is not None and not isinstance(vq, VQModel):
+        raise ValueError(f"--entropy_vq {entropy_vq!r} is a {type(vq).__name__}: sample entropy needs the VQ-f4 "
+                         "first stage (a VQModel: its codebook)")
+    adm_batch = os.path.isfile(ref) and {"arr_0", "mu"} <= set(_npz_keys(ref))
     if space_kind == "inception":
-        space = InceptionSpace(inception_weights, resize, dev)
+        space = InceptionSpace(inception_weights, resize if resize != "auto" else "tf1" if adm_batch else "pytorch-fid",
+                               dev, progress)
     else:
         path = classifier_path or os.path.join(
             cache, f"synthetic_classifier_r{s_images.resolution}_n{classifier_size}_s{classifier_seed}"
                    f"_e{classifier_epochs}_{synthetic_digest(s_images.resolution)}.pt")
-        space = ClassifierSpace(path, s_images.resolution, dev)
+        space = ClassifierSpace(path, s_images.resolution, dev, classifier_size, classifier_seed, classifier_epochs)
     print(f"feature space: {space.description}")
+    dspace = clip_space or space
 
     t0 = time.time()
-    s = space.extract(s_images, batch_size)
     r, ref_cache, ref_path = reference(ref, space, batch_size, cache, s_images.resolution, synthetic_ref_size,
                                        synthetic_ref_seed, "ref")
     print(f"reference: {ref_cache} ({ref_path})")
+    s = space.extract(s_images, batch_size)
+    ref_statistics, num_ref_statistics = statistics_provenance(r, os.path.abspath(ref))
     res = {"feature_space": space.name, "feature_space_detail": space.description,
            "samples": os.path.abspath(samples), "ref": ref if ref == "synthetic" else os.path.abspath(ref),
            "num_samples": len(s["pool"]), "num_ref": int(len(r["features"])) if "features" in r else None,
+           "ref_statistics": ref_statistics, "num_ref_statistics": num_ref_statistics,
            "ref_cache": ref_cache, "ref_cache_path": ref_path}
     is_key = "is" if space.name == fid.FEATURE_SPACE else "is_classifier"
+    chunk = is_split_size if space.name == fid.FEATURE_SPACE else 0  # IS (classifier): equal splits
     dims = {m: s[f].shape[1] for m, f in (("fid", "pool"), ("sfid", "spatial")) if f in s}
-    skipped = res["skipped"] = {is_key if m == "is" else m: why for m, why in fid.unmeasurable(
-        len(s["pool"]), res["num_ref"], dims, is_splits, is_split_size or None, pr_k).items()}
+    skipped.update({is_key if m == "is" else m: why for m, why in fid.unmeasurable(
+        len(s["pool"]), res["num_ref"], dims, is_splits, chunk or None, pr_k).items()})
+    if num_ref_statistics is not None and num_ref_statistics < 50000:
+        warnings.append(f"FID against {num_ref_statistics} < 50000 reference images is biased upward: the paper's "
+                        "reference is the 50K ImageNet validation images (or ADM's stored statistics)")
+    if r.get("stored") and space.name == fid.FEATURE_SPACE and space.model.resize != "tf1":
+        warnings.append("ADM made the stored statistics with TF1's resize (--resize tf1); the samples went through "
+                        f"--resize {space.model.resize}, so FID and sFID mix two pipelines")
     res["fid"] = None if "fid" in skipped else \
         fid.frechet_distance(*fid.statistics(s["pool"]), r["mu"], r["sigma"], method=fd_method)
     res["sfid"] = (fid.frechet_distance(*fid.statistics(s["spatial"]), r["mu_s"], r["sigma_s"], method=fd_method)
@@ -445,23 +392,57 @@ def main(argv=None):
     # own name ("IS (classifier)", at most the 10 classes), so that nobody takes one for the other
     res["is"] = res["is_std"] = None
     res[is_key], res[is_key + "_std"] = (None, None) if is_key in skipped else \
-        fid.inception_score(s["logits"], is_splits, is_split_size or None)
-    res["is_splits"] = f"chunks of {is_split_size}" if is_split_size else f"{is_splits} equal splits"
-    res["precision"] = res["recall"] = None
-    if "features" in r and "precision" not in skipped:
+        fid.inception_score(s["logits"], is_splits, chunk or None)
+    res["is_splits"] = f"chunks of {chunk} (ADM)" if chunk else f"{is_splits} equal splits"
+    res["precision"] = res["recall"] = res["toppr_precision"] = res["toppr_recall"] = res["toppr_f1"] = None
+    if "features" not in r:
+        skipped["precision"] = skipped["toppr_f1"] = "the reference has statistics but no features"
+    elif "precision" not in skipped:
         res["precision"], res["recall"] = fid.precision_recall(r["features"], s["pool"], pr_k, device=dev)
+        need = 5 * min(s["pool"].shape[1], 32) + 2
+        if min(len(r["features"]), len(s["pool"])) >= need:
+            res["toppr_precision"], res["toppr_recall"], res["toppr_f1"] = metrics.top_pr(r["features"], s["pool"],
+                                                                                          device=dev)
+        else:
+            skipped["toppr_f1"] = f"TopP&R needs {need} samples and reference images in {space.name}"
     if isinstance(space, ClassifierSpace):
         res["classifier_val_accuracy"] = space.val_accuracy
         if s_images.labels is not None:
             res["class_accuracy"] = float((s["logits"].argmax(1) == s_images.labels).mean())
-    if train:
-        t, train_cache, _ = reference(train, space, batch_size, cache, s_images.resolution, synthetic_train_size,
-                                      synthetic_train_seed, "train")
-        if "features" not in t:
-            raise ValueError(f"train {train!r}: memorisation metrics need features, not just statistics")
-        res["train_cache"] = train_cache
-        res.update(memorisation(s["pool"], t["features"], memorisation_threshold, dev))
-        res["rmd_top1"] = relative_mahalanobis(s["pool"], t["features"], t["labels"]) if "labels" in t else None
+
+    path = out or os.path.splitext(samples.rstrip("/"))[0] + "_metrics.json"
+    res["diversity_space"] = None if dkind == "none" else dspace.name
+    if dkind == "none":
+        skipped["rmd_top1"] = skipped["memorisation_ratio"] = "--diversity_features none" if diversity_features == \
+            "none" else (f"no CLIP {diversity_clip} weights on this machine ({clip_path(diversity_clip)}): put them "
+                         "there, or pass --diversity_features clip to have them downloaded")
+    else:
+        res["diversity_space_detail"] = dspace.description
+        g = s["pool"] if dspace is space else dspace.extract(s_images, batch_size)
+        if s_images.labels is None:
+            skipped["rmd_top1"] = "the samples have no class labels (arr_1 or class folders)"
+        elif np.bincount(s_images.labels).max() < 2:  # every within-class deviation 0: no covariance to invert
+            skipped["rmd_top1"] = f"{len(g)} samples: RMD needs 2 of a class at least"
+        else:
+            rmd = metrics.relative_mahalanobis(g, s_images.labels)  # its histogram is drawn after the report
+            res["rmd_top1"], res["rmd_plot"] = metrics.top_mean(rmd), os.path.splitext(path)[0] + "_rmd.png"
+        if train:
+            t, res["train_cache"], _ = reference(train, dspace, batch_size, cache, s_images.resolution,
+                                                 synthetic_train_size, synthetic_train_seed, "train")
+            if "features" not in t:
+                raise ValueError(f"train {train!r}: memorisation metrics need features, not just statistics")
+            res.update(memorisation(g, t["features"], memorisation_threshold, dev))
+        else:
+            skipped["memorisation_ratio"] = "no --train (the training images)"
+    if vq is None:
+        skipped["sample_entropy"] = "no --entropy_vq (the VQ-f4 first stage whose codebook it is measured over)"
+    else:
+        codebook = vq.quantize.embedding.weight
+        res["entropy_tau"] = entropy_tau or metrics.codebook_tau(codebook)
+        latents = (vq.encode(torch.from_numpy(b).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1)
+                   for b in s_images.batches(batch_size))
+        res["sample_entropy"], res["entropy_vq"] = metrics.sample_entropy(latents, codebook, res["entropy_tau"]), \
+            os.path.abspath(entropy_vq)
     prompts_file = prompts or os.path.splitext(samples.rstrip("/"))[0] + "_prompts.txt"  # sample.prompts_path
     if prompts or os.path.isfile(prompts_file):
         with open(prompts_file, encoding="utf-8") as f:
@@ -469,20 +450,24 @@ def main(argv=None):
         if len(sample_prompts) < len(s_images) or "" in sample_prompts:
             raise ValueError(f"prompts {prompts_file!r}: {len(s_images)} samples need as many non-empty lines")
         model, preprocess = load_clip(clip_model)
-        res["clip_score"] = clip_score(s_images, sample_prompts, model.to(dev), preprocess, batch_size, dev)
+        res["clip_score"] = metrics.clip_score(s_images, sample_prompts, model.to(dev), preprocess, batch_size, dev)
         res["clip_model"], res["prompts"] = clip_model, os.path.abspath(prompts_file)
+    res["skipped"], res["warnings"] = skipped, warnings
     res["seconds"] = round(time.time() - t0, 1)
     res["config"] = config
 
-    print(f"{'metric':<22}{'value':>12}   ({space.name})")
-    for k in ("fid", "sfid", "is", "is_classifier", "precision", "recall", "class_accuracy", "memorisation_ratio",
-              "avg_l2_top5", "rmd_top1", "clip_score"):
+    print(f"{'metric':<22}{'value':>12}   ({space.name}; RMD, memorisation: {res['diversity_space']})")
+    for k in ("fid", "sfid", "is", "is_classifier", "precision", "recall", "toppr_f1", "class_accuracy",
+              "memorisation_ratio", "avg_l2_top5", "rmd_top1", "sample_entropy", "clip_score"):
         if k in res:
             print(f"{k:<22}{'-' if res[k] is None else f'{res[k]:.4f}':>12}"
                   + (f"   not measured: {skipped[k]}" if k in skipped else ""))
-    path = out or os.path.splitext(samples.rstrip("/"))[0] + "_metrics.json"
+    for w in warnings:
+        print(f"warning: {w}")
     with atomic_write(path, "w") as f:  # study.py reuses it: never half-written
         json.dump(res, f, indent=2)
+    if "rmd_plot" in res:
+        metrics.plot_histogram(rmd, res["rmd_plot"], f"RMD ({dspace.name})")
     print(f"wrote {path}")
     return res
 

@@ -16,8 +16,8 @@ Where the three references differ, and what we do:
   torch-fidelity calls it "logits_unbiased" and uses it for IS too. Our "logits" are these (fc.bias is loaded
   but unused). pytorch-fid has no IS.
 - IS splits. ADM cuts the samples into chunks of 5000 (10 splits at the standard 50K); torch-fidelity and the
-  original improved-gan code use 10 equal splits. Both are identical at N = 50000. We default to 10 equal splits
-  so that IS on fewer samples still averages 10 estimates; split_size=5000 gives ADM's rule exactly.
+  original improved-gan code use 10 equal splits. Both are identical at N = 50000 only. inception_score defaults
+  to 10 equal splits; split_size=5000 gives ADM's rule exactly, and evaluate.py uses it (the paper's numbers).
 - sFID features: ADM's "mixed_6/conv" = the ReLU output of the 1x1 branch of Mixed_6d (17x17), first 7 channels,
   flattened in TF's NHWC order (17*17*7 = 2023). The order matters only to reuse ADM's precomputed mu_s/sigma_s.
 - Precision/recall: ADM computes distances in fp16 (fp32 fallback); we use fp32 throughout.

@@ -67,9 +67,10 @@ OWNED = {"train.py": {"out_dir", "resume", "corrupt", "corrupt_mode", "cep", "ce
 # evaluate.py's report keys, with the arrow of the better direction; IS (classifier) is not the Inception IS
 METRICS = {"fid": "FID ↓", "sfid": "sFID ↓", "is": "IS (Inception) ↑", "is_std": "IS (Inception) std",
            "is_classifier": "IS (classifier) ↑", "is_classifier_std": "IS (classifier) std",
-           "precision": "precision ↑", "recall": "recall ↑", "class_accuracy": "class accuracy ↑",
+           "precision": "precision ↑", "recall": "recall ↑", "toppr_f1": "TopPR F1 ↑",
+           "class_accuracy": "class accuracy ↑",
            "memorisation_ratio": "memorisation ratio ↓", "avg_l2_top5": "L2 to 5 nearest train ↑",
-           "rmd_top1": "top-1% RMD ↑"}
+           "rmd_top1": "top-1% RMD ↑", "sample_entropy": "sample entropy ↑"}
 
 
 def write_digits(out, per_class=0, held_out=50, size=16, seed=0):

@@ -11,8 +11,9 @@ Sections, in this order (find one by searching for its title; run one with -k an
   configurator.py, train.py   overrides, config-file errors, one-line errors; exact resume, old checkpoints
                  (tests/fixtures), bad settings, NaN, SIGKILL / SIGTERM, damaged checkpoints, a full disk, torchrun
   latent diffusion and text-to-image end to end; sample.py grids and .npz files
-  fid.py and evaluate.py   Inception against pytorch-fid / torch-fidelity, FID, IS, precision/recall, CLIP score,
-                 too few samples, caches written whole
+  fid.py, evaluate.py and metrics.py   Inception against pytorch-fid / torch-fidelity, FID, IS, precision/recall, CLIP
+                 score, ADM reference batches, RMD, sample entropy, TopP&R against top-pr, CLIP image features, too
+                 few samples, caches written whole
   study.py, gmm.py, bench.py
 """
 import contextlib
@@ -35,6 +36,8 @@ import urllib.error
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.spatial
+import scipy.special
 import scipy.stats
 import torch
 from PIL import Image
@@ -45,6 +48,7 @@ import data
 import evaluate
 import fid
 import gmm
+import metrics
 import study
 import text
 from configurator import configure
@@ -1642,7 +1646,7 @@ def test_text_to_image_end_to_end_on_the_builtin_captions(tmp_path):
                             "--cache_dir", str(tmp_path / "cache"), "--progress=False", "--device=cpu",
                             "--classifier_size=100", "--classifier_epochs=1", "--synthetic_ref_size=30"])
     model, preprocess = text.load_clip(str(tmp_path / "clip.pt"))
-    direct = evaluate.clip_score(evaluate.open_images(str(tmp_path / "s.npz")), prompts, model, preprocess, 3, "cpu")
+    direct = metrics.clip_score(evaluate.open_images(str(tmp_path / "s.npz")), prompts, model, preprocess, 3, "cpu")
     assert report["clip_score"] == pytest.approx(direct) and report["prompts"] == str(tmp_path / "s_prompts.txt")
 
 
@@ -1711,7 +1715,7 @@ def test_sample_script_grid_and_torchrun_npz(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# fid.py and evaluate.py
+# fid.py, evaluate.py and metrics.py
 
 
 def _random_inception_state_dict(seed=0):
@@ -1911,25 +1915,79 @@ def test_npz_streaming_reader(tmp_path):
         np.testing.assert_array_equal(np.concatenate(list(evaluate.open_images(p, limit=4).batches(3))), a[:4])
 
 
-def test_relative_mahalanobis_brute_force():
+def test_relative_mahalanobis_is_eq_38_to_40_literally():
     rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(3), 100)
-    means = rng.normal(0, 3, size=(3, 6))
-    train = means[labels] + rng.normal(size=(300, 6))
-    near, far = means[[0, 1, 2]] + rng.normal(size=(3, 6)) * 0.1, rng.normal(0, 30, size=(3, 6))
-    samples = np.concatenate([near, far])
-    within = train - means_hat(train, labels)[labels]
-    p, p0 = np.linalg.inv(within.T @ within / 300), np.linalg.inv(np.cov(train, rowvar=False))
-    mus = means_hat(train, labels)
-    md = np.array([[(x - m) @ p @ (x - m) for m in mus] for x in samples])
-    rmd = md.min(1) - np.array([(x - train.mean(0)) @ p0 @ (x - train.mean(0)) for x in samples])
-    ours = evaluate.relative_mahalanobis(samples, train, labels, top=1 / 6)  # top 1 of 6
-    assert ours == pytest.approx(rmd.max(), rel=1e-4)
-    assert rmd[3:].min() > rmd[:3].max()
+    labels = np.repeat([3, 7, 9], [60, 70, 50])  # the samples' own labels, not 0..K-1
+    feats = rng.normal(0, 3, size=(3, 6))[np.searchsorted([3, 7, 9], labels)] + rng.normal(size=(180, 6))
+    feats[:2] += 25  # two samples far from everything
+    # Eq. 38-40, one sample at a time: class means and the shared covariance from these features and labels (1/N)
+    mus = {k: feats[labels == k].mean(0) for k in (3, 7, 9)}
+    shared = sum(np.outer(x - mus[y], x - mus[y]) for x, y in zip(feats, labels)) / len(feats)
+    mu_agn, cov_agn = feats.mean(0), sum(np.outer(x - feats.mean(0), x - feats.mean(0)) for x in feats) / len(feats)
+    M = lambda x, mu, cov: -(x - mu) @ np.linalg.inv(cov) @ (x - mu)
+    rmd = np.array([M(x, mus[y], shared) - M(x, mu_agn, cov_agn) for x, y in zip(feats, labels)])
+    ours = metrics.relative_mahalanobis(feats, labels)
+    np.testing.assert_allclose(ours, rmd, rtol=1e-4, atol=1e-4 * np.abs(rmd).max())
+    assert metrics.top_mean(ours, 0.01) == pytest.approx(np.sort(rmd)[-2:].mean(), rel=1e-4)  # 1% of 180: 1.8
+    assert metrics.top_mean(ours, 0.05) == pytest.approx(np.sort(rmd)[-9:].mean(), rel=1e-4)
+    assert rmd.std() > 1
 
 
-def means_hat(x, labels):
-    return np.stack([x[labels == c].mean(0) for c in np.unique(labels)])
+def test_sample_entropy_against_a_direct_computation():
+    torch.manual_seed(0)
+    codebook = torch.randn(12, 3)
+    latents = [torch.randn(2, 3, 4, 5), torch.randn(1, 3, 4, 5) * 2]
+    tau = 0.7
+    direct = []
+    for z in latents:
+        for x in z.permute(0, 2, 3, 1).reshape(-1, 3).double().numpy():
+            logits = -((x - codebook.double().numpy()) ** 2).sum(1) / tau
+            p = np.exp(logits - logits.max())
+            p /= p.sum()
+            direct.append(-(p * np.log(p)).sum())
+    assert len(direct) == 60 and 0.1 < np.mean(direct) < np.log(12)
+    assert metrics.sample_entropy(iter(latents), codebook, tau, chunk=7) == pytest.approx(np.mean(direct), rel=1e-5)
+    nearest = np.sort(scipy.spatial.distance.cdist(codebook.numpy(), codebook.numpy()), 1)[:, 1]
+    assert metrics.codebook_tau(codebook) == pytest.approx((nearest ** 2).mean(), rel=1e-9)
+    # a vector on a code with a small tau: all mass on that code
+    assert metrics.sample_entropy([codebook[:4].T.reshape(1, 3, 2, 2)], codebook, 1e-4) < 1e-6
+
+
+@pytest.mark.parametrize("dim, n_real, n_fake", [(48, 400, 330), (16, 260, 300)])
+def test_top_pr_matches_the_top_pr_package(dim, n_real, n_fake):
+    top_pr = pytest.importorskip("top_pr")
+    rng = np.random.default_rng(dim)
+    real = rng.normal(size=(n_real, dim)).astype(np.float32)
+    real[: n_real // 3] += 3  # two modes; the fake set covers one of them, and some of it lies off the real support
+    fake = np.concatenate([rng.normal(size=(n_fake - 40, dim)), rng.normal(6, 1, size=(40, dim))]).astype(np.float32)
+    np.random.seed(42)  # the package draws its bootstrap from numpy's global generator (seeded 42 when it projects)
+    ref = top_pr.compute_top_pr(real_features=real, fake_features=fake)
+    precision, recall, f1 = metrics.top_pr(real, fake, block=100)  # small blocks: the blocking is exercised
+    assert 0.5 < ref["fidelity"] < 1 and 0.5 < ref["diversity"] < 0.7  # not a trivial case: one mode is missed
+    assert (precision, recall, f1) == pytest.approx((ref["fidelity"], ref["diversity"], ref["Top_F1"]), rel=1e-6)
+    with pytest.raises(ValueError, match="needs at least"):
+        metrics.top_pr(real, fake[:5 * min(dim, 32) + 1])
+
+
+def test_clip_image_features_are_clips_encode_image(tmp_path):
+    import clip
+    ref = tiny_clip(tmp_path / "clip.pt", torchscript=False)
+    space = metrics.ClipSpace(str(tmp_path / "clip.pt"), torch.device("cpu"))
+    images = np.random.default_rng(0).integers(0, 256, (5, 40, 30, 3), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", images)
+    ours = space.extract(evaluate.open_images(str(tmp_path / "s.npz")), 2)["pool"]
+    with torch.no_grad():
+        direct = torch.cat([ref.encode_image(space.preprocess(Image.fromarray(im))[None]) for im in images])
+    assert ours.shape == (5, CLIP_TINY["embed_dim"]) and space.dims == {"mu": CLIP_TINY["embed_dim"]}
+    torch.testing.assert_close(torch.from_numpy(ours), direct, rtol=1e-5, atol=1e-5)
+    assert np.abs(ours[0] - ours[1]).max() > 1e-3
+    # ViT-B/16 is clip's own model: its image tower's layout is what clip.load builds for OpenAI's file
+    with torch.device("meta"):
+        vit_b16 = clip.model.CLIP(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                                  vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=512,
+                                  transformer_heads=8, transformer_layers=12)
+    assert vit_b16.visual.output_dim == 512 and vit_b16.visual.conv1.kernel_size == (16, 16)
+    assert metrics.clip_path("ViT-B/16").endswith(os.path.join(".cache", "clip", "ViT-B-16.pt"))
 
 
 def test_evaluate_unknown_key():
@@ -1947,25 +2005,37 @@ def test_evaluate_end_to_end_inception_with_cache(tmp_path, weights, monkeypatch
     monkeypatch.setattr(fid, "compute_features", lambda images, *a, **k: calls.append(1) or real_compute(images, *a, **k))
     args = ["--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"), "--features=inception",
             f"--inception_weights={path}", "--cache_dir", str(tmp_path / "cache"), "--progress=False",
-            "--device=cpu", "--out", str(tmp_path / "m.json"), "--is_splits=3"]
+            "--device=cpu", "--out", str(tmp_path / "m.json"), "--fd_method=eigh",  # eigh: 2048-d in seconds
+            "--is_split_size=4"]  # ADM's rule in chunks of 4: [0:4], [4:6]
     first = evaluate.main(args)
     assert len(calls) == 2 and first["ref_cache"] == "miss"
+    logits = fid.compute_features(np.load(tmp_path / "samples.npz")["arr_0"], fid.load_inception(path, "cpu"),
+                                  progress=False)["logits"]
+    calls.clear()
+    direct = []
+    for part in (logits[:4], logits[4:]):
+        p = scipy.special.softmax(part.astype(np.float64), axis=1)
+        direct.append(np.exp((p * (np.log(p) - np.log(p.mean(0)))).sum(1).mean()))
+    assert first["is"] == pytest.approx(np.mean(direct), rel=1e-6) and first["is_splits"] == "chunks of 4 (ADM)"
+    assert first["ref_statistics"] == "computed by this script from 8 reference images"
+    assert first["num_ref_statistics"] == 8 and "8 < 50000 reference images" in first["warnings"][0]
     with open(tmp_path / "m.json") as f:
         report = json.load(f)
     assert report["feature_space"] == "inception-2015-12-05" and "resize=pytorch-fid" in report["feature_space_detail"]
     for k in ("is", "precision", "recall"):
         assert report[k] is not None and np.isfinite(report[k]), k
     assert report["is"] >= 1 and report["num_samples"] == 6 and report["num_ref"] == 8
-    assert report["fid"] is report["sfid"] is None and report["skipped"] == {  # FID on 6 samples would mean nothing
+    assert report["fid"] is report["sfid"] is None  # FID on 6 samples would mean nothing: skipped, with the reason
+    assert {k: report["skipped"][k] for k in ("fid", "sfid")} == {
         "fid": "6 samples and 8 reference images, fewer than the 2048 feature dimensions: each set needs as many",
         "sfid": "6 samples and 8 reference images, fewer than the 2023 feature dimensions: each set needs as many"}
     assert "is_classifier" not in report
     second = evaluate.main(args)
-    assert len(calls) == 3 and second["ref_cache"] == "hit"  # only the samples were run through the network
+    assert len(calls) == 1 and second["ref_cache"] == "hit"  # only the samples were run through the network
     for k in ("is", "precision", "recall"):
         assert second[k] == pytest.approx(first[k], rel=1e-9)
     # the cache file is itself a statistics file usable as --ref, features (for precision/recall) included
-    space = type("Space", (), {"name": fid.FEATURE_SPACE})()
+    space = type("Space", (), {"name": fid.FEATURE_SPACE, "dims": metrics.InceptionSpace.dims})()
     stats, how, _ = evaluate.reference(first["ref_cache_path"], space, 8, "", 32, 0, 0, "ref")
     assert how == "statistics file" and stats["features"].shape == (8, 2048) and stats["sigma_s"].shape == (2023, 2023)
     # a pytorch-fid style statistics file (mu, sigma only) is read as statistics, without features
@@ -1977,27 +2047,113 @@ def test_evaluate_end_to_end_inception_with_cache(tmp_path, weights, monkeypatch
         evaluate.reference(str(tmp_path / "stats.npz"), space, 8, "", 32, 0, 0, "ref")
 
 
-def test_evaluate_synthetic_classifier_and_memorisation(tmp_path):
+def test_evaluate_against_an_adm_reference_batch_uses_its_stored_statistics(tmp_path, weights, monkeypatch):
+    _, path = weights
+    monkeypatch.setattr(fid, "unmeasurable", lambda *a, **k: {})  # which statistics FID uses, not how many samples
+    rng = np.random.default_rng(1)
+    samples, images = (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in (6, 8))
+    # ADM's format: 10K images for precision/recall beside the statistics of the whole reference set
+    stored = dict(mu=rng.normal(0, 0.1, 2048), sigma=np.diag(rng.uniform(0.01, 0.1, 2048)),
+                  mu_s=rng.normal(0, 0.1, 2023), sigma_s=np.diag(rng.uniform(0.01, 0.1, 2023)))
+    np.savez(tmp_path / "VIRTUAL_ref.npz", images, **stored)
+    np.savez(tmp_path / "s.npz", samples)
+    args = ["--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "VIRTUAL_ref.npz"), "--device=cpu",
+            f"--inception_weights={path}", "--cache_dir", str(tmp_path / "cache"), "--progress=False",
+            "--fd_method=eigh", "--is_split_size=0", "--is_splits=2"]
+    res = evaluate.main(args)
+    model = fid.load_inception(path, "cpu", resize="tf1")  # ADM's input pipeline, the default against its batch
+    s, r = (fid.compute_features(x, model, progress=False) for x in (samples, images))
+    assert "resize=tf1" in res["feature_space_detail"] and res["is_splits"] == "2 equal splits"
+    assert res["fid"] == pytest.approx(fid.frechet_distance(*fid.statistics(s["pool"]), stored["mu"],
+                                                            stored["sigma"], method="eigh"), rel=1e-6)
+    assert res["sfid"] == pytest.approx(fid.frechet_distance(*fid.statistics(s["spatial"]), stored["mu_s"],
+                                                             stored["sigma_s"], method="eigh"), rel=1e-6)
+    recomputed = fid.frechet_distance(*fid.statistics(s["pool"]), *fid.statistics(r["pool"]), method="eigh")
+    assert abs(res["fid"] - recomputed) > 1  # the stored statistics, not the 8 images', made the FID
+    assert (res["precision"], res["recall"]) == pytest.approx(fid.precision_recall(r["pool"], s["pool"]))
+    assert res["num_ref"] == 8 and res["num_ref_statistics"] is None
+    assert res["ref_statistics"].startswith(f"stored in {tmp_path / 'VIRTUAL_ref.npz'} (ADM's reference batch")
+    assert res["warnings"] == []
+    res = evaluate.main(args + ["--resize=pytorch-fid"])
+    assert "resize=pytorch-fid" in res["feature_space_detail"] and "mix two pipelines" in res["warnings"][0]
+
+
+def test_evaluate_bad_input_fails_before_any_work(tmp_path, weights, monkeypatch):
+    import clip
+    _, path = weights
+    np.savez(tmp_path / "s.npz", np.zeros((6, 32, 32, 3), np.uint8), np.arange(6))
+    calls = []
+    monkeypatch.setattr(fid, "compute_features", lambda *a, **k: calls.append(1))
+    base = ["--samples", str(tmp_path / "s.npz"), "--device=cpu", f"--inception_weights={path}",
+            "--cache_dir", str(tmp_path / "cache"), "--progress=False", "--is_split_size=0", "--ref"]
+    np.savez(tmp_path / "neither.npz", labels=np.arange(3))
+    with pytest.raises(ValueError, match="has neither images .arr_0. nor statistics .mu, sigma."):
+        evaluate.main(base + [str(tmp_path / "neither.npz")])
+    np.savez(tmp_path / "clip_stats.npz", mu=np.zeros(512), sigma=np.eye(512))
+    with pytest.raises(ValueError, match=r"mu \(512,\) / sigma \(512, 512\) do not fit the 2048-d mu features"):
+        evaluate.main(base + [str(tmp_path / "clip_stats.npz")])
+    np.savez(tmp_path / "adm.npz", np.zeros((4, 32, 32, 3), np.uint8), mu=np.zeros(2048), sigma=np.eye(2048),
+             mu_s=np.zeros(2048), sigma_s=np.eye(2048))
+    with pytest.raises(ValueError, match="mu_s .2048,. / sigma_s .2048, 2048. do not fit the 2023-d"):
+        evaluate.main(base + [str(tmp_path / "adm.npz")])
+    with pytest.raises(ValueError, match="6 samples are fewer than one Inception Score chunk .is_split_size=5000"):
+        evaluate.main(base[:-2] + ["--ref", str(tmp_path / "adm.npz")])
+    # the paper's CLIP ViT-B/16 named but absent, offline: the error says which file and where it goes
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(clip.clip.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"save it as {tmp_path}/home/.cache/clip/ViT-B-16.pt")):
+        evaluate.main(base + ["synthetic", "--diversity_features=clip"])
+    assert calls == [] and not os.path.exists(tmp_path / "cache")
+
+
+def test_evaluate_synthetic_reports_every_metric_in_named_spaces(tmp_path):
     from data import SyntheticShapes
-    ds = SyntheticShapes(size=100, resolution=16, seed=5)  # as many as the 96 feature dimensions, for FID
+    ds = SyntheticShapes(size=170, resolution=16, seed=5)  # TopP&R in 32 projected dimensions needs 162
     np.savez(tmp_path / "s.npz", ds.images_uint8(), ds.labels)
+    vq = randomize(VQModel(num_codes=16, **TINY_VAE), std=0.2)
+    (tmp_path / "vq").mkdir()
+    torch.save(vq.state_dict(), tmp_path / "vq" / "diffusion_pytorch_model.bin")
+    (tmp_path / "vq" / "config.json").write_text(json.dumps(dict(_class_name="VQModel", latent_channels=3,
+                                                                 num_vq_embeddings=16, **TINY_VAE)))
     base = ["--samples", str(tmp_path / "s.npz"), "--cache_dir", str(tmp_path / "cache"), "--progress=False",
-            "--device=cpu", "--classifier_size=200", "--classifier_epochs=1", "--synthetic_ref_size=100"]
-    res = evaluate.main(base + ["--train=synthetic", "--synthetic_train_size=50"])
-    assert res["feature_space"] == "synthetic-classifier" and res["is"] is None and res["sfid"] is None
+            "--device=cpu", "--classifier_size=400", "--classifier_epochs=3", "--synthetic_ref_size=170",
+            "--out", str(tmp_path / "m.json")]
+    res = evaluate.main(base + ["--train=synthetic", "--synthetic_train_size=50", f"--entropy_vq={tmp_path / 'vq'}"])
+    assert res["feature_space"] == res["diversity_space"] == "synthetic-classifier" and res["skipped"] == {}
+    assert res["is"] is None and res["sfid"] is None and res["is_splits"] == "10 equal splits"
     assert 0 <= res["class_accuracy"] <= 1 and 0 <= res["precision"] <= 1 and res["fid"] >= 0
     assert 0 <= res["memorisation_ratio"] <= 1 and res["avg_l2_top5"] > 0 and np.isfinite(res["rmd_top1"])
+    assert 0 < res["toppr_f1"] <= 1 and 0 < res["sample_entropy"] < np.log(16) and res["entropy_tau"] > 0
+    with Image.open(res["rmd_plot"]) as image:
+        assert res["rmd_plot"] == str(tmp_path / "m_rmd.png") and image.format == "PNG"
+    with open(tmp_path / "m.json") as f:
+        assert json.load(f)["toppr_f1"] == res["toppr_f1"]
+    # each metric against its own computation from the features the report used
+    space = metrics.ClassifierSpace(glob.glob(str(tmp_path / "cache" / "synthetic_classifier*.pt"))[0], 16, "cpu",
+                                    0, 0, 0)
+    g = space.extract(evaluate.open_images(str(tmp_path / "s.npz")), 64)["pool"]
+    ref = space.extract(evaluate.synthetic_images(170, 1, 16), 64)["pool"]
+    assert res["rmd_top1"] == pytest.approx(metrics.top_mean(metrics.relative_mahalanobis(g, ds.labels)), rel=1e-6)
+    assert res["toppr_f1"] == pytest.approx(metrics.top_pr(ref, g)[2], rel=1e-9)
+    with torch.no_grad():
+        z = vq.eval().encode(torch.from_numpy(ds.images_uint8()).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    assert res["sample_entropy"] == pytest.approx(metrics.sample_entropy([z], vq.quantize.embedding.weight,
+                                                                         res["entropy_tau"]), rel=1e-5)
     assert len([f for f in os.listdir(tmp_path / "cache") if f.startswith("synthetic_classifier")]) == 1
     # samples that are the training images themselves: every one is memorised (nearest distance ~0)
     again = evaluate.main(base + ["--train", str(tmp_path / "s.npz")])
     assert again["memorisation_ratio"] == 1.0 and again["ref_cache"] == "hit"
     assert again["classifier_val_accuracy"] == res["classifier_val_accuracy"]  # the cached classifier, reused
+    assert set(again["skipped"]) == {"sample_entropy"} and "entropy_vq" in again["skipped"]["sample_entropy"]
+    none = evaluate.main(base + ["--diversity_features=none"])
+    assert none["diversity_space"] is None and "memorisation_ratio" not in none and "rmd_top1" not in none
+    assert none["skipped"]["rmd_top1"] == "--diversity_features none"
 
 
 def test_classifier_is_is_the_is_formula_on_its_softmax(tmp_path):
     from data import SyntheticShapes
     torch.manual_seed(0)
-    net = evaluate.SmallCNN(10, 16)
+    net = metrics.SmallCNN(10, 16)
     with torch.no_grad():
         net.head.weight.normal_(0, 300)  # the untrained features barely vary: large weights spread the softmax
     torch.save({"model": net.state_dict(), "resolution": 16, "num_classes": 10, "val_accuracy": 0.5}, tmp_path / "c.pt")
@@ -2113,7 +2269,7 @@ def test_clip_score_matches_a_direct_computation(tmp_path):
     prompts = [f"a photo of {w}" for w in ("a cat", "a dog", "cafés", "red", "blue", "two birds", "the sea")]
     np.savez(tmp_path / "s.npz", images)
     model, preprocess = text.load_clip(str(tmp_path / "clip.pt"))
-    score = evaluate.clip_score(evaluate.open_images(str(tmp_path / "s.npz")), prompts, model, preprocess, 3, "cpu")
+    score = metrics.clip_score(evaluate.open_images(str(tmp_path / "s.npz")), prompts, model, preprocess, 3, "cpu")
     cos = []
     with torch.no_grad():
         for image, prompt in zip(images, prompts):
@@ -2151,6 +2307,7 @@ def test_study_trains_each_run_and_writes_the_table_and_plots(tiny_study):
         table = list(csv.DictReader(f))
     assert list(table[0]) == ["run", "eta", "sampler", "cfg_scale", "num_samples", "feature_space", "seeds",
                               *[c for k in study.METRICS for c in (k, k + "_seed_std")], "beyond_noise"]
+    assert {"rmd_top1", "sample_entropy", "toppr_f1"} <= set(table[0])  # the paper's diversity metrics have columns
     assert [(r["run"], r["eta"], r["sampler"], r["cfg_scale"], r["num_samples"]) for r in table] == \
         [("clean", "0.0", "dpm++3", "2.0", "100"), ("eta10", "10.0", "dpm++3", "2.0", "100")]
     report = json.loads((out / "eta10" / "samples_dpm++3_cfg2.0_n100_metrics.json").read_text())
