@@ -8,6 +8,7 @@ Sections, in this order (find one by searching for its title; run one with -k an
   data.py        built-in shapes, class folders, bad images, caption sets, the step-indexed batch sampler
   corrupt.py     symmetric / asymmetric labels, swapped / rewritten captions, random mode, and in training
   cep.py         CEP-U / CEP-G statistics, null condition and sampling untouched, per token; IP
+  control.py     Canny against OpenCV, ControlNet / T2I-Adapter: zero init, gradients only to the adapter
   configurator.py, train.py   overrides; exact resume, old checkpoints (tests/fixtures), bad settings, NaN,
                  SIGKILL / SIGTERM, torchrun
   latent diffusion and text-to-image end to end; sample.py grids and .npz files
@@ -17,6 +18,7 @@ Sections, in this order (find one by searching for its title; run one with -k an
 import contextlib
 import csv
 import glob
+import io
 import json
 import math
 import multiprocessing
@@ -37,6 +39,7 @@ import torch
 from PIL import Image
 
 import cep
+import control
 import corrupt
 import data
 import evaluate
@@ -46,7 +49,7 @@ import study
 import text
 from configurator import configure
 from diffusion import GaussianDiffusion, discretized_gaussian_log_likelihood
-from model import DiT, DiT_models, UNet, UNet_models, diffusers_to_dit, load_dit
+from model import DiT, DiT_models, UNet, UNet_models, build_model, diffusers_to_dit, load_dit
 from vae import AutoencoderKL, VQModel, load_first_stage
 from sample import load_model, sample, sample_npz
 
@@ -1030,6 +1033,76 @@ def test_input_perturbation():
     noise = torch.randn(100_000)
     perturbed = cep.input_perturbation(noise, 0.1)
     assert (perturbed - noise).std().item() == pytest.approx(0.1, rel=0.02)
+
+
+# -----------------------------------------------------------------------------
+# control.py
+
+
+def decoded_test_images():
+    """Real decoded images: a photograph (a JPEG), and the built-in shapes through a JPEG round trip, as uint8 CHW."""
+    photo = np.asarray(Image.open(os.path.join(ROOT, "tests", "fixtures", "grace_hopper.jpg")).convert("RGB"))
+    buffer = io.BytesIO()
+    Image.fromarray(np.concatenate(list(data.SyntheticShapes(12, 64, 0).images_uint8()), axis=1)).save(buffer, "JPEG")
+    shapes = np.asarray(Image.open(buffer).convert("RGB"))
+    return [photo, photo[:, :, :1], shapes]
+
+
+def test_canny_matches_opencv_on_decoded_images():
+    cv2 = pytest.importorskip("cv2")
+    for image in decoded_test_images():
+        ours = control.canny(torch.from_numpy(image.copy()).permute(2, 0, 1))[0].numpy()
+        reference = cv2.Canny(np.ascontiguousarray(image), 100, 200)  # the paper's thresholds
+        assert 0.02 < (reference > 0).mean() < 0.2  # edges to find, not a blank image
+        assert (ours == reference).mean() >= 0.99  # measured: 1.0 (every pixel) on all three
+        blurred = control.canny(torch.from_numpy(image.copy()).permute(2, 0, 1), sigma=1.0)[0].numpy()
+        assert (blurred == cv2.Canny(cv2.GaussianBlur(np.ascontiguousarray(image), (0, 0), 1.0), 100, 200)).mean() >= 0.99
+
+
+ADAPTED = [("LDM-S", "controlnet", 1), ("LDM-S", "t2i", 4), ("DiT-Ti/4", "controlnet", 1), ("DiT-Ti/2", "controlnet", 2)]
+
+
+def adapted_model(name, kind, downsample, size=8):
+    torch.manual_seed(0)
+    base = randomize(build_model(name, size, in_channels=3, num_classes=5), std=0.05)
+    return base, control.adapt(base, kind, downsample).eval()
+
+
+@pytest.mark.parametrize("name,kind,downsample", ADAPTED)
+def test_zero_initialised_adapter_leaves_the_frozen_model_unchanged_exactly(name, kind, downsample):
+    base, model = adapted_model(name, kind, downsample)
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([1, 400, 999]), torch.tensor([0, 3, 5])  # 5: the null class
+    hint = torch.rand(3, 3, 8 * downsample, 8 * downsample)
+    with torch.no_grad():
+        assert base(x, t, y).abs().mean() > 0.01
+        assert torch.equal(model(x, t, y, hint), base(x, t, y))
+        assert torch.equal(model.forward_with_cfg(x, t, y, 3.0, hint=hint), base.forward_with_cfg(x, t, y, 3.0))
+
+
+@pytest.mark.parametrize("name,kind,downsample", ADAPTED)
+def test_gradients_reach_only_the_adapter_and_then_the_control_matters(name, kind, downsample):
+    base, model = adapted_model(name, kind, downsample)
+    frozen = {k: v.clone() for k, v in base.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.adapter.parameters()}
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([1, 400, 999]), torch.tensor([0, 3, 4])
+    hint = torch.rand(3, 3, 8 * downsample, 8 * downsample)
+    for _ in range(3):  # a step through each zero layer: the zero linears, then the hint encoder's last conv
+        opt.zero_grad()
+        model(x, t, y, hint).square().mean().backward()
+        opt.step()
+    assert all(p.grad is None for p in base.parameters())
+    assert all(p.grad.abs().sum() > 0 for p in model.adapter.parameters())
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in frozen.items())
+    with torch.no_grad():
+        assert not torch.equal(model(x, t, y, hint), model(x, t, y, torch.rand_like(hint)))
+
+
+def test_an_adapter_with_no_place_in_the_model_is_an_error():
+    with pytest.raises(ValueError, match="DiT, which has none: use adapter=controlnet"):
+        control.adapt(build_model("DiT-Ti/4", 8, in_channels=3, num_classes=5), "t2i", 1)
+    with pytest.raises(ValueError, match="power of 2"):
+        control.adapt(build_model("LDM-S", 8, in_channels=3, num_classes=5), "controlnet", 3)
 
 
 # -----------------------------------------------------------------------------
