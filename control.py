@@ -212,7 +212,8 @@ def adapt(base, kind, downsample):
     """`base` frozen, with a new adapter: kind controlnet (U-Net or DiT) or t2i (U-Net); `downsample`: images per
     denoiser pixel (the first stage's factor, 1 in pixel space). A model with no place for the adapter: an error."""
     if downsample < 1 or downsample & (downsample - 1):
-        raise ValueError(f"the control image is {downsample}x the denoiser's input: the hint encoder needs a power of 2")
+        raise ValueError(f"the control image is {downsample}x the denoiser's input: the hint encoder needs a "
+                         "power of 2")
     if kind == "t2i" and not isinstance(base, UNet):
         raise ValueError("adapter=t2i adds multi-scale features to a U-Net's encoder, and this checkpoint's model is a "
                          "DiT, which has none: use adapter=controlnet (PixArt's ControlNet for the DiT)")

@@ -1056,10 +1056,12 @@ def test_canny_matches_opencv_on_decoded_images():
         assert 0.02 < (reference > 0).mean() < 0.2  # edges to find, not a blank image
         assert (ours == reference).mean() >= 0.99  # measured: 1.0 (every pixel) on all three
         blurred = control.canny(torch.from_numpy(image.copy()).permute(2, 0, 1), sigma=1.0)[0].numpy()
-        assert (blurred == cv2.Canny(cv2.GaussianBlur(np.ascontiguousarray(image), (0, 0), 1.0), 100, 200)).mean() >= 0.99
+        reference = cv2.Canny(cv2.GaussianBlur(np.ascontiguousarray(image), (0, 0), 1.0), 100, 200)
+        assert (blurred == reference).mean() >= 0.99  # measured: 99.97% on the photograph
 
 
-ADAPTED = [("LDM-S", "controlnet", 1), ("LDM-S", "t2i", 4), ("DiT-Ti/4", "controlnet", 1), ("DiT-Ti/2", "controlnet", 2)]
+ADAPTED = [("LDM-S", "controlnet", 1), ("LDM-S", "t2i", 4), ("DiT-Ti/4", "controlnet", 1),
+           ("DiT-Ti/2", "controlnet", 2)]
 
 
 def adapted_model(name, kind, downsample, size=8):
