@@ -78,6 +78,14 @@ def canny(images, low=100, high=200, sigma=0.0):
     return out[0] if images.dim() == 3 else out
 
 
+def control_image(kind, images, controls=None):
+    """The adapter's input [B, 3, H, W] in [0, 1]: for kind canny the edges of `images` ([-1, 1], as datasets give
+    them), else the dataset's control images `controls` ([-1, 1])."""
+    if kind == "canny":
+        return canny(((images + 1) * 127.5).round().to(torch.uint8)).div(255).expand(-1, 3, -1, -1)
+    return (controls + 1) / 2
+
+
 # -----------------------------------------------------------------------------
 # Adapters
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from control import adapt
 from diffusion import GaussianDiffusion
 from model import UNet_models, build_model, load_dit
 from text import TextEmbedder, TextEncoder, tokenize
@@ -48,13 +49,14 @@ vae = ""                # a folder of diffusers VAE weights, to decode latents; 
 
 
 def build(model_args):
-    """The model that train.py's model_args describe; a text-to-image U-Net with its text encoder (text_layers)."""
+    """The model that train.py's model_args describe; a text-to-image U-Net with its text encoder (text_layers); an
+    adapted model (control.Adapted) with its adapter."""
     args = dict(model_args)
-    text_layers = args.pop("text_layers", 0)
+    text_layers, adapter = args.pop("text_layers", 0), args.pop("adapter", None)
     if text_layers:
         width = args.get("context_dim", UNet_models[args["name"]]["context_dim"])
         args["y_embedder"] = TextEmbedder(TextEncoder(width, text_layers), args["class_dropout_prob"])
-    return build_model(**args)
+    return adapt(build_model(**args), **adapter) if adapter else build_model(**args)
 
 
 def load_model(path, use_ema=True):
@@ -75,16 +77,18 @@ def load_model(path, use_ema=True):
 
 @torch.no_grad()
 def sample(model, labels, cfg_scale=4.0, sampler="dpm++", num_steps=50, ddim_eta=0.0, generator=None,
-           progress=False, size=None, vae=None, prediction="eps"):
+           progress=False, size=None, vae=None, prediction="eps", hint=None):
     """Images (float, about [-1, 1]) for `labels`, from `num_steps` evenly spaced steps of the 1000 (diffusion.py's
     samplers). The model denoises size x size inputs (default: the DiT's input size): pixels, or with a first stage
     `vae` its latents, decoded at the end. The predicted x0 is clipped to [-1, 1] in pixel space only: latents are
-    unbounded (DiT does not clip). `prediction`: what the model predicts, "eps" or "v"."""
+    unbounded (DiT does not clip). `prediction`: what the model predicts, "eps" or "v". An adapted model
+    (control.py) takes its control images `hint` [N, 3, H, W], one per label."""
     diffusion = GaussianDiffusion(learn_sigma=model.learn_sigma, prediction=prediction).respaced(num_steps)
     size = size or model.x_embedder.proj.kernel_size[0] * int(model.pos_embed.shape[1] ** 0.5)
     x = torch.randn(len(labels), model.in_channels, size, size, device=labels.device, generator=generator)
-    denoise = (lambda x, t: model(x, t, labels)) if cfg_scale == 1 else \
-        (lambda x, t: model.forward_with_cfg(x, t, labels, cfg_scale))
+    inputs = {} if hint is None else dict(hint=hint)
+    denoise = (lambda x, t: model(x, t, labels, **inputs)) if cfg_scale == 1 else \
+        (lambda x, t: model.forward_with_cfg(x, t, labels, cfg_scale, **inputs))
     x = diffusion.sample(denoise, x, sampler, ddim_eta, clip_denoised=vae is None, generator=generator,
                          progress=progress)
     return x if vae is None else vae.decode(x)
@@ -172,16 +176,29 @@ def sample_grid(model, path, rows, per_row=8, seed=0, **kwargs):
                    nrow=per_row, padding=1)
 
 
-def sample_npz(model, path, conditions, batch_size, seed=0, rank=0, world_size=1, **kwargs):
+def control_grid(model, path, conditions, hints, per_row=7, seed=0, **kwargs):
+    """A PNG with one row per control image `hints` [n, 3, H, W] ([0, 1]): the control, then `per_row` samples of the
+    adapted model for it and its condition (class label or prompt)."""
+    y = as_condition(conditions, hints.device).repeat_interleave(per_row, dim=0)
+    x = sample(model, y, generator=torch.Generator(hints.device).manual_seed(seed),
+               hint=hints.repeat_interleave(per_row, dim=0), **kwargs)
+    x = torch.cat([hints[:, None] * 2 - 1, x.view(len(hints), per_row, *x.shape[1:])], dim=1).flatten(0, 1)
+    save_image(F.interpolate((x + 1) / 2, scale_factor=max(1, 64 // x.shape[-1]), mode="nearest"), path,
+               nrow=per_row + 1, padding=1)
+
+
+def sample_npz(model, path, conditions, batch_size, seed=0, rank=0, world_size=1, hints=None, **kwargs):
     """A sample for each of the conditions, in an .npz: arr_0 the uint8 NHWC images, arr_1 the class labels, or for
     prompts the prompts beside it (prompts_path). Batch b is drawn by rank b % world_size from a generator seeded
-    with (seed, b), so the file does not depend on the number of ranks."""
+    with (seed, b), so the file does not depend on the number of ranks. An adapted model: hints(indices) gives
+    the control images of those conditions."""
     device = next(model.parameters()).device
     shard = {}
     batches = range(rank, (len(conditions) + batch_size - 1) // batch_size, world_size)
     for b in tqdm(batches, disable=rank != 0, desc=f"sampling {len(conditions)}"):
         y = as_condition(conditions[b * batch_size:(b + 1) * batch_size], device)
-        x = sample(model, y, generator=torch.Generator(device).manual_seed(seed * 1_000_003 + b), **kwargs)
+        hint = None if hints is None else hints(range(b * batch_size, b * batch_size + len(y))).to(device)
+        x = sample(model, y, generator=torch.Generator(device).manual_seed(seed * 1_000_003 + b), hint=hint, **kwargs)
         shard[b] = to_uint8(x)
     if world_size > 1:
         gathered = [None] * world_size

@@ -9,6 +9,7 @@ Sections, in this order (find one by searching for its title; run one with -k an
   corrupt.py     symmetric / asymmetric labels, swapped / rewritten captions, random mode, and in training
   cep.py         CEP-U / CEP-G statistics, null condition and sampling untouched, per token; IP
   control.py     Canny against OpenCV, ControlNet / T2I-Adapter: zero init, gradients only to the adapter
+                 (adaptation runs of train.py are under train.py; control folders under data.py)
   configurator.py, train.py   overrides; exact resume, old checkpoints (tests/fixtures), bad settings, NaN,
                  SIGKILL / SIGTERM, torchrun
   latent diffusion and text-to-image end to end; sample.py grids and .npz files
@@ -741,6 +742,48 @@ def test_skipped_images_are_counted_in_the_log_across_loader_workers(tmp_path):
     assert all(f"skipped: cannot read image {tmp_path}/images/{bad}" in result.stderr for bad in ("n01/3.png", "n02/5.png"))
 
 
+def make_controls(images, controls, resize=None):
+    """A control folder mirroring the image folder: each image's colours inverted, as a PNG (the images are JPEGs
+    and PNGs), optionally resized."""
+    for path in sorted(images.rglob("*.*")):
+        image = Image.open(path).convert("RGB")
+        out = controls / path.relative_to(images).with_suffix(".png")
+        os.makedirs(out.parent, exist_ok=True)
+        Image.fromarray(255 - np.asarray(image)).resize(resize or image.size).save(out)
+
+
+def test_control_folder_pairs_each_image_with_its_control_cropped_and_flipped_with_it(tmp_path):
+    make_folder(tmp_path / "images", sizes=[(24, 20), (20, 20)])
+    Image.fromarray(np.tile(np.arange(24, dtype=np.uint8)[None, :, None] * 10, (20, 1, 3))).save(
+        tmp_path / "images" / "n01" / "0.jpg", quality=100)  # a ramp: a flip shows
+    make_controls(tmp_path / "images", tmp_path / "controls")
+    ds = data.ImageFolder(str(tmp_path / "images"), 16, controls=str(tmp_path / "controls"))
+    flips = 0
+    for _ in range(20):
+        x, y, c = ds[0]
+        assert y == 0 and c.shape == x.shape == (3, 16, 16)
+        assert (x + c).abs().max() < 0.1  # the inverted image, cropped and flipped as the image was
+        flips += x[0, 0, 0] > 0
+    assert 2 < flips < 18
+    shapes = data.SyntheticShapes(4, 16, 0, masks=True)
+    x, y, mask = shapes[0]
+    assert torch.equal(x, shapes.__class__(4, 16, 0)[0][0]) and set(mask.unique().tolist()) >= {-1.0, 1.0}
+    inside = mask[0] > 0.9  # the shape's pixels have the shape's colour, the background's the background's
+    assert x[:, inside].std(dim=1).max() < 0.1 and x[:, mask[0] < -0.9].std(dim=1).max() < 0.1
+
+
+def test_control_folder_errors_name_the_image_before_any_work(tmp_path):
+    make_folder(tmp_path / "images")
+    make_controls(tmp_path / "images", tmp_path / "controls")
+    os.remove(tmp_path / "controls" / "n02" / "1.png")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"image '{tmp_path}/images/n02/1.png' has no control image: "
+                                                          f"expected {tmp_path}/controls/n02/1.png")):
+        data.ImageFolder(str(tmp_path / "images"), 16, controls=str(tmp_path / "controls"))
+    make_controls(tmp_path / "images", tmp_path / "small", resize=(32, 32))
+    with pytest.raises(ValueError, match=re.escape("small/n01/0.png' is 32x32 but its image") + ".*is 40x30"):
+        data.ImageFolder(str(tmp_path / "images"), 16, controls=str(tmp_path / "small"))
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a folder"):
         data.ImageFolder(str(tmp_path / "nope"), 16)
@@ -1234,6 +1277,58 @@ def test_torchrun_design_card_command(tmp_path):
     _, direct = corrupt.corrupt_labels(labels, 0.05, seed=0)
     assert record["indices"] == direct["indices"] and record["new"] == direct["new"]
     assert result.returncode == 0
+
+
+def test_adaptation_keeps_the_base_bit_identical_and_resumes_exactly(tmp_path):
+    train(tmp_path / "pre", "--max_steps=2")
+    pre = torch.load(tmp_path / "pre" / "ckpt.pt", weights_only=True)["ema"]
+    adapt = ["--init", str(tmp_path / "pre" / "ckpt.pt"), "--adapter", "controlnet", "--cep"]
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    train(straight, *adapt, "--max_steps=4", "--ckpt_every=2")
+    train(halves, *adapt, "--max_steps=2")
+    train(halves, *adapt, "--max_steps=4", "--resume")
+    assert logged_losses(straight) == logged_losses(halves) and len(logged_losses(halves)) == 4
+    a, b = (torch.load(p / "ckpt.pt", weights_only=True) for p in (straight, halves))
+    assert a["model_args"]["adapter"] == dict(kind="controlnet", downsample=1) and a["step"] == 4
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+        assert all(torch.equal(a[key][f"base.{k}"], v) for k, v in pre.items())  # the frozen model, bit for bit
+        assert any(k.startswith("adapter.zero_linears") and v.abs().sum() > 0 for k, v in a[key].items())
+    log = (straight / "log.txt").read_text()
+    assert "adapting" in log and "control: canny" in log and "CEP: uniform" in log
+    assert os.path.isfile(straight / "samples_0000004.png")
+
+
+def test_adaptation_under_torchrun_with_masks_and_a_t2i_adapter_on_a_folder(tmp_path):
+    train(tmp_path / "pre", "--max_steps=1")
+    init = ["--init", str(tmp_path / "pre" / "ckpt.pt")]
+    train(tmp_path / "ddp", *init, "--adapter=controlnet", "--control=mask", "--max_steps=2", torchrun=2)
+    state = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)
+    assert "2 process(es)" in (tmp_path / "ddp" / "log.txt").read_text() and state["step"] == 2
+    make_folder(tmp_path / "images", sizes=[(20, 16)] * 4)
+    make_controls(tmp_path / "images", tmp_path / "controls")
+    unet = ["--model=LDM-S", "--image_size=8", f"--data_path={tmp_path}/images", "--learn_sigma=False"]
+    train(tmp_path / "unet", *unet, "--max_steps=1")
+    train(tmp_path / "t2i", *unet, "--init", str(tmp_path / "unet" / "ckpt.pt"), "--adapter=t2i",
+          f"--control={tmp_path}/controls", "--max_steps=2")
+    assert "control: " + str(tmp_path / "controls") in (tmp_path / "t2i" / "log.txt").read_text()
+
+
+def test_adaptation_errors_come_before_any_work(tmp_path):
+    train(tmp_path / "pre", "--max_steps=1")
+    init = ["--init", str(tmp_path / "pre" / "ckpt.pt")]
+    make_folder(tmp_path / "images")
+    make_controls(tmp_path / "images", tmp_path / "controls", resize=(8, 8))
+    for args, message in [
+            (["--adapter=t2i"], "the model of '" + str(tmp_path / "pre" / "ckpt.pt") + "' is DiT-Ti/8, which has none"),
+            (["--adapter=controlnet", "--image_size=32"], "input_size: 16 in"),
+            (["--adapter=controlnet", "--init", str(tmp_path / "nope.pt")], "no such checkpoint"),
+            (["--adapter=controlnet", f"--data_path={tmp_path}/images", f"--control={tmp_path}/controls"],
+             "is 8x8 but its image"),
+            (["--adapter=controlnet", "--control=mask", f"--data_path={tmp_path}/images"], "control=mask")]:
+        result = train(tmp_path / "run", *init, *args, check=False)
+        assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-2000:])
+        assert not os.path.exists(tmp_path / "run" / "log.txt")
 
 
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, start_train):
