@@ -8,6 +8,8 @@ classifier-free guidance.
   python sample.py --ckpt out/ckpt.pt --prompts prompts.txt     # text-to-image: one row per prompt, captioned
   torchrun --nproc_per_node=8 sample.py --ckpt out/ckpt.pt --prompts captions_val2014.json --num_samples 30000
       # the .npz, and its prompts one per line beside it in <name>_prompts.txt
+  python sample.py --ckpt out_canny/ckpt.pt --num_samples 1000  # an adapted model (train.py --adapter): samples for
+      # the controls and conditions of held-out images (--data_path; default the built-in shapes' held-out split)
 
 Checkpoints: ours (EMA weights by default; DiT or U-Net, in pixel or latent space) or a bare DiT state dict
 (official or diffusers layout). Latents are decoded with the VAE the checkpoint records, or --vae; the official
@@ -24,7 +26,8 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from control import adapt
+from control import adapt, control_image
+from data import ImageCaptions, ImageFolder, SyntheticShapes
 from diffusion import GaussianDiffusion
 from model import UNet_models, build_model, load_dit
 from text import TextEmbedder, TextEncoder, tokenize
@@ -45,6 +48,10 @@ batch_size = 64
 seed = 0
 out = ""                # default: beside the checkpoint
 vae = ""                # a folder of diffusers VAE weights, to decode latents; default: the one the checkpoint records
+# adapted models (train.py --adapter): held-out images give the controls and the conditions (labels or captions)
+data_path = ""          # a class folder (an image-caption set for text models) of held-out images; "": the built-in
+                        # shapes' held-out split, seed 1 (evaluate.py's "synthetic" reference, synthetic_ref_size=N)
+control = ""            # "": the one the model was adapted with (canny, mask); or the held-out images' control folder
 # -----------------------------------------------------------------------------
 
 
@@ -72,7 +79,7 @@ def load_model(path, use_ema=True):
     model = build(state["model_args"])
     model.load_state_dict(state["ema" if use_ema else "model"])
     return model.eval(), dict(model_args=state["model_args"], first_stage=state["first_stage"],
-                              prediction=state["prediction"])
+                              prediction=state["prediction"], config=state["config"])
 
 
 @torch.no_grad()
@@ -217,6 +224,32 @@ def sample_npz(model, path, conditions, batch_size, seed=0, rank=0, world_size=1
         os.replace(tmp, path)
 
 
+def heldout_controls(model_args, trained_with, n, text):
+    """For an adapted model: the conditions of n held-out images (data_path's, or the built-in shapes' held-out
+    split), in turn, and hints(indices), their control images."""
+    kind = control or trained_with
+    if kind not in ("canny", "mask") and not control:
+        raise ValueError(f"the model was adapted with the controls of the folder {trained_with!r}: pass --control, "
+                         "the folder of the held-out images' controls (and --data_path, the held-out images)")
+    if kind == "mask" and data_path:
+        raise ValueError("control=mask is the built-in shapes' masks: for data_path give a folder of control images")
+    resolution = model_args["input_size"] * model_args["adapter"]["downsample"]
+    folder = "" if kind in ("canny", "mask") else kind
+    if folder and not data_path:
+        raise ValueError(f"control={folder!r}: a control folder goes with --data_path, the held-out images it mirrors")
+    if data_path:
+        ds = ImageCaptions(data_path, resolution, folder) if text else \
+            ImageFolder(data_path, resolution, flip=False, controls=folder)
+    else:
+        ds = SyntheticShapes(n, resolution, seed=1, masks=kind == "mask")
+    conditions = ds.captions if text else ds.labels.tolist()
+
+    def hints(indices):
+        images, _, *controls = torch.utils.data.default_collate([ds[i % len(ds)] for i in indices])
+        return control_image(kind, images, *controls)
+    return [conditions[i % len(ds)] for i in range(n)], hints
+
+
 def main():
     from configurator import configure
     configure(globals(), sys.argv[1:])
@@ -240,7 +273,11 @@ def main():
         raise ValueError(f"vae {vae_path!r} ({first_stage.latent_channels} latent channels, scale {first_stage.scale}) "
                          f"does not match the model of {ckpt} ({trained})")
     text = isinstance(model.y_embedder, TextEmbedder)
-    if text != bool(prompts):
+    adapted = "adapter" in info.get("model_args", {})
+    if adapted and prompts:
+        raise ValueError(f"--prompts: {ckpt} is an adapted model, its conditions are the held-out images' "
+                         "(--data_path)")
+    if text != bool(prompts) and not adapted:
         raise ValueError(f"{ckpt} is a text-to-image model: pass --prompts, a file of prompts one per line or a COCO "
                          "captions JSON" if text else f"--prompts: {ckpt} is class-conditional, it takes no prompts")
     prompt_list = read_prompts(prompts) if text else None
@@ -248,11 +285,19 @@ def main():
     kwargs = dict(cfg_scale=cfg_scale, sampler=sampler, num_steps=num_steps, ddim_eta=ddim_eta, size=size,
                   vae=first_stage, prediction=info.get("prediction", "eps"))  # official DiT checkpoints: eps
     stem = out or os.path.join(os.path.dirname(ckpt) or ".", f"samples_{sampler}{num_steps}_cfg{cfg_scale}")
+    if adapted:
+        conditions, hints = heldout_controls(info["model_args"], info["config"]["control"],
+                                             num_samples if num_samples > 0 else grid_classes, text)
     if num_samples > 0:
         path = stem if stem.endswith(".npz") else stem + ".npz"
-        conditions = [prompt_list[i % len(prompt_list)] for i in range(num_samples)] if text else \
-            (np.arange(num_samples) % model.num_classes).tolist()
-        sample_npz(model, path, conditions, batch_size, seed, rank, world_size, **kwargs)
+        if not adapted:
+            conditions = [prompt_list[i % len(prompt_list)] for i in range(num_samples)] if text else \
+                (np.arange(num_samples) % model.num_classes).tolist()
+        sample_npz(model, path, conditions, batch_size, seed, rank, world_size, hints if adapted else None, **kwargs)
+    elif rank == 0 and adapted:
+        path = stem if stem.endswith(".png") else stem + ".png"
+        control_grid(model, path, conditions, hints(range(len(conditions))).to(device), grid_per_class, seed,
+                     progress=True, **kwargs)
     elif rank == 0:
         path = stem if stem.endswith(".png") else stem + ".png"
         rows = prompt_list[:grid_classes] if text else class_rows(model.num_classes, grid_classes)

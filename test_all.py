@@ -1325,7 +1325,8 @@ def test_adaptation_errors_come_before_any_work(tmp_path):
             (["--adapter=controlnet", "--init", str(tmp_path / "nope.pt")], "no such checkpoint"),
             (["--adapter=controlnet", f"--data_path={tmp_path}/images", f"--control={tmp_path}/controls"],
              "is 8x8 but its image"),
-            (["--adapter=controlnet", "--control=mask", f"--data_path={tmp_path}/images"], "control=mask")]:
+            (["--adapter=controlnet", "--control=mask", f"--data_path={tmp_path}/images"], "control=mask"),
+            (["--adapter=controlnet", f"--control={tmp_path}/controls"], "beside data_path's images")]:
         result = train(tmp_path / "run", *init, *args, check=False)
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-2000:])
         assert not os.path.exists(tmp_path / "run" / "log.txt")
@@ -1594,6 +1595,31 @@ def test_sample_script_grid_and_torchrun_npz(tmp_path):
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
     assert one["arr_1"].tolist() == [i % 10 for i in range(10)]
+
+
+def test_an_adapted_model_samples_for_the_controls_of_held_out_images(tmp_path):
+    train(tmp_path / "pre", "--max_steps=1")
+    train(tmp_path / "mask", "--init", str(tmp_path / "pre" / "ckpt.pt"), "--adapter=controlnet", "--control=mask",
+          "--max_steps=1")
+    args = [sys.executable, "sample.py", f"--ckpt={tmp_path}/mask/ckpt.pt", "--num_steps=2"]
+    run(args + [f"--out={tmp_path}/grid.png", "--grid_classes=3", "--grid_per_class=2"])
+    assert Image.open(tmp_path / "grid.png").size == (3 * 65 + 1, 3 * 65 + 1)  # a row: the control, 2 samples
+    run(args + [f"--out={tmp_path}/held.npz", "--num_samples=6", "--batch_size=4"])
+    # the held-out split is evaluate.py's "synthetic" reference of synthetic_ref_size=6: the same images
+    assert np.load(tmp_path / "held.npz")["arr_1"].tolist() == data.SyntheticShapes(6, 16, seed=1).labels.tolist()
+    model, info = load_model(str(tmp_path / "mask" / "ckpt.pt"))
+    randomize(model.adapter, std=0.05)  # as if trained longer: no zero layer left, the control steers the samples
+    with torch.no_grad():
+        y, hint = torch.tensor([1, 2]), torch.rand(2, 3, 16, 16)
+        x = [sample(model, y, num_steps=2, size=16, hint=h, generator=torch.Generator().manual_seed(0))
+             for h in (hint, 1 - hint)]
+    assert not torch.equal(*x)
+    result = run(args + [f"--out={tmp_path}/p.png", f"--control={tmp_path}/nope"], check=False)
+    assert "a control folder goes with --data_path" in result.stderr
+    make_folder(tmp_path / "val")
+    result = run(args + [f"--out={tmp_path}/p.png", f"--control={tmp_path}/nope", f"--data_path={tmp_path}/val"],
+                 check=False)
+    assert f"control folder '{tmp_path}/nope' does not exist" in result.stderr
 
 
 # -----------------------------------------------------------------------------

@@ -170,8 +170,9 @@ def check_adaptation():
                          "not latents")
     if control == "mask" and data_path:
         raise ValueError("control=mask is the built-in shapes' masks: for data_path give a folder of control images")
-    if control not in ("canny", "mask") and not os.path.isdir(control):
-        raise FileNotFoundError(f"control {control!r} is not canny, mask, or a folder of control images")
+    if control not in ("canny", "mask") and not (os.path.isdir(control) and data_path):
+        raise FileNotFoundError(f"control {control!r} is not canny, mask, or a folder of control images beside "
+                                "data_path's images")
     if not os.path.isfile(init):
         raise FileNotFoundError(f"init {init!r}: no such checkpoint (the pre-trained model, train.py's ckpt.pt)")
     pretrained = torch.load(init, map_location="cpu", weights_only=True)
