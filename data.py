@@ -76,11 +76,12 @@ class SyntheticShapes(torch.utils.data.Dataset):
     The class is the shape (10 classes); colour, background, size, position and rotation (up to 15 degrees) vary
     within a class, and each image has a caption that describes it. Parameters are drawn once; images are drawn on
     access. With masks=True an item is (image, label, mask): the exact segmentation colour map of the image (the
-    shape white, the background black), a control for adaptation (control.py)."""
+    shape white, the background black), a control for adaptation (control.py). `scale` sizes the shapes: 0.6 makes
+    the smaller shapes of the downstream task of docs/downstream.md."""
 
     classes = list(SHAPES)
 
-    def __init__(self, size=10000, resolution=32, seed=0, masks=False):
+    def __init__(self, size=10000, resolution=32, seed=0, masks=False, scale=1.0):
         self.resolution, self.masks = resolution, masks
         rng = np.random.default_rng(seed)
         names = list(COLORS)
@@ -92,7 +93,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
             bg = rng.choice([n for n in names if abs(lum[n] - lum[fg]) > 60])  # contrast, so the shape shows
             # large and near the centre: enough variety for precision and recall to mean something, little enough
             # for the 10-minute CPU default to learn the shapes (anywhere at 0.2-0.4, it draws only blobs)
-            radius = rng.uniform(0.28, 0.42)  # fraction of the image side
+            radius = rng.uniform(0.28, 0.42) * scale  # fraction of the image side
             cx, cy = rng.uniform(0.4, 0.6, size=2)
             self.params.append(dict(shape=self.classes[label], fg=fg, bg=bg, radius=radius, cx=cx, cy=cy,
                                     angle=rng.uniform(-1, 1) * MAX_ROTATION, jitter=rng.integers(-20, 21, size=6)))

@@ -58,6 +58,7 @@ prompts = ""                  # text-to-image: the samples' prompts, one per lin
 clip_model = "ViT-L/14"       # CLIP score: a CLIP checkpoint file, or a clip model name (in ~/.cache/clip)
 synthetic_ref_size = 10000    # "synthetic" reference: a draw the model never saw (train.py trains on seed 0)
 synthetic_ref_seed = 1
+synthetic_ref_scale = 1.0     # the shapes' size, times (data.SyntheticShapes): 0.6 for docs/downstream.md's task
 synthetic_train_size = 20000  # "synthetic" training set: train.py's defaults
 synthetic_train_seed = 0
 classifier_size = 8000        # the classifier's own training draw of the built-in dataset
@@ -182,15 +183,15 @@ def _folder_images(path, limit):
     return Images(len(files), batches, labels, f"{os.path.abspath(path)}:{key}", first.shape[0])
 
 
-def synthetic_images(size, seed, resolution):
+def synthetic_images(size, seed, resolution, scale=1.0):
     from data import SyntheticShapes
-    ds = SyntheticShapes(size=size, resolution=resolution, seed=seed)
+    ds = SyntheticShapes(size=size, resolution=resolution, seed=seed, scale=scale)
 
     def batches(bs):
         for i in range(0, len(ds), bs):
             yield np.stack([ds.render(j) for j in range(i, min(i + bs, len(ds)))])
-    return Images(len(ds), batches, ds.labels, f"synthetic:{size}:{seed}:{resolution}:{synthetic_digest(resolution)}",
-                  resolution)
+    return Images(len(ds), batches, ds.labels, f"synthetic:{size}:{seed}:{resolution}:{synthetic_digest(resolution)}"
+                  + (f":scale{scale}" if scale != 1 else ""), resolution)
 
 
 def synthetic_digest(resolution):
@@ -319,10 +320,11 @@ def cached_features(images, space, bs, cache):
     return d, "miss", path
 
 
-def reference(spec, space, bs, cache, resolution, synthetic_size, synthetic_seed, what):
+def reference(spec, space, bs, cache, resolution, synthetic_size, synthetic_seed, what, synthetic_scale=1.0):
     """Features/statistics of a reference or training set given as in the docstring at the top."""
     if spec == "synthetic":
-        return cached_features(synthetic_images(synthetic_size, synthetic_seed, resolution), space, bs, cache)
+        return cached_features(synthetic_images(synthetic_size, synthetic_seed, resolution, synthetic_scale), space,
+                               bs, cache)
     if os.path.isfile(spec) and not os.path.isdir(spec):
         with np.load(spec) as z:
             keys = list(z.keys())
@@ -426,7 +428,7 @@ def main(argv=None):
     t0 = time.time()
     s = space.extract(s_images, batch_size)
     r, ref_cache, ref_path = reference(ref, space, batch_size, cache, s_images.resolution, synthetic_ref_size,
-                                       synthetic_ref_seed, "ref")
+                                       synthetic_ref_seed, "ref", synthetic_ref_scale)
     print(f"reference: {ref_cache} ({ref_path})")
     res = {"feature_space": space.name, "feature_space_detail": space.description,
            "samples": os.path.abspath(samples), "ref": ref if ref == "synthetic" else os.path.abspath(ref),

@@ -224,7 +224,7 @@ def sample_npz(model, path, conditions, batch_size, seed=0, rank=0, world_size=1
         os.replace(tmp, path)
 
 
-def heldout_controls(model_args, trained_with, n, text):
+def heldout_controls(model_args, trained_with, scale, n, text):
     """For an adapted model: the conditions of n held-out images (data_path's, or the built-in shapes' held-out
     split), in turn, and hints(indices), their control images."""
     kind = control or trained_with
@@ -241,7 +241,7 @@ def heldout_controls(model_args, trained_with, n, text):
         ds = ImageCaptions(data_path, resolution, folder) if text else \
             ImageFolder(data_path, resolution, flip=False, controls=folder)
     else:
-        ds = SyntheticShapes(n, resolution, seed=1, masks=kind == "mask")
+        ds = SyntheticShapes(n, resolution, 1, kind == "mask", scale)  # the shapes of the adaptation run
     conditions = ds.captions if text else ds.labels.tolist()
 
     def hints(indices):
@@ -287,7 +287,7 @@ def main():
     stem = out or os.path.join(os.path.dirname(ckpt) or ".", f"samples_{sampler}{num_steps}_cfg{cfg_scale}")
     if adapted:
         conditions, hints = heldout_controls(info["model_args"], info["config"]["control"],
-                                             num_samples if num_samples > 0 else grid_classes, text)
+                                             info["config"]["synthetic_scale"], num_samples or grid_classes, text)
     if num_samples > 0:
         path = stem if stem.endswith(".npz") else stem + ".npz"
         if not adapted:

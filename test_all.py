@@ -770,6 +770,8 @@ def test_control_folder_pairs_each_image_with_its_control_cropped_and_flipped_wi
     assert torch.equal(x, shapes.__class__(4, 16, 0)[0][0]) and set(mask.unique().tolist()) >= {-1.0, 1.0}
     inside = mask[0] > 0.9  # the shape's pixels have the shape's colour, the background's the background's
     assert x[:, inside].std(dim=1).max() < 0.1 and x[:, mask[0] < -0.9].std(dim=1).max() < 0.1
+    small = data.SyntheticShapes(4, 16, 0, masks=True, scale=0.6)  # the downstream task: the same draws, smaller
+    assert small.labels.tolist() == shapes.labels.tolist() and (small[0][2] > 0).sum() < 0.6 * (mask > 0).sum()
 
 
 def test_control_folder_errors_name_the_image_before_any_work(tmp_path):
@@ -1600,13 +1602,15 @@ def test_sample_script_grid_and_torchrun_npz(tmp_path):
 def test_an_adapted_model_samples_for_the_controls_of_held_out_images(tmp_path):
     train(tmp_path / "pre", "--max_steps=1")
     train(tmp_path / "mask", "--init", str(tmp_path / "pre" / "ckpt.pt"), "--adapter=controlnet", "--control=mask",
-          "--max_steps=1")
+          "--synthetic_scale=0.6", "--max_steps=1")
     args = [sys.executable, "sample.py", f"--ckpt={tmp_path}/mask/ckpt.pt", "--num_steps=2"]
     run(args + [f"--out={tmp_path}/grid.png", "--grid_classes=3", "--grid_per_class=2"])
     assert Image.open(tmp_path / "grid.png").size == (3 * 65 + 1, 3 * 65 + 1)  # a row: the control, 2 samples
     run(args + [f"--out={tmp_path}/held.npz", "--num_samples=6", "--batch_size=4"])
     # the held-out split is evaluate.py's "synthetic" reference of synthetic_ref_size=6: the same images
     assert np.load(tmp_path / "held.npz")["arr_1"].tolist() == data.SyntheticShapes(6, 16, seed=1).labels.tolist()
+    images = evaluate.synthetic_images(6, 1, 16, scale=0.6)
+    assert np.array_equal(next(iter(images.batches(6))), data.SyntheticShapes(6, 16, 1, scale=0.6).images_uint8())
     model, info = load_model(str(tmp_path / "mask" / "ckpt.pt"))
     randomize(model.adapter, std=0.05)  # as if trained longer: no zero layer left, the control steers the samples
     with torch.no_grad():

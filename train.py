@@ -57,6 +57,7 @@ vae = ""                  # a folder of diffusers VAE (or VQ-f4) weights: encode
 image_size = 16           # the CPU default: 16 px with patch 2 learns the shapes, 32 px with patch 4 (the same 64
                           # tokens, the same cost) only blobs of their colour (class accuracy 62% against 19%)
 synthetic_size = 20000
+synthetic_scale = 1.0     # the built-in shapes' size, times: 0.6 is the downstream task of docs/downstream.md
 model = "DiT-Ti/2"        # model.DiT_models (DiT-XL/2, ...) or model.UNet_models (LDM-4, LDM-S)
 learn_sigma = True
 prediction = "v"         # v | eps: what the model predicts. DiT and LDM predict eps; v learns far sooner on a
@@ -135,7 +136,8 @@ def check_config():
         raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
     if global_batch_size % world_size:
         raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the {world_size} processes")
-    for key in ("max_steps", "log_every", "ckpt_every", "global_batch_size", "image_size", "synthetic_size"):
+    for key in ("max_steps", "log_every", "ckpt_every", "global_batch_size", "image_size", "synthetic_size",
+                "synthetic_scale"):
         if globals()[key] <= 0:
             raise ValueError(f"{key} must be > 0, got {globals()[key]}")
     if bool(adapter) != bool(init):
@@ -252,7 +254,7 @@ elif data_path:
     dataset = ImageCaptions(data_path, image_size, controls) if text_encoder else \
         ImageFolder(data_path, image_size, skipped=bad_images if skip_bad_images else None, controls=controls)
 else:
-    dataset = SyntheticShapes(synthetic_size, image_size, seed, masks=bool(adapter) and control == "mask")
+    dataset = SyntheticShapes(synthetic_size, image_size, seed, bool(adapter) and control == "mask", synthetic_scale)
 if (text_encoder and dataset.captions is None) or (not text_encoder and dataset.labels is None):
     raise ValueError(f"the cache {latents!r} holds " + ("no captions: extract it from captioned images" if text_encoder
                      else "captions, not classes: set text_encoder"))
