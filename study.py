@@ -9,6 +9,8 @@ sample.py and evaluate.py as subprocesses (through torchrun when nproc > 1) and 
   python study.py --runs clean --cfg_scales 1,1.5,2,3,4           # a guidance sweep of one run
   python study.py --ckpt out/ckpt.pt --cfg_scales 1,2,4           # ... of a checkpoint trained elsewhere
   python study.py --runs clean --samplers dpm++50,ddpm250         # DPM-Solver++ at 50 steps against DDPM at 250
+  python study.py --runs clean,eta5,cep-u --adapters controlnet-canny,controlnet-mask \
+      --adapt_args "--synthetic_scale 0.6 --max_steps 1000"       # the downstream stage (docs/downstream.md)
 
 out_dir/<run>/ holds train.py's output (ckpt.pt, log.txt, the grids) and, for each sampler and scale,
 samples_<sampler><steps>_cfg<scale>_n<N>.npz and its _metrics.json. Nothing is done twice: a run with a checkpoint
@@ -16,7 +18,12 @@ is resumed (train.py finishes it, or does nothing when it is done), and a sample
 only when it is missing or older than what it is made from. Results of the runs, samplers and scales asked for:
 out_dir/results.md and results.csv (one row per run, sampler and scale; every metric), metrics_vs_eta.png,
 guidance.png (FID against IS and precision against recall over the guidance scales, a curve per run) and
-grids.png (each run's last training grid).
+grids.png (each run's last training grid). The downstream stage (the paper's Table 2), with --adapters: each
+run's checkpoint is adapted with each adapter and control (train.py --init), in out_dir/<run>/<adapter>-<control>/;
+the adapted model samples for the controls of held-out images and is evaluated against them (on the built-in
+shapes: evaluate.py's synthetic reference of as many images, at the adaptation's synthetic_scale); the rows land
+in downstream.md / downstream.csv (the pre-training run against the adapted model's metrics) and
+downstream_vs_eta.png.
 """
 import csv
 import glob
@@ -26,6 +33,8 @@ import re
 import shlex
 import subprocess
 import sys
+
+import torch
 
 import evaluate
 import sample
@@ -42,6 +51,10 @@ nproc = 1                 # processes of each train.py and sample.py, through to
 train_args = ""           # passed to train.py: "--max_steps 3000", ImageNet's "--latents L --model DiT-XL/2 ..."
 sample_args = ""          # passed to sample.py: "--batch_size 256", "--vae sd-vae-ft-ema" for official DiT weights
 eval_args = "--train synthetic"  # passed to evaluate.py; ImageNet: "--ref VIRTUAL_imagenet256_labeled.npz"
+adapters = ""             # the downstream stage: <adapter>-<control>, comma separated (controlnet-canny, t2i-mask,
+                          # controlnet-/data/in100_sam/train); "": none
+adapt_args = ""           # passed to train.py after train_args for the adaptations: "--synthetic_scale 0.6 --lr 1e-4"
+downstream_eval_args = ""  # passed to evaluate.py for the adapted models; ImageNet-100: "--ref /data/imagenet100/val"
 # -----------------------------------------------------------------------------
 _DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -49,7 +62,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = {"clean": [], "cep-u": ["--cep", "--cep_type=uniform", "--cep_scale=1.0"],
         "cep-g": ["--cep", "--cep_type=gaussian", "--cep_scale=1.0"], "ip": ["--ip=0.1"]}
 # what the study sets per run, sampler and scale: the same key in the pass-through arguments would be ambiguous
-OWNED = {"train.py": {"out_dir", "resume", "corrupt", "cep", "cep_type", "cep_scale", "ip"},
+OWNED = {"train.py": {"out_dir", "resume", "corrupt", "cep", "cep_type", "cep_scale", "ip", "init", "adapter",
+                      "control"},
          "sample.py": {"ckpt", "sampler", "num_steps", "cfg_scale", "num_samples", "out"},
          "evaluate.py": {"samples", "out"}}
 # evaluate.py's report keys, with the arrow of the better direction; IS (classifier) is not the Inception IS
@@ -106,8 +120,9 @@ def last_grid(folder):
     return grids[-1] if grids else None
 
 
-def write_table(rows, out):
-    """out.csv with every column, out.md with the metrics that were measured, labelled."""
+def write_table(rows, out, sampler_header="sampler"):
+    """out.csv with every column, out.md with the metrics that were measured, labelled (the downstream stage's rows
+    name the adapter and control in "sampler")."""
     keys = ["run", "eta", "sampler", "cfg_scale", "num_samples", "feature_space"]
     metrics = [k for k in METRICS if any(r[k] is not None for r in rows)]
     with open(out + ".csv", "w", newline="") as f:
@@ -117,7 +132,8 @@ def write_table(rows, out):
     cell = lambda v: "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
     lines = [f"Feature space: {', '.join(sorted({r['feature_space'] for r in rows}))} (numbers from different spaces "
              "are not comparable; IS (classifier) is the IS formula on the built-in dataset's classifier).", "",
-             "| " + " | ".join(["run", "eta %", "sampler", "cfg", "samples"] + [METRICS[k] for k in metrics]) + " |",
+             "| " + " | ".join(["run", "eta %", sampler_header, "cfg", "samples"] + [METRICS[k] for k in metrics])
+             + " |",
              "|" + "---|" * (5 + len(metrics))]
     lines += ["| " + " | ".join(cell(r[k]) for k in keys[:5] + metrics) + " |" for r in rows]
     with open(out + ".md", "w") as f:
@@ -225,7 +241,15 @@ def main(argv=None):
     else:
         plan = [(name, os.path.join(out_dir, name, "ckpt.pt"), *run_flags(name)) for name in runs.split(",")]
 
-    rows = []
+    adapt_argv = passthrough("train.py", adapt_args)
+    down_eval_argv = passthrough("evaluate.py", downstream_eval_args)
+    configure(dict(vars(evaluate)), down_eval_argv)
+    down_specs = [tuple(spec.split("-", 1)) for spec in adapters.split(",")] if adapters else []
+    for spec in down_specs:
+        if len(spec) != 2 or spec[0] not in ("controlnet", "t2i"):
+            raise ValueError(f"adapters: {'-'.join(spec)!r} is not <adapter>-<control> with adapter controlnet or t2i "
+                             "(controlnet-canny, t2i-mask)")
+    rows, down_rows = [], []
     for name, ckpt_path, eta, flags in plan:
         run_dir = os.path.join(out_dir, name)
         os.makedirs(run_dir, exist_ok=True)
@@ -251,6 +275,31 @@ def main(argv=None):
                 rows.append(dict(run=name, eta=eta, sampler=f"{sampler}{steps}", cfg_scale=scale,
                                  num_samples=res["num_samples"], feature_space=res["feature_space"],
                                  **{k: res.get(k) for k in METRICS}))
+        for kind, control in down_specs:  # the downstream stage: adapt, sample held-out controls, evaluate
+            sampler, steps = specs[0]
+            down_dir = os.path.join(run_dir, f"{kind}-{os.path.basename(control.rstrip('/'))}")
+            down_ckpt = os.path.join(down_dir, "ckpt.pt")
+            launch("train.py", *train_argv, *adapt_argv, f"--init={ckpt_path}", f"--adapter={kind}",
+                   f"--control={control}", f"--out_dir={down_dir}",
+                   *(["--resume"] if os.path.isfile(down_ckpt) else []))
+            synthetic_scale = torch.load(down_ckpt, map_location="cpu", weights_only=True, mmap=True)["config"][
+                "synthetic_scale"]  # the held-out images are of the adaptation's task
+            for scale in scales:
+                stem = os.path.join(down_dir, f"samples_{sampler}{steps}_cfg{scale}_n{num_samples}")
+                npz, report = stem + ".npz", stem + "_metrics.json"
+                if not fresh(npz, down_ckpt):
+                    launch("sample.py", *sample_argv, f"--ckpt={down_ckpt}", f"--sampler={sampler}",
+                           f"--num_steps={steps}", f"--cfg_scale={scale}", f"--num_samples={num_samples}",
+                           f"--out={npz}")
+                if not fresh(report, npz):  # the held-out images themselves: the reference
+                    launch("evaluate.py", f"--synthetic_ref_size={num_samples}",
+                           f"--synthetic_ref_scale={synthetic_scale}", *down_eval_argv, f"--samples={npz}",
+                           f"--out={report}")
+                with open(report) as f:
+                    res = json.load(f)
+                down_rows.append(dict(run=name, eta=eta, sampler=f"{kind}-{control}", cfg_scale=scale,
+                                      num_samples=res["num_samples"], feature_space=res["feature_space"],
+                                      **{k: res.get(k) for k in METRICS}))
 
     written = [os.path.join(out_dir, "results.csv"), os.path.join(out_dir, "results.md")]
     write_table(rows, os.path.join(out_dir, "results"))
@@ -259,6 +308,12 @@ def main(argv=None):
         plot_metrics_vs_eta(rows, written[-1])
     written.append(os.path.join(out_dir, "guidance.png"))
     plot_guidance(rows, written[-1])
+    if down_rows:
+        written += [os.path.join(out_dir, "downstream.csv"), os.path.join(out_dir, "downstream.md")]
+        write_table(down_rows, os.path.join(out_dir, "downstream"), "adapted with")
+        if len({r["eta"] for r in down_rows if on_eta_axis(r)}) > 1:
+            written.append(os.path.join(out_dir, "downstream_vs_eta.png"))
+            plot_metrics_vs_eta(down_rows, written[-1])
     grids = [(name, last_grid(os.path.dirname(ckpt_path))) for name, ckpt_path, *_ in plan]
     if any(png for _, png in grids):
         written.append(os.path.join(out_dir, "grids.png"))

@@ -2041,7 +2041,27 @@ def test_study_sweeps_a_checkpoint_with_two_samplers_through_torchrun(tiny_study
     assert rows[1]["num_samples"] == 20 and np.isfinite(rows[1]["fid"])
 
 
+def test_study_downstream_stage_adapts_each_run_and_tables_it(tiny_study, monkeypatch):
+    args, out, _ = tiny_study
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    study.main(args + ["--adapters=controlnet-mask", "--adapt_args=--max_steps=1 --synthetic_scale=0.6",
+                       "--downstream_eval_args=--classifier_size=200 --classifier_epochs=1 --progress=False "
+                       f"--device=cpu --cache_dir={out}/cache"])
+    with open(out / "downstream.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["run"], r["eta"], r["sampler"], r["num_samples"]) for r in table] == \
+        [("clean", "0.0", "controlnet-mask", "20"), ("eta10", "10.0", "controlnet-mask", "20")]
+    for run in ("clean", "eta10"):
+        state = torch.load(out / run / "controlnet-mask" / "ckpt.pt", weights_only=True)
+        assert state["config"]["init"] == str(out / run / "ckpt.pt") and state["config"]["synthetic_scale"] == 0.6
+        assert state["config"]["cep"] is False  # CEP is not carried into the adaptation unless asked
+    assert "adapted with" in (out / "downstream.md").read_text()
+    with Image.open(out / "downstream_vs_eta.png") as image:
+        assert image.format == "PNG"
+
+
 @pytest.mark.parametrize("arg, message", [
+    ("--adapters=lora-canny", "lora-canny"), ("--adapt_args=--control canny", "set control"),
     ("--runs=clean,eta150", "eta150"), ("--runs=cep", "'cep'"), ("--samplers=dpm50", "dpm50"),
     ("--train_args=--max_steps 9 --corrupt 0.1", "set corrupt"), ("--sample_args=--cfg_scale 2", "set cfg_scale"),
     ("--eval_args=--reff synthetic", "reff"), ("--ckpt=/nonexistent/ckpt.pt", "not found")])
