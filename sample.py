@@ -280,7 +280,7 @@ def main():
     if text != bool(prompts) and not adapted:
         raise ValueError(f"{ckpt} is a text-to-image model: pass --prompts, a file of prompts one per line or a COCO "
                          "captions JSON" if text else f"--prompts: {ckpt} is class-conditional, it takes no prompts")
-    prompt_list = read_prompts(prompts) if text else None
+    prompt_list = read_prompts(prompts) if text and not adapted else None
     size = info["model_args"]["input_size"] if info else None
     kwargs = dict(cfg_scale=cfg_scale, sampler=sampler, num_steps=num_steps, ddim_eta=ddim_eta, size=size,
                   vae=first_stage, prediction=info.get("prediction", "eps"))  # official DiT checkpoints: eps

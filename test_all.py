@@ -1626,6 +1626,15 @@ def test_an_adapted_model_samples_for_the_controls_of_held_out_images(tmp_path):
     assert f"control folder '{tmp_path}/nope' does not exist" in result.stderr
 
 
+def test_a_text_to_image_model_adapts_and_samples_for_held_out_captions(tmp_path):
+    text_args = ["--model=LDM-S", "--text_encoder=small", "--image_size=8", "--learn_sigma=False"]
+    train(tmp_path / "pre", *text_args, "--max_steps=1")
+    train(tmp_path / "t2i", *text_args, "--init", str(tmp_path / "pre" / "ckpt.pt"), "--adapter=t2i", "--max_steps=1")
+    run([sys.executable, "sample.py", f"--ckpt={tmp_path}/t2i/ckpt.pt", "--num_steps=2", "--num_samples=3",
+         f"--out={tmp_path}/held.npz"])
+    assert read(tmp_path / "held_prompts.txt").splitlines() == data.SyntheticShapes(3, 8, seed=1).captions
+
+
 # -----------------------------------------------------------------------------
 # fid.py and evaluate.py
 
