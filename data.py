@@ -75,12 +75,14 @@ class SyntheticShapes(torch.utils.data.Dataset):
 
     The class is the shape (10 classes); colour, background, size, position and rotation (up to 15 degrees) vary
     within a class, and each image has a caption that describes it. Parameters are drawn once; images are drawn on
-    access."""
+    access. With masks=True an item is (image, label, mask): the exact segmentation colour map of the image (the
+    shape white, the background black), a control for adaptation (control.py). `scale` sizes the shapes: 0.6 makes
+    the smaller shapes of the downstream task of docs/downstream.md."""
 
     classes = list(SHAPES)
 
-    def __init__(self, size=10000, resolution=32, seed=0):
-        self.resolution = resolution
+    def __init__(self, size=10000, resolution=32, seed=0, masks=False, scale=1.0):
+        self.resolution, self.masks = resolution, masks
         rng = np.random.default_rng(seed)
         names = list(COLORS)
         lum = {n: np.dot(COLORS[n], (0.299, 0.587, 0.114)) for n in names}
@@ -91,7 +93,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
             bg = rng.choice([n for n in names if abs(lum[n] - lum[fg]) > 60])  # contrast, so the shape shows
             # large and near the centre: enough variety for precision and recall to mean something, little enough
             # for the 10-minute CPU default to learn the shapes (anywhere at 0.2-0.4, it draws only blobs)
-            radius = rng.uniform(0.28, 0.42)  # fraction of the image side
+            radius = rng.uniform(0.28, 0.42) * scale  # fraction of the image side
             cx, cy = rng.uniform(0.4, 0.6, size=2)
             self.params.append(dict(shape=self.classes[label], fg=fg, bg=bg, radius=radius, cx=cx, cy=cy,
                                     angle=rng.uniform(-1, 1) * MAX_ROTATION, jitter=rng.integers(-20, 21, size=6)))
@@ -104,11 +106,13 @@ class SyntheticShapes(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.labels)
 
-    def render(self, i):
-        """uint8 [H, W, 3]; drawn at 4x and downsampled, for anti-aliased edges."""
+    def render(self, i, mask=False):
+        """uint8 [H, W, 3]; drawn at 4x and downsampled, for anti-aliased edges. mask: the same drawing in white on
+        black (a boundary pixel is grey by the share of it the shape covers)."""
         p, S = self.params[i], self.resolution * 4
         fg = tuple(int(c) for c in np.clip(np.add(COLORS[p["fg"]], p["jitter"][:3]), 0, 255))
         bg = tuple(int(c) for c in np.clip(np.add(COLORS[p["bg"]], p["jitter"][3:]), 0, 255))
+        fg, bg = ((255, 255, 255), (0, 0, 0)) if mask else (fg, bg)
         img = Image.new("RGB", (S, S), bg)
         draw = ImageDraw.Draw(img)
         cx, cy, r = p["cx"] * S, p["cy"] * S, p["radius"] * S
@@ -132,11 +136,38 @@ class SyntheticShapes(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         # no random flip: the captions say left and right
-        return to_tensor(self.render(i)), int(self.labels[i])
+        item = to_tensor(self.render(i)), int(self.labels[i])
+        return item + (to_tensor(self.render(i, mask=True)),) if self.masks else item
 
 
 # -----------------------------------------------------------------------------
 # ImageNet-style folders
+
+
+def control_paths(root, paths, controls):
+    """The control image (Canny edges, a segmentation map...) of each image of `paths`: the file of the same path
+    relative to `root` (a folder, or a manifest's folder) under the folder `controls`, of any image type. Each must
+    exist and have its image's size, for it is cropped and flipped with it: checked here, from the files' headers,
+    before any training."""
+    if not os.path.isdir(controls):
+        raise FileNotFoundError(f"control folder {controls!r} does not exist (it mirrors data_path's layout: "
+                                "the control of data_path/a/b.jpg is controls/a/b.png, or another image type)")
+    root = root if os.path.isdir(root) else os.path.dirname(root)
+    found = {os.path.splitext(os.path.relpath(os.path.join(d, f), controls))[0]: os.path.join(d, f)
+             for d, _, fs in os.walk(controls, followlinks=True) for f in fs if f.lower().endswith(IMG_EXTENSIONS)}
+    out = []
+    for path in paths:
+        stem = os.path.splitext(os.path.relpath(path, root))[0]
+        if stem not in found:
+            raise FileNotFoundError(f"image {path!r} has no control image: expected {os.path.join(controls, stem)}"
+                                    ".png (or .jpg, ...) in the control folder, which mirrors data_path's layout")
+        with Image.open(path) as image, Image.open(found[stem]) as control:
+            if image.size != control.size:
+                raise ValueError(f"control image {found[stem]!r} is {control.size[0]}x{control.size[1]} but its image "
+                                 f"{path!r} is {image.size[0]}x{image.size[1]}: a control must have its image's size "
+                                 "(it is cropped and flipped with it); make it from the image at full size")
+        out.append(found[stem])
+    return out
 
 
 def center_crop_arr(image, size):
@@ -182,7 +213,7 @@ class ImageFolder(torch.utils.data.Dataset):
     of the folder: the batch keeps its size, the data order its determinism. Files are not checked up front: a
     header check of ImageNet's 1.28M files would take minutes on every rank and still miss truncated JPEGs."""
 
-    def __init__(self, root, resolution, flip=True, skipped=None):
+    def __init__(self, root, resolution, flip=True, skipped=None, controls=""):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data_path {root!r} is not a folder; it should hold one subfolder per class")
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
@@ -198,6 +229,7 @@ class ImageFolder(torch.utils.data.Dataset):
             labels += [label] * len(files)
         self.labels = np.array(labels, dtype=np.int64)
         self.resolution, self.flip, self.skipped = resolution, flip, skipped
+        self.controls = control_paths(root, self.paths, controls) if controls else None  # then items are triples
 
     def __len__(self):
         return len(self.paths)
@@ -213,9 +245,12 @@ class ImageFolder(torch.utils.data.Dataset):
             print(f"skipped: {e}", file=sys.stderr)
             return self[(i + 1) % len(self)]
         arr = center_crop_arr(image, self.resolution)
-        if self.flip and torch.rand(()) < 0.5:
-            arr = arr[:, ::-1]
-        return to_tensor(arr), int(self.labels[i])
+        flip = self.flip and torch.rand(()) < 0.5
+        item = to_tensor(arr[:, ::-1] if flip else arr), int(self.labels[i])
+        if self.controls is None:
+            return item
+        control = center_crop_arr(load_image(self.controls[i]), self.resolution)
+        return item + (to_tensor(control[:, ::-1] if flip else control),)
 
 
 # -----------------------------------------------------------------------------
@@ -243,7 +278,7 @@ class ImageCaptions(torch.utils.data.Dataset):
 
     classes, labels = [], None  # captions, not classes
 
-    def __init__(self, root, resolution):
+    def __init__(self, root, resolution, controls=""):
         self.resolution = resolution
         if os.path.isdir(root):
             self.paths = sorted(os.path.join(dirpath, f) for dirpath, _, fs in os.walk(root, followlinks=True)
@@ -277,12 +312,16 @@ class ImageCaptions(torch.utils.data.Dataset):
         else:
             raise FileNotFoundError(f"caption data {root!r} is neither a folder of images with same-named .txt "
                                     "captions nor a .tsv/.csv manifest")
+        self.controls = control_paths(root, self.paths, controls) if controls else None  # then items are triples
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return to_tensor(center_crop_arr(load_image(self.paths[i]), self.resolution)), self.captions[i]
+        item = to_tensor(center_crop_arr(load_image(self.paths[i]), self.resolution)), self.captions[i]
+        if self.controls is None:
+            return item
+        return item + (to_tensor(center_crop_arr(load_image(self.controls[i]), self.resolution)),)
 
 
 class CaptionPairs(torch.utils.data.Dataset):
@@ -297,7 +336,8 @@ class CaptionPairs(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        return self.dataset[i][0], self.tokenize([self.captions[i]])[0]
+        item = self.dataset[i]  # (image, caption) or (image, caption, control)
+        return (item[0], self.tokenize([self.captions[i]])[0], *item[2:])
 
 
 # -----------------------------------------------------------------------------

@@ -72,6 +72,7 @@ prompts = ""                  # text-to-image: the samples' prompts, one per lin
 clip_model = "ViT-L/14"       # CLIP score: a CLIP checkpoint file, or a clip model name (in ~/.cache/clip)
 synthetic_ref_size = 10000    # "synthetic" reference: a draw the model never saw (train.py trains on seed 0)
 synthetic_ref_seed = 1
+synthetic_ref_scale = 1.0     # the shapes' size, times (data.SyntheticShapes): 0.6 for docs/downstream.md's task
 synthetic_train_size = 20000  # "synthetic" training set: train.py's defaults
 synthetic_train_seed = 0
 classifier_size = 8000        # the classifier's own training draw of the built-in dataset
@@ -191,15 +192,15 @@ def _folder_images(path, limit):
     return Images(len(files), batches, labels, f"{os.path.abspath(path)}:{key}", first.shape[0])
 
 
-def synthetic_images(size, seed, resolution):
+def synthetic_images(size, seed, resolution, scale=1.0):
     from data import SyntheticShapes
-    ds = SyntheticShapes(size=size, resolution=resolution, seed=seed)
+    ds = SyntheticShapes(size=size, resolution=resolution, seed=seed, scale=scale)
 
     def batches(bs):
         for i in range(0, len(ds), bs):
             yield np.stack([ds.render(j) for j in range(i, min(i + bs, len(ds)))])
-    return Images(len(ds), batches, ds.labels, f"synthetic:{size}:{seed}:{resolution}:{synthetic_digest(resolution)}",
-                  resolution)
+    return Images(len(ds), batches, ds.labels, f"synthetic:{size}:{seed}:{resolution}:{synthetic_digest(resolution)}"
+                  + (f":scale{scale}" if scale != 1 else ""), resolution)
 
 
 def synthetic_digest(resolution):
@@ -262,12 +263,13 @@ def stored_statistics(spec, space, what):
     return d
 
 
-def reference(spec, space, bs, cache, resolution, synthetic_size, synthetic_seed, what):
+def reference(spec, space, bs, cache, resolution, synthetic_size, synthetic_seed, what, synthetic_scale=1.0):
     """(features/statistics, how they were made, path) of a reference or training set given as in the docstring at
     the top. An ADM reference batch gives its stored statistics (over its whole reference set) for FID/sFID, and
     the features of its images (10K of them) for precision/recall: `stored` marks them."""
     if spec == "synthetic":
-        return cached_features(synthetic_images(synthetic_size, synthetic_seed, resolution), space, bs, cache)
+        return cached_features(synthetic_images(synthetic_size, synthetic_seed, resolution, synthetic_scale), space,
+                               bs, cache)
     keys = _npz_keys(spec) if os.path.isfile(spec) else []
     if "mu" not in keys:
         if keys and "arr_0" not in keys:
@@ -364,7 +366,7 @@ def main(argv=None):
 
     t0 = time.time()
     r, ref_cache, ref_path = reference(ref, space, batch_size, cache, s_images.resolution, synthetic_ref_size,
-                                       synthetic_ref_seed, "ref")
+                                       synthetic_ref_seed, "ref", synthetic_ref_scale)
     print(f"reference: {ref_cache} ({ref_path})")
     s = space.extract(s_images, batch_size)
     ref_statistics, num_ref_statistics = statistics_provenance(r, os.path.abspath(ref))

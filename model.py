@@ -101,11 +101,13 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-def forward_with_cfg(model, x, t, y, cfg_scale):
+def forward_with_cfg(model, x, t, y, cfg_scale, **inputs):
     """Classifier-free guidance in one batched forward: eps = eps(null) + s * (eps(y) - eps(null)), for the DiT and
     the U-Net alike, class labels or caption tokens. Guides all channels (the official DiT guides only the first 3 of
-    4 latent channels, a bug not copied here); the learned variance is taken from the conditional half."""
-    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, model.y_embedder.null_like(y)]))
+    4 latent channels, a bug not copied here); the learned variance is taken from the conditional half. `inputs`:
+    more per-sample inputs (an adapter's control image, control.py), given to both halves."""
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, model.y_embedder.null_like(y)]),
+                **{k: torch.cat([v, v]) for k, v in inputs.items()})
     cond, uncond = out.chunk(2)
     c = model.in_channels
     return torch.cat([uncond[:, :c] + cfg_scale * (cond[:, :c] - uncond[:, :c]), cond[:, c:]], dim=1)
@@ -204,12 +206,16 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x, t, y, force_drop_ids=None):
-        """x: [N, C, H, W] noisy input, t: [N] timesteps, y: [N] class labels (num_classes = the null class)."""
+    def forward(self, x, t, y, force_drop_ids=None, control=None):
+        """x: [N, C, H, W] noisy input, t: [N] timesteps, y: [N] class labels (num_classes = the null class).
+        control (a ControlNet, control.py): (tokens, c) -> residuals added to the outputs of the first blocks."""
         x = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)
-        for block in self.blocks:
+        residuals = control(x, c) if control is not None else []
+        for i, block in enumerate(self.blocks):
             x = block(x, c)
+            if i < len(residuals):
+                x = x + residuals[i]
         return self.unpatchify(self.final_layer(x, c))
 
     forward_with_cfg = forward_with_cfg
@@ -364,6 +370,7 @@ class UNet(nn.Module):
                  context_dim, num_classes, learn_sigma=False, class_dropout_prob=0.1, y_embedder=None):
         super().__init__()
         self.in_channels, self.model_channels, self.learn_sigma = in_channels, model_channels, learn_sigma
+        self.channel_mult, self.num_res_blocks = channel_mult, num_res_blocks  # the layout, for control.py
         self.num_classes = num_classes
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         emb_dim = 4 * model_channels
@@ -406,17 +413,27 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)  # with the zero residual branches: output exactly 0 at init, as in ADM
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x, t, y=None, context=None, force_drop_ids=None):
+    def forward(self, x, t, y=None, context=None, force_drop_ids=None, control=None):
+        """control (a ControlNet or T2I-Adapter, control.py): (x, emb, context) -> (features, residuals): features
+        {i: f} are added to the output of input block i, which goes on through the encoder (T2I-Adapter);
+        residuals, one per input block and one for the middle block, only to the skips and the middle block's
+        output (ControlNet)."""
         assert (y is None) != (context is None), "pass exactly one of y (class ids) and context"
         if y is not None:
             context = self.y_embedder(y, force_drop_ids)
             context = context[:, None] if context.dim() == 2 else context  # a class is one token, text is many
         emb = self.time_embed(TimestepEmbedder.timestep_embedding(t, self.model_channels))
+        features, residuals = control(x, emb, context) if control is not None else ({}, None)
         hs, h = [], x
-        for block in self.input_blocks:
+        for i, block in enumerate(self.input_blocks):
             h = block(h, emb, context)
+            if i in features:
+                h = h + features[i]
             hs.append(h)
         h = self.middle_block(h, emb, context)
+        if residuals is not None:
+            hs = [s + r for s, r in zip(hs, residuals)]
+            h = h + residuals[-1]
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb, context)
         return self.out(h)

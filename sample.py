@@ -8,6 +8,8 @@ classifier-free guidance.
   python sample.py --ckpt out/ckpt.pt --prompts prompts.txt     # text-to-image: one row per prompt, captioned
   torchrun --nproc_per_node=8 sample.py --ckpt out/ckpt.pt --prompts captions_val2014.json --num_samples 30000
       # the .npz, and its prompts one per line beside it in <name>_prompts.txt
+  python sample.py --ckpt out_canny/ckpt.pt --num_samples 1000  # an adapted model (train.py --adapter): samples for
+      # the controls and conditions of held-out images (--data_path; default the built-in shapes' held-out split)
 
 Checkpoints: ours (EMA weights by default; DiT or U-Net, in pixel or latent space), a bare DiT state dict
 (official or diffusers layout), or a diffusers pipeline folder as the paper's released LDM-4s are saved
@@ -27,6 +29,8 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from configurator import atomic_write, configure
+from control import adapt, control_image
+from data import ImageCaptions, ImageFolder, SyntheticShapes
 from diffusion import GaussianDiffusion
 from model import LabelEmbedder, UNet, UNet_models, build_model, load_dit
 from text import TextEmbedder, TextEncoder, tokenize
@@ -49,17 +53,22 @@ out = ""                # default: beside the checkpoint
 vae = ""                # a folder of diffusers VAE weights, to decode latents; default: the one the checkpoint records
 dtype = "float32"       # autocast of the denoiser and the VAE: float32 | bfloat16 (faster on GPU)
 compile = False         # torch.compile the guided denoiser step; on GPU replayed as a CUDA graph (docs/speed.md)
+# adapted models (train.py --adapter): held-out images give the controls and the conditions (labels or captions)
+data_path = ""          # a class folder (an image-caption set for text models) of held-out images; "": the built-in
+                        # shapes' held-out split, seed 1 (evaluate.py's "synthetic" reference, synthetic_ref_size=N)
+control = ""            # "": the one the model was adapted with (canny, mask); or the held-out images' control folder
 # -----------------------------------------------------------------------------
 
 
 def build(model_args):
-    """The model that train.py's model_args describe; a text-to-image U-Net with its text encoder (text_layers)."""
+    """The model that train.py's model_args describe; a text-to-image U-Net with its text encoder (text_layers); an
+    adapted model (control.Adapted) with its adapter."""
     args = dict(model_args)
-    text_layers = args.pop("text_layers", 0)
+    text_layers, adapter = args.pop("text_layers", 0), args.pop("adapter", None)
     if text_layers:
         width = args.get("context_dim", UNet_models[args["name"]]["context_dim"])
         args["y_embedder"] = TextEmbedder(TextEncoder(width, text_layers), args["class_dropout_prob"])
-    return build_model(**args)
+    return adapt(build_model(**args), **adapter) if adapter else build_model(**args)
 
 
 def unet_from_diffusers(config, state_dict, y_embedder=None):
@@ -177,24 +186,28 @@ def load_model(path, use_ema=True):
     model = build(state["model_args"])
     model.load_state_dict(state["ema" if use_ema else "model"])
     return model.eval(), dict(model_args=state["model_args"], first_stage=state["first_stage"],
-                              prediction=state["prediction"], schedule=state.get("schedule", "linear"))
+                              prediction=state["prediction"], schedule=state.get("schedule", "linear"),
+                              config=state["config"])
 
 
-def guided_step(model, x, t, labels, cfg_scale):
-    """The denoiser of one sampling step: the model, with guidance one forward of both halves."""
-    return model(x, t, labels) if cfg_scale == 1 else model.forward_with_cfg(x, t, labels, cfg_scale)
+def guided_step(model, x, t, labels, cfg_scale, hint=None):
+    """The denoiser of one sampling step: the model, with guidance one forward of both halves; an adapted model
+    (control.py) with its control images `hint`."""
+    inputs = {} if hint is None else dict(hint=hint)
+    return model(x, t, labels, **inputs) if cfg_scale == 1 else model.forward_with_cfg(x, t, labels, cfg_scale, **inputs)
 
 
 @torch.no_grad()
 def sample(model, labels, cfg_scale=4.0, sampler="dpm++", num_steps=50, ddim_eta=0.0, generator=None,
            progress=False, size=None, vae=None, prediction="eps", schedule="linear", dtype=torch.float32,
-           compile=False):
+           compile=False, hint=None):
     """Images (float, about [-1, 1]) for `labels`, from `num_steps` evenly spaced steps of the 1000 (diffusion.py's
     samplers). The model denoises size x size inputs (default: the DiT's input size): pixels, or with a first stage
     `vae` its latents, decoded at the end. The predicted x0 is clipped to [-1, 1] in pixel space only: latents are
     unbounded (DiT does not clip). `prediction` ("eps" or "v") and `schedule` are the model's training settings. The
     denoiser and the VAE run under autocast to `dtype`, and with `compile` the denoiser as one compiled graph (on GPU
-    a CUDA graph: the shapes are the same at every step); the update rules run in float32, eagerly."""
+    a CUDA graph: the shapes are the same at every step); the update rules run in float32, eagerly. An adapted model
+    (control.py) takes its control images `hint` [N, 3, H, W], one per label."""
     diffusion = GaussianDiffusion(learn_sigma=model.learn_sigma, prediction=prediction, schedule=schedule)
     diffusion = diffusion.respaced(num_steps)
     size = size or model.x_embedder.proj.kernel_size[0] * int(model.pos_embed.shape[1] ** 0.5)
@@ -210,7 +223,7 @@ def sample(model, labels, cfg_scale=4.0, sampler="dpm++", num_steps=50, ddim_eta
 
     def denoise(x, t):
         with autocast:
-            return step(model, x, t, labels, cfg_scale)
+            return step(model, x, t, labels, cfg_scale, hint)
     x = diffusion.sample(denoise, x, sampler, ddim_eta, clip_denoised=vae is None, generator=generator,
                          progress=progress)
     if vae is None:
@@ -304,16 +317,29 @@ def sample_grid(model, path, rows, per_row=8, seed=0, **kwargs):
                        nrow=per_row, padding=1, format="png")
 
 
-def sample_npz(model, path, conditions, batch_size, seed=0, rank=0, world_size=1, **kwargs):
+def control_grid(model, path, conditions, hints, per_row=7, seed=0, **kwargs):
+    """A PNG with one row per control image `hints` [n, 3, H, W] ([0, 1]): the control, then `per_row` samples of the
+    adapted model for it and its condition (class label or prompt)."""
+    y = as_condition(conditions, hints.device).repeat_interleave(per_row, dim=0)
+    x = sample(model, y, generator=torch.Generator(hints.device).manual_seed(seed),
+               hint=hints.repeat_interleave(per_row, dim=0), **kwargs)
+    x = torch.cat([hints[:, None] * 2 - 1, x.view(len(hints), per_row, *x.shape[1:])], dim=1).flatten(0, 1)
+    save_image(F.interpolate((x + 1) / 2, scale_factor=max(1, 64 // x.shape[-1]), mode="nearest"), path,
+               nrow=per_row + 1, padding=1)
+
+
+def sample_npz(model, path, conditions, batch_size, seed=0, rank=0, world_size=1, hints=None, **kwargs):
     """A sample for each of the conditions, in an .npz: arr_0 the uint8 NHWC images, arr_1 the class labels, or for
     prompts the prompts beside it (prompts_path). Batch b is drawn by rank b % world_size from a generator seeded
-    with (seed, b), so the file does not depend on the number of ranks."""
+    with (seed, b), so the file does not depend on the number of ranks. An adapted model: hints(indices) gives
+    the control images of those conditions."""
     device = next(model.parameters()).device
     shard = {}
     batches = range(rank, (len(conditions) + batch_size - 1) // batch_size, world_size)
     for b in tqdm(batches, disable=rank != 0, desc=f"sampling {len(conditions)}"):
         y = as_condition(conditions[b * batch_size:(b + 1) * batch_size], device)
-        x = sample(model, y, generator=torch.Generator(device).manual_seed(seed * 1_000_003 + b), **kwargs)
+        hint = None if hints is None else hints(range(b * batch_size, b * batch_size + len(y))).to(device)
+        x = sample(model, y, generator=torch.Generator(device).manual_seed(seed * 1_000_003 + b), hint=hint, **kwargs)
         shard[b] = to_uint8(x)
     if world_size > 1:
         gathered = [None] * world_size
@@ -326,6 +352,32 @@ def sample_npz(model, path, conditions, batch_size, seed=0, rank=0, world_size=1
                 f.write("\n".join(conditions) + "\n")
         with atomic_write(path) as f:
             np.savez(f, *([images] if isinstance(conditions[0], str) else [images, np.asarray(conditions)]))
+
+
+def heldout_controls(model_args, trained_with, scale, n, text):
+    """For an adapted model: the conditions of n held-out images (data_path's, or the built-in shapes' held-out
+    split), in turn, and hints(indices), their control images."""
+    kind = control or trained_with
+    if kind not in ("canny", "mask") and not control:
+        raise ValueError(f"the model was adapted with the controls of the folder {trained_with!r}: pass --control, "
+                         "the folder of the held-out images' controls (and --data_path, the held-out images)")
+    if kind == "mask" and data_path:
+        raise ValueError("control=mask is the built-in shapes' masks: for data_path give a folder of control images")
+    resolution = model_args["input_size"] * model_args["adapter"]["downsample"]
+    folder = "" if kind in ("canny", "mask") else kind
+    if folder and not data_path:
+        raise ValueError(f"control={folder!r}: a control folder goes with --data_path, the held-out images it mirrors")
+    if data_path:
+        ds = ImageCaptions(data_path, resolution, folder) if text else \
+            ImageFolder(data_path, resolution, flip=False, controls=folder)
+    else:
+        ds = SyntheticShapes(n, resolution, 1, kind == "mask", scale)  # the shapes of the adaptation run
+    conditions = ds.captions if text else ds.labels.tolist()
+
+    def hints(indices):
+        images, _, *controls = torch.utils.data.default_collate([ds[i % len(ds)] for i in indices])
+        return control_image(kind, images, *controls)
+    return [conditions[i % len(ds)] for i in range(n)], hints
 
 
 def main():
@@ -352,20 +404,32 @@ def main():
         raise ValueError(f"vae {vae_path!r} ({first_stage.latent_channels} latent channels, scale {first_stage.scale}) "
                          f"does not match the model of {ckpt} ({trained})")
     text = isinstance(model.y_embedder, TextEmbedder)
-    if text != bool(prompts):
+    adapted = "adapter" in info.get("model_args", {})
+    if adapted and prompts:
+        raise ValueError(f"--prompts: {ckpt} is an adapted model, its conditions are the held-out images' "
+                         "(--data_path)")
+    if text != bool(prompts) and not adapted:
         raise ValueError(f"{ckpt} is a text-to-image model: pass --prompts, a file of prompts one per line or a COCO "
                          "captions JSON" if text else f"--prompts: {ckpt} is class-conditional, it takes no prompts")
-    prompt_list = read_prompts(prompts) if text else None
+    prompt_list = read_prompts(prompts) if text and not adapted else None
     size = info["model_args"]["input_size"] if info else None
     kwargs = dict(cfg_scale=cfg_scale, sampler=sampler, num_steps=num_steps, ddim_eta=ddim_eta, size=size,
                   vae=first_stage, prediction=info.get("prediction", "eps"),  # official DiT checkpoints: eps,
                   schedule=info.get("schedule", "linear"), dtype=getattr(torch, dtype), compile=compile)  # linear
     stem = out or os.path.join(os.path.dirname(ckpt) or ".", f"samples_{sampler}{num_steps}_cfg{cfg_scale}")
+    if adapted:
+        conditions, hints = heldout_controls(info["model_args"], info["config"]["control"],
+                                             info["config"]["synthetic_scale"], num_samples or grid_classes, text)
     if num_samples > 0:
         path = stem if stem.endswith(".npz") else stem + ".npz"
-        conditions = [prompt_list[i % len(prompt_list)] for i in range(num_samples)] if text else \
-            (np.arange(num_samples) % model.num_classes).tolist()
-        sample_npz(model, path, conditions, batch_size, seed, rank, world_size, **kwargs)
+        if not adapted:
+            conditions = [prompt_list[i % len(prompt_list)] for i in range(num_samples)] if text else \
+                (np.arange(num_samples) % model.num_classes).tolist()
+        sample_npz(model, path, conditions, batch_size, seed, rank, world_size, hints if adapted else None, **kwargs)
+    elif rank == 0 and adapted:
+        path = stem if stem.endswith(".png") else stem + ".png"
+        control_grid(model, path, conditions, hints(range(len(conditions))).to(device), grid_per_class, seed,
+                     progress=True, **kwargs)
     elif rank == 0:
         path = stem if stem.endswith(".png") else stem + ".png"
         rows = prompt_list[:grid_classes] if text else class_rows(model.num_classes, grid_classes)

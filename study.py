@@ -9,6 +9,8 @@ sample.py and evaluate.py as subprocesses (through torchrun when nproc > 1) and 
   python study.py --runs clean --cfg_scales 1,1.5,2,3,4           # a guidance sweep of one run
   python study.py --ckpt out/ckpt.pt --cfg_scales 1,2,4           # ... of a checkpoint trained elsewhere
   python study.py --runs clean --samplers dpm++50,ddpm250         # DPM-Solver++ at 50 steps against DDPM at 250
+  python study.py --runs clean,eta5,cep-u --adapters controlnet-canny,controlnet-mask \
+      --adapt_args "--synthetic_scale 0.6 --max_steps 1000"       # the downstream stage (docs/downstream.md)
 
 out_dir/<run>/ holds train.py's output (ckpt.pt, log.txt, the grids) and, for each sampler and scale,
 samples_<sampler><steps>_cfg<scale>_n<N>.npz and its _metrics.json. Nothing is done twice: a run with a checkpoint
@@ -16,7 +18,12 @@ is resumed (train.py finishes it, or does nothing when it is done), and a sample
 only when it is missing or older than what it is made from. Results of the runs, samplers and scales asked for:
 out_dir/results.md and results.csv (one row per run, sampler and scale; every metric), metrics_vs_eta.png,
 guidance.png (FID against IS and precision against recall over the guidance scales, a curve per run) and
-grids.png (each run's last training grid).
+grids.png (each run's last training grid). The downstream stage (the paper's Table 2), with --adapters: each
+run's checkpoint is adapted with each adapter and control (train.py --init), in out_dir/<run>/<adapter>-<control>/;
+the adapted model samples for the controls of held-out images and is evaluated against them (on the built-in
+shapes: evaluate.py's synthetic reference of as many images, at the adaptation's synthetic_scale); the rows land
+in downstream.md / downstream.csv (the pre-training run against the adapted model's metrics) and
+downstream_vs_eta.png.
 """
 import csv
 import glob
@@ -29,6 +36,7 @@ import sys
 
 import numpy as np
 import scipy.stats
+import torch
 
 import evaluate
 import sample
@@ -49,6 +57,10 @@ eval_args = "--train synthetic"  # passed to evaluate.py; ImageNet: "--ref VIRTU
 export_digits = ""        # a folder: write scikit-learn's handwritten digits there as class folders, then stop
 digits_per_class = 0      # export_digits: training images per class (0: all that are not held out)
 digits_held_out = 50      # export_digits: held-out images per class, never trained on
+adapters = ""             # the downstream stage: <adapter>-<control>, comma separated (controlnet-canny, t2i-mask,
+                          # controlnet-/data/in100_sam/train); "": none
+adapt_args = ""           # passed to train.py after train_args for the adaptations: "--synthetic_scale 0.6 --lr 1e-4"
+downstream_eval_args = ""  # passed to evaluate.py for the adapted models; ImageNet-100: "--ref /data/imagenet100/val"
 # -----------------------------------------------------------------------------
 _DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -61,7 +73,8 @@ RUNS = {"clean": [], "cep-u": ["--cep", "--cep_type=uniform", "--cep_scale=1.0"]
         "cep-u-fixed": ["--cep", "--cep_type=uniform", "--cep_scale=1.0", "--cep_fixed=0.05"]}
 # what the study sets per run, sampler and scale: the same key in the pass-through arguments would be ambiguous
 OWNED = {"train.py": {"out_dir", "resume", "corrupt", "corrupt_mode", "cep", "cep_type", "cep_scale", "cep_fixed", "ip",
-                      "emb_dropout", "label_smoothing", "seed"},
+                      "emb_dropout", "label_smoothing", "seed", "init",
+                      "adapter", "control"},
          "sample.py": {"ckpt", "sampler", "num_steps", "cfg_scale", "num_samples", "out", "seed"},
          "evaluate.py": {"samples", "out"}}
 # evaluate.py's report keys, with the arrow of the better direction; IS (classifier) is not the Inception IS
@@ -182,9 +195,10 @@ def beyond_noise(a, b):
     return scipy.stats.ttest_ind(a, b, equal_var=False).pvalue < 0.05
 
 
-def write_table(rows, out):
+def write_table(rows, out, sampler_header="sampler"):
     """out.csv with every column, out.md with the metrics that were measured, labelled: mean ± the seed-to-seed
-    standard deviation, and * where the difference from clean is beyond the noise (see aggregate)."""
+    standard deviation, and * where the difference from clean is beyond the noise (see aggregate). The downstream
+    stage's rows name the adapter and control in "sampler"."""
     keys = ["run", "eta", "sampler", "cfg_scale", "num_samples", "feature_space", "seeds"]
     metrics = [k for k in METRICS if any(r[k] is not None for r in rows)]
     with atomic_write(out + ".csv", "w") as f:
@@ -202,7 +216,8 @@ def write_table(rows, out):
              "are not comparable; IS (classifier) is the IS formula on the built-in dataset's classifier).",
              f"Seeds per run: {', '.join(sorted({str(r['seeds']) for r in rows}))}; mean ± seed-to-seed std; * differs "
              "from clean beyond the seed spread (Welch's t-test, p < 0.05).", "",
-             "| " + " | ".join(["run", "eta %", "sampler", "cfg", "samples"] + [METRICS[k] for k in metrics]) + " |",
+             "| " + " | ".join(["run", "eta %", sampler_header, "cfg", "samples"] + [METRICS[k] for k in metrics])
+             + " |",
              "|" + "---|" * (5 + len(metrics))]
     lines += ["| " + " | ".join([number(r[k]) for k in keys[:5]] + [cell(r, k) for k in metrics]) + " |"
               for r in rows]
@@ -323,7 +338,15 @@ def main(argv=None):
     else:
         plan = [(name, os.path.join(out_dir, name, "ckpt.pt"), *run_flags(name)) for name in runs.split(",")]
 
-    rows = []
+    adapt_argv = passthrough("train.py", adapt_args)
+    down_eval_argv = passthrough("evaluate.py", downstream_eval_args)
+    configure(dict(vars(evaluate)), down_eval_argv)
+    down_specs = [tuple(spec.split("-", 1)) for spec in adapters.split(",")] if adapters else []
+    for spec in down_specs:
+        if len(spec) != 2 or spec[0] not in ("controlnet", "t2i"):
+            raise ValueError(f"adapters: {'-'.join(spec)!r} is not <adapter>-<control> with adapter controlnet or t2i "
+                             "(controlnet-canny, t2i-mask)")
+    rows, down_rows = [], []
     for (name, ckpt_path, eta, flags), seed in [(p, s) for p in plan for s in seed_list]:
         run_dir = os.path.join(out_dir, name if seed == 0 else f"{name}-seed{seed}")
         ckpt_path = os.path.join(run_dir, "ckpt.pt") if flags is not None else ckpt_path
@@ -350,6 +373,31 @@ def main(argv=None):
                 rows.append(dict(run=name, seed=seed, eta=eta, sampler=f"{sampler}{steps}", cfg_scale=scale,
                                  num_samples=res["num_samples"], feature_space=res["feature_space"],
                                  **{k: res.get(k) for k in METRICS}))
+        for kind, control in down_specs:  # the downstream stage: adapt, sample held-out controls, evaluate
+            sampler, steps = specs[0]
+            down_dir = os.path.join(run_dir, f"{kind}-{os.path.basename(control.rstrip('/'))}")
+            down_ckpt = os.path.join(down_dir, "ckpt.pt")
+            launch("train.py", *train_argv, *adapt_argv, f"--init={ckpt_path}", f"--adapter={kind}",
+                   f"--control={control}", f"--seed={seed}", f"--out_dir={down_dir}",
+                   *(["--resume"] if os.path.isfile(down_ckpt) else []))
+            synthetic_scale = torch.load(down_ckpt, map_location="cpu", weights_only=True, mmap=True)["config"][
+                "synthetic_scale"]  # the held-out images are of the adaptation's task
+            for scale in scales:
+                stem = os.path.join(down_dir, f"samples_{sampler}{steps}_cfg{scale}_n{num_samples}")
+                npz, report = stem + ".npz", stem + "_metrics.json"
+                if not fresh(npz, down_ckpt):
+                    launch("sample.py", *sample_argv, f"--ckpt={down_ckpt}", f"--seed={seed}", f"--sampler={sampler}",
+                           f"--num_steps={steps}", f"--cfg_scale={scale}", f"--num_samples={num_samples}",
+                           f"--out={npz}")
+                res = read_cache(report, read_json) if fresh(report, npz) else None
+                if res is None:  # the held-out images themselves: the reference
+                    launch("evaluate.py", f"--synthetic_ref_size={num_samples}",
+                           f"--synthetic_ref_scale={synthetic_scale}", *down_eval_argv, f"--samples={npz}",
+                           f"--out={report}")
+                    res = read_json(report)
+                down_rows.append(dict(run=name, seed=seed, eta=eta, sampler=f"{kind}-{control}", cfg_scale=scale,
+                                      num_samples=res["num_samples"], feature_space=res["feature_space"],
+                                      **{k: res.get(k) for k in METRICS}))
 
     written = [os.path.join(out_dir, "results.csv"), os.path.join(out_dir, "results.md")]
     rows = aggregate(rows)
@@ -359,6 +407,13 @@ def main(argv=None):
         plot_metrics_vs_eta(rows, written[-1])
     written.append(os.path.join(out_dir, "guidance.png"))
     plot_guidance(rows, written[-1])
+    if down_rows:
+        down_rows = aggregate(down_rows)
+        written += [os.path.join(out_dir, "downstream.csv"), os.path.join(out_dir, "downstream.md")]
+        write_table(down_rows, os.path.join(out_dir, "downstream"), "adapted with")
+        if len({r["eta"] for r in down_rows if on_eta_axis(r)}) > 1:
+            written.append(os.path.join(out_dir, "downstream_vs_eta.png"))
+            plot_metrics_vs_eta(down_rows, written[-1])
     grids = [(name, last_grid(os.path.dirname(ckpt_path))) for name, ckpt_path, *_ in plan]
     if any(png for _, png in grids):
         written.append(os.path.join(out_dir, "grids.png"))

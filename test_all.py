@@ -8,6 +8,8 @@ Sections, in this order (find one by searching for its title; run one with -k an
   data.py        built-in shapes, class folders, bad images, image modes (16-bit...), caption sets, the batch sampler
   corrupt.py     symmetric / asymmetric labels, swapped / rewritten captions, random mode, and in training
   cep.py         CEP-U / CEP-G statistics, null condition and sampling untouched, per token; IP
+  control.py     Canny against OpenCV, ControlNet / T2I-Adapter: zero init, gradients only to the adapter
+                 (adaptation runs of train.py are under train.py; control folders under data.py)
   configurator.py, train.py   overrides, config-file errors, one-line errors; exact resume, old checkpoints
                  (tests/fixtures), bad settings, NaN, SIGKILL / SIGTERM, damaged checkpoints, a full disk, torchrun
   latent diffusion and text-to-image end to end; sample.py grids and .npz files
@@ -19,6 +21,7 @@ Sections, in this order (find one by searching for its title; run one with -k an
 import contextlib
 import csv
 import glob
+import io
 import json
 import math
 import multiprocessing
@@ -43,6 +46,7 @@ import torch
 from PIL import Image
 
 import cep
+import control
 import corrupt
 import data
 import evaluate
@@ -53,7 +57,7 @@ import study
 import text
 from configurator import configure
 from diffusion import GaussianDiffusion, discretized_gaussian_log_likelihood
-from model import DiT, DiT_models, UNet, UNet_models, diffusers_to_dit, load_dit
+from model import DiT, DiT_models, UNet, UNet_models, build_model, diffusers_to_dit, load_dit
 from vae import AutoencoderKL, VQModel, load_first_stage
 from sample import load_model, sample, sample_npz, unet_from_diffusers
 
@@ -851,6 +855,50 @@ def test_a_bad_image_read_in_a_loader_worker_ends_the_run_in_one_line(tmp_path):
                       "traceback)")
 
 
+def make_controls(images, controls, resize=None):
+    """A control folder mirroring the image folder: each image's colours inverted, as a PNG (the images are JPEGs
+    and PNGs), optionally resized."""
+    for path in sorted(images.rglob("*.*")):
+        image = Image.open(path).convert("RGB")
+        out = controls / path.relative_to(images).with_suffix(".png")
+        os.makedirs(out.parent, exist_ok=True)
+        Image.fromarray(255 - np.asarray(image)).resize(resize or image.size).save(out)
+
+
+def test_control_folder_pairs_each_image_with_its_control_cropped_and_flipped_with_it(tmp_path):
+    make_folder(tmp_path / "images", sizes=[(24, 20), (20, 20)])
+    Image.fromarray(np.tile(np.arange(24, dtype=np.uint8)[None, :, None] * 10, (20, 1, 3))).save(
+        tmp_path / "images" / "n01" / "0.jpg", quality=100)  # a ramp: a flip shows
+    make_controls(tmp_path / "images", tmp_path / "controls")
+    ds = data.ImageFolder(str(tmp_path / "images"), 16, controls=str(tmp_path / "controls"))
+    flips = 0
+    for _ in range(20):
+        x, y, c = ds[0]
+        assert y == 0 and c.shape == x.shape == (3, 16, 16)
+        assert (x + c).abs().max() < 0.1  # the inverted image, cropped and flipped as the image was
+        flips += x[0, 0, 0] > 0
+    assert 2 < flips < 18
+    shapes = data.SyntheticShapes(4, 16, 0, masks=True)
+    x, y, mask = shapes[0]
+    assert torch.equal(x, shapes.__class__(4, 16, 0)[0][0]) and set(mask.unique().tolist()) >= {-1.0, 1.0}
+    inside = mask[0] > 0.9  # the shape's pixels have the shape's colour, the background's the background's
+    assert x[:, inside].std(dim=1).max() < 0.1 and x[:, mask[0] < -0.9].std(dim=1).max() < 0.1
+    small = data.SyntheticShapes(4, 16, 0, masks=True, scale=0.6)  # the downstream task: the same draws, smaller
+    assert small.labels.tolist() == shapes.labels.tolist() and (small[0][2] > 0).sum() < 0.6 * (mask > 0).sum()
+
+
+def test_control_folder_errors_name_the_image_before_any_work(tmp_path):
+    make_folder(tmp_path / "images")
+    make_controls(tmp_path / "images", tmp_path / "controls")
+    os.remove(tmp_path / "controls" / "n02" / "1.png")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"image '{tmp_path}/images/n02/1.png' has no control image: "
+                                                          f"expected {tmp_path}/controls/n02/1.png")):
+        data.ImageFolder(str(tmp_path / "images"), 16, controls=str(tmp_path / "controls"))
+    make_controls(tmp_path / "images", tmp_path / "small", resize=(32, 32))
+    with pytest.raises(ValueError, match=re.escape("small/n01/0.png' is 32x32 but its image") + ".*is 40x30"):
+        data.ImageFolder(str(tmp_path / "images"), 16, controls=str(tmp_path / "small"))
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a folder"):
         data.ImageFolder(str(tmp_path / "nope"), 16)
@@ -1198,6 +1246,78 @@ def test_input_perturbation():
 
 
 # -----------------------------------------------------------------------------
+# control.py
+
+
+def decoded_test_images():
+    """Real decoded images: a photograph (a JPEG), and the built-in shapes through a JPEG round trip, as uint8 CHW."""
+    photo = np.asarray(Image.open(os.path.join(ROOT, "tests", "fixtures", "grace_hopper.jpg")).convert("RGB"))
+    buffer = io.BytesIO()
+    Image.fromarray(np.concatenate(list(data.SyntheticShapes(12, 64, 0).images_uint8()), axis=1)).save(buffer, "JPEG")
+    shapes = np.asarray(Image.open(buffer).convert("RGB"))
+    return [photo, photo[:, :, :1], shapes]
+
+
+def test_canny_matches_opencv_on_decoded_images():
+    cv2 = pytest.importorskip("cv2")
+    for image in decoded_test_images():
+        ours = control.canny(torch.from_numpy(image.copy()).permute(2, 0, 1))[0].numpy()
+        reference = cv2.Canny(np.ascontiguousarray(image), 100, 200)  # the paper's thresholds
+        assert 0.02 < (reference > 0).mean() < 0.2  # edges to find, not a blank image
+        assert (ours == reference).mean() >= 0.99  # measured: 1.0 (every pixel) on all three
+        blurred = control.canny(torch.from_numpy(image.copy()).permute(2, 0, 1), sigma=1.0)[0].numpy()
+        reference = cv2.Canny(cv2.GaussianBlur(np.ascontiguousarray(image), (0, 0), 1.0), 100, 200)
+        assert (blurred == reference).mean() >= 0.99  # measured: 99.97% on the photograph
+
+
+ADAPTED = [("LDM-S", "controlnet", 1), ("LDM-S", "t2i", 4), ("DiT-Ti/4", "controlnet", 1),
+           ("DiT-Ti/2", "controlnet", 2)]
+
+
+def adapted_model(name, kind, downsample, size=8):
+    torch.manual_seed(0)
+    base = randomize(build_model(name, size, in_channels=3, num_classes=5), std=0.05)
+    return base, control.adapt(base, kind, downsample).eval()
+
+
+@pytest.mark.parametrize("name,kind,downsample", ADAPTED)
+def test_zero_initialised_adapter_leaves_the_frozen_model_unchanged_exactly(name, kind, downsample):
+    base, model = adapted_model(name, kind, downsample)
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([1, 400, 999]), torch.tensor([0, 3, 5])  # 5: the null class
+    hint = torch.rand(3, 3, 8 * downsample, 8 * downsample)
+    with torch.no_grad():
+        assert base(x, t, y).abs().mean() > 0.01
+        assert torch.equal(model(x, t, y, hint), base(x, t, y))
+        assert torch.equal(model.forward_with_cfg(x, t, y, 3.0, hint=hint), base.forward_with_cfg(x, t, y, 3.0))
+
+
+@pytest.mark.parametrize("name,kind,downsample", ADAPTED)
+def test_gradients_reach_only_the_adapter_and_then_the_control_matters(name, kind, downsample):
+    base, model = adapted_model(name, kind, downsample)
+    frozen = {k: v.clone() for k, v in base.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.adapter.parameters()}
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([1, 400, 999]), torch.tensor([0, 3, 4])
+    hint = torch.rand(3, 3, 8 * downsample, 8 * downsample)
+    for _ in range(3):  # a step through each zero layer: the zero linears, then the hint encoder's last conv
+        opt.zero_grad()
+        model(x, t, y, hint).square().mean().backward()
+        opt.step()
+    assert all(p.grad is None for p in base.parameters())
+    assert all(p.grad.abs().sum() > 0 for p in model.adapter.parameters())
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in frozen.items())
+    with torch.no_grad():
+        assert not torch.equal(model(x, t, y, hint), model(x, t, y, torch.rand_like(hint)))
+
+
+def test_an_adapter_with_no_place_in_the_model_is_an_error():
+    with pytest.raises(ValueError, match="DiT, which has none: use adapter=controlnet"):
+        control.adapt(build_model("DiT-Ti/4", 8, in_channels=3, num_classes=5), "t2i", 1)
+    with pytest.raises(ValueError, match="power of 2"):
+        control.adapt(build_model("LDM-S", 8, in_channels=3, num_classes=5), "controlnet", 3)
+
+
+# -----------------------------------------------------------------------------
 # configurator.py
 
 
@@ -1423,6 +1543,59 @@ def test_a_full_disk_during_a_save_names_the_file_removes_the_partial_one_and_ke
         "file-size limit); the previous ckpt.pt, if any, is kept (DEBUG=1 shows the traceback)"
     assert "Traceback" not in result.stderr and "step 4 |" in (tmp_path / "log.txt").read_text()
     assert (tmp_path / "ckpt.pt").read_bytes() == before and not (tmp_path / "ckpt.pt.tmp").exists()
+
+
+def test_adaptation_keeps_the_base_bit_identical_and_resumes_exactly(tmp_path):
+    train(tmp_path / "pre", "--max_steps=2")
+    pre = torch.load(tmp_path / "pre" / "ckpt.pt", weights_only=True)["ema"]
+    adapt = ["--init", str(tmp_path / "pre" / "ckpt.pt"), "--adapter", "controlnet", "--cep"]
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    train(straight, *adapt, "--max_steps=4", "--ckpt_every=2")
+    train(halves, *adapt, "--max_steps=2")
+    train(halves, *adapt, "--max_steps=4", "--resume")
+    assert logged_losses(straight) == logged_losses(halves) and len(logged_losses(halves)) == 4
+    a, b = (torch.load(p / "ckpt.pt", weights_only=True) for p in (straight, halves))
+    assert a["model_args"]["adapter"] == dict(kind="controlnet", downsample=1) and a["step"] == 4
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+        assert all(torch.equal(a[key][f"base.{k}"], v) for k, v in pre.items())  # the frozen model, bit for bit
+        assert any(k.startswith("adapter.zero_linears") and v.abs().sum() > 0 for k, v in a[key].items())
+    log = (straight / "log.txt").read_text()
+    assert "adapting" in log and "control: canny" in log and "CEP: uniform" in log
+    assert os.path.isfile(straight / "samples_0000004.png")
+
+
+def test_adaptation_under_torchrun_with_masks_and_a_t2i_adapter_on_a_folder(tmp_path):
+    train(tmp_path / "pre", "--max_steps=1")
+    init = ["--init", str(tmp_path / "pre" / "ckpt.pt")]
+    train(tmp_path / "ddp", *init, "--adapter=controlnet", "--control=mask", "--max_steps=2", torchrun=2)
+    state = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)
+    assert "2 process(es)" in (tmp_path / "ddp" / "log.txt").read_text() and state["step"] == 2
+    make_folder(tmp_path / "images", sizes=[(20, 16)] * 4)
+    make_controls(tmp_path / "images", tmp_path / "controls")
+    unet = ["--model=LDM-S", "--image_size=8", f"--data_path={tmp_path}/images", "--learn_sigma=False"]
+    train(tmp_path / "unet", *unet, "--max_steps=1")
+    train(tmp_path / "t2i", *unet, "--init", str(tmp_path / "unet" / "ckpt.pt"), "--adapter=t2i",
+          f"--control={tmp_path}/controls", "--max_steps=2")
+    assert "control: " + str(tmp_path / "controls") in (tmp_path / "t2i" / "log.txt").read_text()
+
+
+def test_adaptation_errors_come_before_any_work(tmp_path):
+    train(tmp_path / "pre", "--max_steps=1")
+    init = ["--init", str(tmp_path / "pre" / "ckpt.pt")]
+    make_folder(tmp_path / "images")
+    make_controls(tmp_path / "images", tmp_path / "controls", resize=(8, 8))
+    for args, message in [
+            (["--adapter=t2i"], "the model of '" + str(tmp_path / "pre" / "ckpt.pt") + "' is DiT-Ti/8, which has none"),
+            (["--adapter=controlnet", "--image_size=32"], "input_size: 16 in"),
+            (["--adapter=controlnet", "--init", str(tmp_path / "nope.pt")], "no such checkpoint"),
+            (["--adapter=controlnet", f"--data_path={tmp_path}/images", f"--control={tmp_path}/controls"],
+             "is 8x8 but its image"),
+            (["--adapter=controlnet", "--control=mask", f"--data_path={tmp_path}/images"], "control=mask"),
+            (["--adapter=controlnet", f"--control={tmp_path}/controls"], "beside data_path's images")]:
+        result = train(tmp_path / "run", *init, *args, check=False)
+        assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-2000:])
+        assert not os.path.exists(tmp_path / "run" / "log.txt")
 
 
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, start_train):
@@ -1712,6 +1885,42 @@ def test_sample_script_grid_and_torchrun_npz(tmp_path):
          "--compile", f"--out={tmp_path}/compiled.npz"])
     compiled = np.load(tmp_path / "compiled.npz")["arr_0"]
     assert np.abs(compiled.astype(int) - one["arr_0"][:8]).max() <= 1
+
+
+def test_an_adapted_model_samples_for_the_controls_of_held_out_images(tmp_path):
+    train(tmp_path / "pre", "--max_steps=1")
+    train(tmp_path / "mask", "--init", str(tmp_path / "pre" / "ckpt.pt"), "--adapter=controlnet", "--control=mask",
+          "--synthetic_scale=0.6", "--max_steps=1")
+    args = [sys.executable, "sample.py", f"--ckpt={tmp_path}/mask/ckpt.pt", "--num_steps=2"]
+    run(args + [f"--out={tmp_path}/grid.png", "--grid_classes=3", "--grid_per_class=2"])
+    assert Image.open(tmp_path / "grid.png").size == (3 * 65 + 1, 3 * 65 + 1)  # a row: the control, 2 samples
+    run(args + [f"--out={tmp_path}/held.npz", "--num_samples=6", "--batch_size=4"])
+    # the held-out split is evaluate.py's "synthetic" reference of synthetic_ref_size=6: the same images
+    assert np.load(tmp_path / "held.npz")["arr_1"].tolist() == data.SyntheticShapes(6, 16, seed=1).labels.tolist()
+    images = evaluate.synthetic_images(6, 1, 16, scale=0.6)
+    assert np.array_equal(next(iter(images.batches(6))), data.SyntheticShapes(6, 16, 1, scale=0.6).images_uint8())
+    model, info = load_model(str(tmp_path / "mask" / "ckpt.pt"))
+    randomize(model.adapter, std=0.05)  # as if trained longer: no zero layer left, the control steers the samples
+    with torch.no_grad():
+        y, hint = torch.tensor([1, 2]), torch.rand(2, 3, 16, 16)
+        x = [sample(model, y, num_steps=2, size=16, hint=h, generator=torch.Generator().manual_seed(0))
+             for h in (hint, 1 - hint)]
+    assert not torch.equal(*x)
+    result = run(args + [f"--out={tmp_path}/p.png", f"--control={tmp_path}/nope"], check=False)
+    assert "a control folder goes with --data_path" in result.stderr
+    make_folder(tmp_path / "val")
+    result = run(args + [f"--out={tmp_path}/p.png", f"--control={tmp_path}/nope", f"--data_path={tmp_path}/val"],
+                 check=False)
+    assert f"control folder '{tmp_path}/nope' does not exist" in result.stderr
+
+
+def test_a_text_to_image_model_adapts_and_samples_for_held_out_captions(tmp_path):
+    text_args = ["--model=LDM-S", "--text_encoder=small", "--image_size=8", "--learn_sigma=False"]
+    train(tmp_path / "pre", *text_args, "--max_steps=1")
+    train(tmp_path / "t2i", *text_args, "--init", str(tmp_path / "pre" / "ckpt.pt"), "--adapter=t2i", "--max_steps=1")
+    run([sys.executable, "sample.py", f"--ckpt={tmp_path}/t2i/ckpt.pt", "--num_steps=2", "--num_samples=3",
+         f"--out={tmp_path}/held.npz"])
+    assert read(tmp_path / "held_prompts.txt").splitlines() == data.SyntheticShapes(3, 8, seed=1).captions
 
 
 # -----------------------------------------------------------------------------
@@ -2408,7 +2617,27 @@ def test_study_runs_name_the_papers_baselines():
         study.run_flags("eta")
 
 
+def test_study_downstream_stage_adapts_each_run_and_tables_it(tiny_study, monkeypatch):
+    args, out, _ = tiny_study
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    study.main(args + ["--adapters=controlnet-mask", "--adapt_args=--max_steps=1 --synthetic_scale=0.6",
+                       "--downstream_eval_args=--classifier_size=200 --classifier_epochs=1 --progress=False "
+                       f"--device=cpu --cache_dir={out}/cache"])
+    with open(out / "downstream.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["run"], r["eta"], r["sampler"], r["num_samples"]) for r in table] == \
+        [("clean", "0.0", "controlnet-mask", "100"), ("eta10", "10.0", "controlnet-mask", "100")]
+    for run in ("clean", "eta10"):
+        state = torch.load(out / run / "controlnet-mask" / "ckpt.pt", weights_only=True)
+        assert state["config"]["init"] == str(out / run / "ckpt.pt") and state["config"]["synthetic_scale"] == 0.6
+        assert state["config"]["cep"] is False  # CEP is not carried into the adaptation unless asked
+    assert "adapted with" in (out / "downstream.md").read_text()
+    with Image.open(out / "downstream_vs_eta.png") as image:
+        assert image.format == "PNG"
+
+
 @pytest.mark.parametrize("arg, message", [
+    ("--adapters=lora-canny", "lora-canny"), ("--adapt_args=--control canny", "set control"),
     ("--runs=clean,eta150", "eta150"), ("--runs=cep", "'cep'"), ("--samplers=dpm50", "dpm50"),
     ("--train_args=--max_steps 9 --corrupt 0.1", "set corrupt"), ("--sample_args=--cfg_scale 2", "set cfg_scale"),
     ("--eval_args=--reff synthetic", "reff"), ("--ckpt=/nonexistent/ckpt.pt", "not found"),

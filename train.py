@@ -9,6 +9,7 @@ token embeddings, the U-Net's cross-attention context.
   python train.py --latents=latents/in256 --model=DiT-XL/2   # on latents cached by data.py (the fast path)
   python train.py --data_path=imagenet/train --image_size=256 --vae=sd-vae-ft-ema --model=LDM-S  # encoded on the fly
   python train.py --model=LDM-S --text_encoder=small     # text-to-image on the built-in shapes' captions
+  python train.py --init=out/ckpt.pt --adapter=controlnet --control=canny --out_dir=out_canny   # adaptation
 
 Defaults are the variables below (nanoGPT style, see configurator.py). The RNG is re-seeded at every step from
 (seed, step, rank), so timesteps, noise, label dropout, CEP and random-mode corruption are a function of the step:
@@ -34,11 +35,12 @@ from tqdm import tqdm
 
 from cep import CEP, FixedCEP, input_perturbation
 from configurator import atomic_write, configure
+from control import control_image
 from corrupt import check_corruption, corrupt_batch, corrupt_conditions
 from data import CaptionPairs, ImageCaptions, ImageFolder, LatentDataset, StepBatches, SyntheticShapes
 from diffusion import GaussianDiffusion
 from model import DiT_models, UNet_models
-from sample import build, class_rows, load_checkpoint, sample_grid
+from sample import build, class_rows, control_grid, load_checkpoint, sample_grid
 from text import load_clip_text_encoder, tokenize
 from vae import load_first_stage
 
@@ -56,6 +58,7 @@ vae = ""                  # a folder of diffusers VAE (or VQ-f4) weights: encode
 image_size = 16           # the CPU default: at 16 px with patch 2 the model learns the shapes in minutes (README)
 synthetic_size = 20000
 synthetic_seed = 0        # the built-in dataset's draw, apart from `seed`: evaluate.py's reference draws seed 1
+synthetic_scale = 1.0     # the built-in shapes' size, times: 0.6 is the downstream task of docs/downstream.md
 model = "DiT-Ti/2"        # model.DiT_models (DiT-XL/2, ...) or model.UNet_models (LDM-4, LDM-S)
 learn_sigma = True
 prediction = "v"          # v | eps: what the model predicts. DiT and LDM predict eps; v learns far sooner on a
@@ -98,6 +101,11 @@ cep_fixed = 0.0           # > 0: Fixed CEP (paper App. E.4): this fraction of th
 ip = 0.0                  # input perturbation baseline, lambda (0.1 in Ning et al.)
 emb_dropout = 0.0         # dropout on the class embedding, a baseline (the paper: 0.1)
 label_smoothing = 0.0     # label smoothing on the class embedding, a baseline (the paper: 0.1; model.LabelEmbedder)
+# downstream adaptation (the paper's Section 3.2): the model of `init` frozen, an adapter trained (control.py)
+init = ""                 # the pre-trained checkpoint (train.py's ckpt.pt; its EMA weights are adapted)
+adapter = ""              # "": pre-training | controlnet (U-Net or DiT) | t2i (T2I-Adapter, U-Net)
+control = "canny"         # canny: the images' Canny edges (100/200) | mask: the built-in shapes' masks | a folder
+                          # of control images laid out as data_path (data/a.jpg -> control/a.png), each its image's size
 # -----------------------------------------------------------------------------
 
 
@@ -141,9 +149,15 @@ def check_config():
         raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
     if global_batch_size % world_size:
         raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the {world_size} processes")
-    for key in ("max_steps", "log_every", "ckpt_every", "global_batch_size", "image_size", "synthetic_size"):
+    for key in ("max_steps", "log_every", "ckpt_every", "global_batch_size", "image_size", "synthetic_size",
+                "synthetic_scale"):
         if globals()[key] <= 0:
             raise ValueError(f"{key} must be > 0, got {globals()[key]}")
+    if bool(adapter) != bool(init):
+        raise ValueError("adaptation needs both init (the pre-trained checkpoint) and adapter (controlnet or t2i), "
+                         f"got init={init!r}, adapter={adapter!r}")
+    if adapter:
+        check_adaptation()
     if grid_steps < 2:
         raise ValueError(f"grid_steps must be >= 2, got {grid_steps}")
     if compile_mode not in ("default", "reduce-overhead", "max-autotune"):
@@ -162,6 +176,43 @@ def check_config():
         os.remove(os.path.join(out_dir, f".write_test{rank}"))
     except OSError as e:
         raise PermissionError(f"out_dir {out_dir!r} cannot be written: {e}") from e
+
+
+def check_adaptation():
+    global pretrained
+    if adapter not in ("controlnet", "t2i"):
+        raise ValueError(f"adapter must be controlnet or t2i, got {adapter!r}")
+    if latents:  # Canny needs the images, and a control folder mirrors an image folder
+        raise ValueError("adaptation reads the images and their controls: use data_path or the built-in shapes, "
+                         "not latents")
+    if control == "mask" and data_path:
+        raise ValueError("control=mask is the built-in shapes' masks: for data_path give a folder of control images")
+    if control not in ("canny", "mask") and not (os.path.isdir(control) and data_path):
+        raise FileNotFoundError(f"control {control!r} is not canny, mask, or a folder of control images beside "
+                                "data_path's images")
+    if not os.path.isfile(init):
+        raise FileNotFoundError(f"init {init!r}: no such checkpoint (the pre-trained model, train.py's ckpt.pt)")
+    pretrained = load_checkpoint(init)
+    if "model_args" not in pretrained or "adapter" in pretrained["model_args"]:
+        raise ValueError(f"init {init!r} is not a pre-trained checkpoint of train.py (or is already adapted)")
+    if adapter == "t2i" and pretrained["model_args"]["name"] not in UNet_models:
+        raise ValueError(f"adapter=t2i adds multi-scale features to a U-Net's encoder, and the model of {init!r} is "
+                         f"{pretrained['model_args']['name']}, which has none: use adapter=controlnet")
+
+
+def pretrained_model_args(model_args):
+    """The model_args of the pre-trained checkpoint, once they agree with this run's data and settings, and the
+    adapter's; the base frozen, the adapter new."""
+    ours = dict(model_args, prediction=prediction, schedule=schedule)
+    theirs = dict(pretrained["model_args"], prediction=pretrained["prediction"],
+                  schedule=pretrained.get("schedule", "linear"))
+    differ = [f"{k}: {theirs.get(k)!r} in {init}, {ours.get(k)!r} here" for k in sorted({*ours, *theirs} - {
+        "class_dropout_prob"}) if ours.get(k) != theirs.get(k)]
+    if differ:
+        raise ValueError("this run does not fit the pre-trained model (pass the pre-training's model, image_size, "
+                         "vae, text_encoder, prediction and schedule): " + "; ".join(differ))
+    downsample = first_stage.factor if first_stage else 1
+    return dict(pretrained["model_args"], adapter=dict(kind=adapter, downsample=downsample))
 
 
 @torch.no_grad()
@@ -207,13 +258,15 @@ atexit.register(exiting.set)  # runs before multiprocessing's own exit function,
 
 # data, and the corruption of its labels or captions (decided once, from the seed: identical on every rank)
 bad_images = multiprocessing.Value("q", 0)  # the count of images skipped (skip_bad_images), shared with the workers
+controls = control if adapter and control not in ("canny", "mask") else ""  # a folder of control images
 if latents:
     dataset = LatentDataset(latents)
 elif data_path:
-    dataset = ImageCaptions(data_path, image_size) if text_encoder else \
-        ImageFolder(data_path, image_size, flip, skipped=bad_images if skip_bad_images else None)
+    dataset = ImageCaptions(data_path, image_size, controls) if text_encoder else \
+        ImageFolder(data_path, image_size, flip, skipped=bad_images if skip_bad_images else None, controls=controls)
 else:
-    dataset = SyntheticShapes(synthetic_size, image_size, synthetic_seed)
+    dataset = SyntheticShapes(synthetic_size, image_size, synthetic_seed, bool(adapter) and control == "mask",
+                              synthetic_scale)
 if (text_encoder and dataset.captions is None) or (not text_encoder and dataset.labels is None):
     raise ValueError(f"the cache {latents!r} holds " + ("no captions: extract it from captioned images" if text_encoder
                      else "captions, not classes: set text_encoder"))
@@ -262,12 +315,16 @@ if text_encoder == "clip":
 elif text_encoder == "small":
     model_args.update(text_layers=4)  # of the U-Net's context width (our choice: small enough for a CPU)
 first_stage_args = dict(vae=os.path.abspath(vae), scale=first_stage.scale) if vae else None
+model_args = pretrained_model_args(model_args) if adapter else model_args
 torch.manual_seed(seed)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
 net = build(model_args).to(device)
 if text_encoder == "clip":
     net.y_embedder.encoder.load_state_dict(clip_text.state_dict())
     net.y_embedder.encoder.requires_grad_(False)
     del clip_text
+if adapter:
+    net.base.load_state_dict(pretrained["ema"])
+    del pretrained
 if model in UNet_models and not cuda:  # NHWC convolutions and group norms of oneDNN are faster on CPU; PyTorch's
     net = net.to(memory_format=torch.channels_last)  # eager CUDA group norm would convert back to NCHW at each norm
 net.y_embedder.perturb = perturb
@@ -319,20 +376,22 @@ log(f"{model} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters,
     f"{sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6:.2f}M trained), {len(dataset)} images, "
     f"{space}, {conditions}, {world_size} process(es) on {device}; corruption: {corruption}; "
     f"CEP: {f'{cep_type} gamma={cep_scale}' if cep else 'off'}{f' fixed for {cep_fixed:.1%}' if cep_fixed else ''}; "
-    f"IP: {ip}; embedding dropout: {emb_dropout}; label smoothing: {label_smoothing}")
+    f"IP: {ip}; embedding dropout: {emb_dropout}; label smoothing: {label_smoothing}" +
+    (f"; adapting {init} (frozen) with {adapter}, control: {control}" if adapter else ""))
 net.train()
 loss_sum = torch.zeros((), device=device)  # read at the checks only: no host-device sync per step
 nonfinite = torch.zeros((), dtype=torch.bool, device=device)
 preempted = False
 last_log_step, last_log_time, start_time = step, time.time(), time.time()
 progress = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)
-for (x, y), index in zip(loader, batches):  # a second pass of the sampler: the batch's dataset indices
+for (x, y, *controls), index in zip(loader, batches):  # a second pass of the sampler: the dataset indices
     if step >= max_steps:
         break
     if cep_fixed:
         perturb.index = torch.tensor(index)
     torch.manual_seed((seed * 1_000_003 + step) * 4096 + rank)
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    hint = (control_image(control, x, *[c.to(device) for c in controls]),) if adapter else ()  # from images
     if first_stage is not None and not latents:
         with torch.no_grad():  # in float32 outside autocast: the posterior mean, as data.py caches it
             x = first_stage.encode(x)
@@ -342,7 +401,7 @@ for (x, y), index in zip(loader, batches):  # a second pass of the sampler: the 
     noise = torch.randn_like(x)
     x_t = diffusion.q_sample(x, t, input_perturbation(noise, ip) if ip > 0 else noise)
     with autocast:
-        out = train_net(x_t, t, y)
+        out = train_net(x_t, t, y, *hint)
     loss = diffusion.training_loss(out, x, x_t, t, noise).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -384,9 +443,15 @@ for (x, y), index in zip(loader, batches):  # a second pass of the sampler: the 
         break
     if master and (step == max_steps or (sample_every and step % sample_every == 0)):
         grid = os.path.join(out_dir, f"samples_{step:07d}.png")
-        sample_grid(ema, grid, grid_rows, seed=seed, cfg_scale=grid_cfg_scale, sampler="dpm++",
-                    num_steps=grid_steps, size=input_size, vae=first_stage, prediction=prediction,
-                    schedule=schedule)
+        kwargs = dict(seed=seed, cfg_scale=grid_cfg_scale, sampler="dpm++", num_steps=grid_steps, size=input_size,
+                      vae=first_stage, prediction=prediction, schedule=schedule)
+        if adapter:  # the controls of 8 training images (sample.py: of held-out ones), a row each
+            rows = np.linspace(0, len(dataset) - 1, 8).round().astype(np.int64)
+            images, _, *controls = torch.utils.data.default_collate([dataset[i] for i in rows])
+            control_grid(ema, grid, [dataset.captions[i] if text_encoder else int(dataset.labels[i]) for i in rows],
+                         control_image(control, images, *controls).to(device), **kwargs)
+        else:
+            sample_grid(ema, grid, grid_rows, **kwargs)
         log(f"sample grid (EMA, cfg {grid_cfg_scale}, {grid_steps} DPM-Solver++ steps): {grid}")
 progress.close()
 if ddp:
