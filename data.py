@@ -1,17 +1,13 @@
 """
-Datasets: the built-in synthetic shapes (the embedded default: no downloads), ImageNet-style folders, and latents
-cached on disk by this file's script, the fast path for latent diffusion:
+Datasets: the built-in synthetic shapes (the embedded default: no downloads), ImageNet-style folders, image-caption
+sets, and latents cached on disk by this file's script (torchrun shares the shards out), the fast path:
 
   python data.py --data_path=imagenet/train --image_size=256 --vae=sd-vae-ft-ema --out=latents/in256
-  torchrun --nproc_per_node=8 data.py ...   # the same, the shards shared out over the processes
-  python train.py --latents=latents/in256 --model=DiT-XL/2
-
-Every dataset returns (image or latent, label), an image being a float tensor [3, H, W] in [-1, 1], and exposes
-`labels` (np.int64 [N]) and `classes`; train.py replaces `labels` with the corrupted ones before training.
-Image-caption sets (ImageCaptions, folders or manifests) return (image, caption) and expose `captions`, as the
-built-in shapes and caches of either do; CaptionPairs serves any of them to text-conditional training.
-
   python data.py --data_path=cc3m --captions --image_size=256 --vae=ldm-vq-f4 --out=latents/cc3m
+
+Every dataset returns (image or latent, label), an image a float tensor [3, H, W] in [-1, 1], and exposes `labels`
+(np.int64 [N]) and `classes`; train.py replaces `labels` with the corrupted ones before training. Image-caption sets
+return (image, caption) and expose `captions`; CaptionPairs serves any of them to text-conditional training.
 """
 import csv
 import io
@@ -71,9 +67,8 @@ MAX_ROTATION = math.radians(15)
 
 
 class SyntheticShapes(torch.utils.data.Dataset):
-    """Coloured shapes on coloured backgrounds, drawn with PIL, deterministic from the seed.
-
-    The class is the shape (10 classes); colour, background, size, position and rotation (up to 15 degrees) vary
+    """Coloured shapes on coloured backgrounds, drawn with PIL, deterministic from the seed. The class is the shape
+    (10 classes); colour, background, size, position and rotation (up to 15 degrees) vary
     within a class, and each image has a caption that describes it. Parameters are drawn once; images are drawn on
     access. With masks=True an item is (image, label, mask): the exact segmentation colour map of the image (the
     shape white, the background black), a control for adaptation (control.py). `scale` sizes the shapes: 0.6 makes
@@ -100,8 +95,8 @@ class SyntheticShapes(torch.utils.data.Dataset):
             size_word = "small " if radius < 0.33 else "large " if radius > 0.37 else ""
             third = lambda c: min(int((c - 0.4) / 0.2 * 3), 2)  # which third of the centre's range
             where = ["top", "middle", "bottom"][third(cy)] + " " + ["left", "centre", "right"][third(cx)]
-            self.captions.append(f"{article(size_word + fg)} {size_word}{fg} {self.classes[label]} on {article(bg)} {bg} "
-                                 f"background, {where}")
+            self.captions.append(f"{article(size_word + fg)} {size_word}{fg} {self.classes[label]} on {article(bg)} "
+                                 f"{bg} background, {where}")
 
     def __len__(self):
         return len(self.labels)
@@ -145,10 +140,9 @@ class SyntheticShapes(torch.utils.data.Dataset):
 
 
 def control_paths(root, paths, controls):
-    """The control image (Canny edges, a segmentation map...) of each image of `paths`: the file of the same path
-    relative to `root` (a folder, or a manifest's folder) under the folder `controls`, of any image type. Each must
-    exist and have its image's size, for it is cropped and flipped with it: checked here, from the files' headers,
-    before any training."""
+    """The control image (edges, a segmentation map...) of each image of `paths`: the file of the same path relative
+    to `root` (a folder, or a manifest's folder) under `controls`, of any image type. Each must exist and have its
+    image's size (it is cropped and flipped with it): checked here, from the headers, before any training."""
     if not os.path.isdir(controls):
         raise FileNotFoundError(f"control folder {controls!r} does not exist (it mirrors data_path's layout: "
                                 "the control of data_path/a/b.jpg is controls/a/b.png, or another image type)")
@@ -193,10 +187,9 @@ def load_image(path):
 
 def to_rgb(image):
     """8-bit RGB from any mode. PIL's convert("RGB") clips 16- and 32-bit greyscale at 255 (mid grey would train as
-    white): those are scaled from their full range instead, 16-bit (I;16*, and I from a PNG, as older Pillows open
-    16-bit PNGs) by 255/65535, 32-bit integers (I) by 255/(2^31 - 1) with negatives at 0, floats (F) from [0, 1] (the
-    convention of torchvision and scikit-image; ours, as the file does not say). Alpha is dropped, as torchvision's
-    and ADM's loaders (and pytorch-fid's) drop it; palettes and CMYK are PIL's conversions."""
+    white): 16-bit (I;16*, and I from a PNG) is scaled by 255/65535, 32-bit integers (I) by 255/(2^31 - 1) with
+    negatives at 0, floats (F) from [0, 1] (ours: the file does not say). Alpha is dropped, as torchvision's, ADM's
+    and pytorch-fid's loaders drop it; palettes and CMYK are PIL's conversions."""
     if image.mode.startswith("I") or image.mode == "F":
         full = 1.0 if image.mode == "F" else 65535 if image.mode != "I" or image.format == "PNG" else 2 ** 31 - 1
         grey = np.clip(np.asarray(image, dtype=np.float64) / full * 255, 0, 255).round().astype(np.uint8)
@@ -221,10 +214,11 @@ class ImageFolder(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{root!r} has no class subfolders (expected root/<class>/<image>)")
         self.paths, labels = [], []
         for label, name in enumerate(self.classes):
-            files = sorted(os.path.join(dirpath, f) for dirpath, _, fs in os.walk(os.path.join(root, name), followlinks=True)
+            folder = os.path.join(root, name)
+            files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder, followlinks=True)
                            for f in fs if f.lower().endswith(IMG_EXTENSIONS))
             if not files:
-                raise FileNotFoundError(f"class folder {os.path.join(root, name)!r} has no images ({', '.join(IMG_EXTENSIONS)})")
+                raise FileNotFoundError(f"class folder {folder!r} has no images ({', '.join(IMG_EXTENSIONS)})")
             self.paths += files
             labels += [label] * len(files)
         self.labels = np.array(labels, dtype=np.int64)
@@ -268,13 +262,11 @@ def read_utf8(path, what):
 
 
 class ImageCaptions(torch.utils.data.Dataset):
-    """(image, caption) pairs, in either of the layouts people have:
-    - a folder of images, each with a same-named .txt caption beside it (00000/000000001.jpg + 00000/000000001.txt,
-      what img2dataset writes for CC3M), searched recursively, in sorted order;
-    - a .tsv or .csv manifest with a header row naming an image column (`image`, or open_clip's `filepath`) and a
-      caption column (`caption`, or open_clip's `title`); image paths are relative to the manifest's folder.
-    Every caption is read here, so a missing or non-UTF-8 caption file fails before any training. ADM centre crop and
-    no flip: captions may say left and right."""
+    """(image, caption) pairs from a folder of images, each with a same-named .txt caption beside it (what img2dataset
+    writes for CC3M), searched recursively, in sorted order; or from a .tsv or .csv manifest whose header names an
+    image column (`image`, or open_clip's `filepath`) and a caption column (`caption`, or `title`), image paths
+    relative to its folder. Every caption is read here: a missing or non-UTF-8 one fails before any training. ADM
+    centre crop and no flip: captions may say left and right."""
 
     classes, labels = [], None  # captions, not classes
 
@@ -325,9 +317,8 @@ class ImageCaptions(torch.utils.data.Dataset):
 
 
 class CaptionPairs(torch.utils.data.Dataset):
-    """(image or latent, caption tokens) for text-conditional training, from any dataset with `captions` (built-in
-    shapes, ImageCaptions, cached latents). `tokenize` (list of captions -> LongTensor [n, L]) runs in the loader's
-    workers. `captions` is a copy, which train.py replaces with corrupted ones."""
+    """(image or latent, caption tokens) from any dataset with `captions`; `tokenize` (captions -> LongTensor [n, L])
+    runs in the loader's workers. `captions` is a copy of the dataset's."""
 
     def __init__(self, dataset, tokenize):
         self.dataset, self.tokenize, self.captions = dataset, tokenize, list(dataset.captions)
@@ -349,8 +340,7 @@ def shard_path(root, k):
 
 
 def shard_offset(path, shape):
-    """The byte offset of the data in a complete float32 shard of this shape, or None if it is missing or
-    incomplete (a crash cannot leave one, the writes are atomic, but a copy of the cache can)."""
+    """The byte offset of the data in a complete float32 shard of this shape, or None if missing or incomplete."""
     try:
         arr = np.load(path, mmap_mode="r")  # reads the header; a truncated file fails here
     except (OSError, ValueError):
@@ -361,7 +351,8 @@ def shard_offset(path, shape):
 class LatentDataset(torch.utils.data.Dataset):
     """Latents written by `python data.py` (extract_latents). Returns (latent [C, h, w] float32, label), or caption in
     a cache of ImageCaptions: the latent of the image or, with probability 0.5 where the cache has flips, of its
-    horizontal flip, as ImageFolder flips pixels. Reads single latents straight from the shard files, so processes on one machine share the page cache."""
+    horizontal flip, as ImageFolder flips pixels. Reads single latents straight from the shard files, so processes on
+    one machine share the page cache."""
 
     def __init__(self, root):
         path = os.path.join(root, "meta.json")
@@ -478,8 +469,7 @@ class StepBatches(torch.utils.data.Sampler):
 
 
 if __name__ == "__main__":
-    # latent pre-extraction (extract_latents): `python data.py --vae=V --out=L ...` then `python train.py --latents=L`
-    # trains on what `python train.py --vae=V ...` encodes on the fly, given the same data_path and image_size
+    # latent pre-extraction: then train.py --latents=L trains on what train.py --vae=V encodes on the fly
     data_path = ""        # "": the built-in synthetic shapes; else an ImageNet-style folder root/<class>/<image>
     captions = False      # data_path is an image-caption set (ImageCaptions: images with .txt beside, or a manifest)
     image_size = 32       # ImageNet for DiT / LDM-4: 256
@@ -493,9 +483,8 @@ if __name__ == "__main__":
     from configurator import configure
     from vae import load_first_stage
     configure(globals(), sys.argv[1:])
-    for key in ("vae", "out"):
-        if not globals()[key]:
-            raise ValueError(f"--{key} is required: python data.py --vae=VAE_FOLDER --out=CACHE [--data_path=...]")
+    if not vae or not out:
+        raise ValueError("--vae and --out are required: python data.py --vae=VAE_FOLDER --out=CACHE [--data_path=...]")
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     first_stage = load_first_stage(vae).to(device).eval()

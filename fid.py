@@ -39,7 +39,8 @@ except ImportError:  # progress bars are optional
     def tqdm(x, **kwargs):
         return x
 
-FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FEATURE_SPACE = "inception-2015-12-05"
 

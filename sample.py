@@ -194,7 +194,8 @@ def guided_step(model, x, t, labels, cfg_scale, hint=None):
     """The denoiser of one sampling step: the model, with guidance one forward of both halves; an adapted model
     (control.py) with its control images `hint`."""
     inputs = {} if hint is None else dict(hint=hint)
-    return model(x, t, labels, **inputs) if cfg_scale == 1 else model.forward_with_cfg(x, t, labels, cfg_scale, **inputs)
+    return model(x, t, labels, **inputs) if cfg_scale == 1 else \
+        model.forward_with_cfg(x, t, labels, cfg_scale, **inputs)
 
 
 @torch.no_grad()
@@ -255,7 +256,8 @@ def read_prompts(path):
                     raise ValueError(f"prompts {path!r} is not a COCO captions JSON: it needs "
                                      '{"annotations": [{"caption": ...}, ...]}') from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"prompts file {path!r} is not UTF-8 ({e.reason} at byte {e.start}): save it as UTF-8") from None
+        raise ValueError(f"prompts file {path!r} is not UTF-8 ({e.reason} at byte {e.start}): save it as UTF-8") \
+            from None
     prompts = [p for p in (" ".join(p.split()) for p in prompts) if p]
     if not prompts:
         raise ValueError(f"prompts file {path!r} holds no prompts")
@@ -305,7 +307,7 @@ def captioned_grid(images, captions, ncol, cell=128):
 
 
 def sample_grid(model, path, rows, per_row=8, seed=0, **kwargs):
-    """A PNG with one row per condition, `per_row` samples a row: class labels, or prompts (written under each image)."""
+    """A PNG with one row per condition, `per_row` samples a row: class labels, or prompts (under each image)."""
     device = next(model.parameters()).device
     y = as_condition(rows, device).repeat_interleave(per_row, dim=0)
     x = sample(model, y, generator=torch.Generator(device).manual_seed(seed), **kwargs)

@@ -214,8 +214,8 @@ def write_table(rows, out, sampler_header="sampler"):
         return number(r[k]) + spread + (" *" if k in r["beyond_noise"].split(",") else "")
     lines = [f"Feature space: {', '.join(sorted({r['feature_space'] for r in rows}))} (numbers from different spaces "
              "are not comparable; IS (classifier) is the IS formula on the built-in dataset's classifier).",
-             f"Seeds per run: {', '.join(sorted({str(r['seeds']) for r in rows}))}; mean ± seed-to-seed std; * differs "
-             "from clean beyond the seed spread (Welch's t-test, p < 0.05).", "",
+             f"Seeds per run: {', '.join(sorted({str(r['seeds']) for r in rows}))}; mean ± seed-to-seed std; * "
+             "differs from clean beyond the seed spread (Welch's t-test, p < 0.05).", "",
              "| " + " | ".join(["run", "eta %", sampler_header, "cfg", "samples"] + [METRICS[k] for k in metrics])
              + " |",
              "|" + "---|" * (5 + len(metrics))]
