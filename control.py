@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import DiT, UNet, forward_with_cfg
+from model import UNet, forward_with_cfg
 
 # -----------------------------------------------------------------------------
 # Canny edges, as OpenCV's cv2.Canny computes them (the paper: thresholds 100 and 200)
