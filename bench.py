@@ -1,27 +1,20 @@
 """
-Throughput, in one table: training steps of the DiTs (on 32x32x4 latents) and the U-Nets, each DiT side by side with
-diffusers' DiTTransformer2DModel on the same weights; sampling with guidance; FID Inception features, side by side
-with pytorch-fid. Or (--suite=speedups) eager against compiled and CUDA graphs, before and after in one run.
+Throughput, in one table: training steps of the DiTs (on 32x32x4 latents) and U-Nets, each DiT beside diffusers'
+DiTTransformer2DModel on the same weights; sampling with guidance; FID features beside pytorch-fid. Or
+(--suite=speedups) eager against compiled and CUDA graphs, and the attention kernels, in one run (docs/speed.md).
 
   python bench.py                               # CPU: DiT-S/2 and LDM-S, small batches, eager (a few minutes)
-  python bench.py --compile=both --csv=bench.csv
-  python bench.py                               # GPU: DiT-S/2, DiT-B/2, DiT-XL/2, LDM-S, LDM-4 at batch 32, eager and
-                                                # compiled, TF32 and bf16, with model FLOPs utilisation (MFU)
-  python bench.py --suite=speedups --sample_batch_size=128 --csv=out/speedups.csv   # GPU, about 6 minutes
+  python bench.py                               # GPU: DiT-S/2, B/2, XL/2, LDM-S, LDM-4 at batch 32, eager/compiled
+  python bench.py --suite=speedups --sample_batch_size=128 --csv=out/speedups.csv   # GPU, about 8 minutes
 
-A training step is train.py's: autocast, hybrid loss (plain MSE, as DiT), backward, gradient clipping, fused
-AdamW, EMA. Sampling is sample.py's sample() with guidance, which runs the conditional and unconditional halves in
-one forward of twice the batch. Training and features are the medians of `steps` timed repeats after `warmup`
-untimed ones (which also compile); the implementations that are compared run in turn, repeat by repeat, so that
-both see the same load of a shared machine. Sampling is one timed run after a warm-up of 2 steps.
-FLOPs are counted from the layer shapes (forward_flops); a training step is 3 forwards' worth (the backward is two),
-and MFU divides the model FLOP/s by the GPU's dense peak (the TF32 peak for float32: train.py turns TF32 on).
-bfloat16 on CPU is autocast as on GPU: native on CPUs with AVX512-BF16 or AMX, emulated and slow elsewhere.
-The diffusers and pytorch-fid rows need those packages (requirements-test.txt); without them the rows are skipped.
+A training step is train.py's (autocast, hybrid loss, backward, clipping, fused AdamW, EMA); sampling is sample()'s
+with guidance. Training and features: medians of `steps` repeats after `warmup` (which also compile), the compared
+implementations in turn, so that both see the same load; sampling: one run after a warm-up. MFU: the model's matmul
+FLOPs (forward_flops; a training step is 3 forwards) over the GPU's dense bf16 or TF32 peak. Rows needing diffusers
+or pytorch-fid are skipped without them.
 """
 import csv as csv_module  # as csv_module: `csv` is the name of an option
 import gc
-import io
 import os
 import statistics
 import sys
@@ -32,9 +25,10 @@ from functools import partial
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fid
-from configurator import configure
+from configurator import atomic_write, configure
 from diffusion import GaussianDiffusion
 from model import DiT, DiT_models, DiT_sizes, SpatialTransformer, UNet, UNetResBlock, build_model, load_dit
 from sample import sample
@@ -219,7 +213,7 @@ def bench_model(name, use_compile, dtype):
             for model, s in zip([name, f"{name} (diffusers)"], times)]
     if len(times) == 2:
         notes.append(f"{config}: our training step is {times[1] / times[0]:.2f}x as fast as diffusers'")
-    del impls, ref, step_fns
+    impls = step_fns = ref = None  # frees the diffusers twin before sampling
     net.eval()
     labels = torch.arange(sample_batch_size, device=device) % 1000
     autocast = torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
@@ -378,15 +372,57 @@ def mfu_rows():
         torch.cuda.empty_cache()
     net.compile()
     step = train_step(net, net, channels, side, torch.bfloat16, dit, batch)
-    times = [eager, timed([step])[0]]
-    rows = [dict(task="train", model=mfu_model, input=f"{side}x{side}x{channels}", batch=batch, seconds=s,
-                 images=batch, flops=3 * forward_flops(net, side) * batch, compile=c, dtype="bfloat16")
-            for s, c in zip(times, ["no", "default"])]
-    too_big = f" ({mfu_batch_size} did not fit)" if batch < mfu_batch_size else ""
-    notes = [f"{mfu_model}, training at batch {batch}{too_big}: compiled {times[0] / times[1]:.2f}x as fast as eager"]
+    times, modes, notes = [eager, timed([step])[0]], ["no", "default"], []
     if device.startswith("cuda"):
         notes.append(f"{mfu_model}, compiled at batch {batch}: the training step {host_syncs(step)}")
+        # compiled anew with the attention on cuDNN's kernel (attention_rows: is it faster?)
+        torch._dynamo.reset()
+        try:
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                times.append(timed([step])[0])
+            modes.append("default, cuDNN attention")
+        except RuntimeError as e:
+            notes.append(f"{mfu_model}: the compiled step cannot run on cuDNN attention: {str(e).splitlines()[0]}")
+    rows = [dict(task="train", model=mfu_model, input=f"{side}x{side}x{channels}", batch=batch, seconds=s,
+                 images=batch, flops=3 * forward_flops(net, side) * batch, compile=c, dtype="bfloat16")
+            for s, c in zip(times, modes)]
+    too_big = f" ({mfu_batch_size} did not fit)" if batch < mfu_batch_size else ""
+    notes.insert(0, f"{mfu_model}, training at batch {batch}{too_big}: compiled {times[0] / times[1]:.2f}x as fast "
+                    f"as eager")
     return rows, notes
+
+
+def attention_rows():
+    """mfu_model's attention (a DiT's) at mfu_batch_size, forward and backward in bfloat16, on each kernel of SDPA,
+    also with the head dim padded to a power of two (zeros in q, k and v, the true scale: the same output): which
+    attention the compiled training step should ask for, and whether padding DiT-XL/2's 72 pays."""
+    _, hidden, heads = DiT_sizes[mfu_model.split("-")[1].split("/")[0]]
+    tokens, head_dim = (latent_shape(mfu_model)[1] // int(mfu_model.split("/")[1])) ** 2, hidden // heads
+    q, k, v, grad = torch.randn(4, mfu_batch_size, heads, tokens, head_dim, device=device, dtype=torch.bfloat16)
+    kernels = ([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+               if device.startswith("cuda") else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
+    rows, notes, outputs = [], [], {}
+    for width in sorted({head_dim, 1 << (head_dim - 1).bit_length()}):
+        padded = [nn.functional.pad(t, (0, width - head_dim)).requires_grad_() for t in (q, k, v)]
+        for kernel in kernels:
+            def run():
+                with sdpa_kernel(kernel):
+                    out = nn.functional.scaled_dot_product_attention(*padded, scale=head_dim ** -0.5)[..., :head_dim]
+                out.backward(grad)
+                return out
+            name = kernel.name.lower() + ("" if width == head_dim else f", head dim padded to {width}")
+            try:
+                outputs[name] = run()
+            except RuntimeError as e:  # no kernel of that name takes these shapes on this machine
+                notes.append(f"attention ({name}) cannot run here: {str(e).splitlines()[0]}")
+                continue
+            rows.append(dict(task=f"attention ({name}), forward and backward, {heads} heads of {head_dim}",
+                             model=mfu_model, input=f"{tokens} tokens", batch=mfu_batch_size, images=mfu_batch_size,
+                             seconds=timed([run])[0], flops=12 * mfu_batch_size * heads * tokens ** 2 * head_dim,
+                             compile="no", dtype="bfloat16"))
+    (first, reference), *others = outputs.items()
+    return rows, notes + [f"attention ({name}) differs from {first} by {relative_difference(out, reference):.1e} "
+                          f"(relative)" for name, out in others]
 
 
 def dtype_name(dtype):
@@ -412,22 +448,14 @@ def markdown(title, table, notes):
     return "\n".join(lines + [f"- {note}" for note in dict.fromkeys(notes)]) + "\n"  # each note once, in order
 
 
-def write(path, text):
-    """Atomically: a run killed mid-write leaves the last complete table."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-
-
 def save(title, table, notes):
-    """The CSV at `csv`, and beside it (.md) the markdown table with its notes."""
-    buffer = io.StringIO()
-    csv_module.writer(buffer).writerows([HEADER] + table)
-    write(csv, buffer.getvalue())
-    write(os.path.splitext(csv)[0] + ".md", markdown(title, table, notes))
+    """The CSV at `csv`, and beside it (.md) the markdown table with its notes; atomically: a run killed mid-write
+    leaves the last complete table."""
+    os.makedirs(os.path.dirname(csv) or ".", exist_ok=True)
+    with atomic_write(csv, "w") as f:
+        csv_module.writer(f).writerows([HEADER] + table)
+    with atomic_write(os.path.splitext(csv)[0] + ".md", "w") as f:
+        f.write(markdown(title, table, notes))
 
 
 def jobs(kinds):
@@ -436,7 +464,8 @@ def jobs(kinds):
     if suite == "speedups":
         return ([(f"sampling {n}", partial(sampling_rows, n)) for n in sample_models.split(",") if n]
                 + [(f"CUDA graphs {n}", partial(graph_rows, n)) for n in graph_models.split(",") if n]
-                + ([(f"MFU {mfu_model}", mfu_rows)] if mfu_model else []))
+                + ([(f"MFU {mfu_model}", mfu_rows)] if mfu_model else [])
+                + ([(f"attention {mfu_model}", attention_rows)] if mfu_model in DiT_models else []))
     grid = [(f"{name}, {'compiled' if c else 'eager'}, {dtype_name(d)}", partial(bench_model, name, c, d))
             for name in models.split(",") for c in {"off": [False], "on": [True], "both": [False, True]}[compile]
             for d in kinds]

@@ -2886,11 +2886,13 @@ def test_bench_speedups_rows_before_and_after(tmp_path, monkeypatch, capsys):
                         "--sample_steps=2", "--steps=1", "--warmup=0", f"--csv={csv_path}"])
     out = capsys.readouterr().out
     sample = "sample, dpm++ 2 steps, cfg 4.0, AutoencoderKL decode"
+    attention = "attention ({}), forward and backward, 3 heads of 64"  # 64: a power of two, nothing to pad
     assert [[row[i] for i in (0, 3, 4, 5)] for row in table] == [
         [sample, 2, "no", "bfloat16"], [sample, 2, "no", "float32"], [sample, 2, "no", "bfloat16"],
         [sample, 2, "default", "bfloat16"],
         ["train", 2, "no", "bfloat16"], ["train", 2, "default", "bfloat16"],  # batch_size: eager, CUDA graphs
-        ["train", 2, "no", "bfloat16"], ["train", 2, "default", "bfloat16"]], out  # the MFU rows, halved twice
+        ["train", 2, "no", "bfloat16"], ["train", 2, "default", "bfloat16"],  # the MFU rows, halved twice
+        [attention.format("flash_attention"), 8, "no", "bfloat16"], [attention.format("math"), 8, "no", "bfloat16"]], out
     assert all(float(row[6]) > 0 for row in table)
     assert re.search(r"compiled \S+x as fast as eager; from the same seeds, images that differ by 0\.0e\+00", out)
     assert re.search(r"where bfloat16 and float32 eager differ by [1-9]", out)  # bf16 does round
@@ -2899,4 +2901,18 @@ def test_bench_speedups_rows_before_and_after(tmp_path, monkeypatch, capsys):
     with open(csv_path, newline="") as f:
         assert list(csv.reader(f))[1:] == [list(map(str, row)) for row in table]
     assert (tmp_path / "gpu" / "speedups.md").read_text() == out
+
+
+def test_bench_attention_kernels_and_padded_head_dim(monkeypatch):
+    """DiT-XL/2's heads of 72 padded to 128 with zeros give the unpadded attention exactly; every kernel agrees."""
+    import bench
+    for name, value in {"mfu_model": "DiT-XL/8", "mfu_batch_size": 2, "steps": 1, "warmup": 0}.items():
+        monkeypatch.setattr(bench, name, value)
+    rows, notes = bench.attention_rows()
+    assert [r["task"].split(",")[0] for r in rows] == [
+        "attention (flash_attention)", "attention (math)", "attention (flash_attention", "attention (math"]
+    assert all(r["task"].endswith("16 heads of 72") and r["input"] == "16 tokens" for r in rows)
+    differences = {n.split(" differs")[0]: float(n.split(" by ")[1].split()[0]) for n in notes}
+    assert differences["attention (flash_attention, head dim padded to 128)"] == 0
+    assert 0 < differences["attention (math)"] < 1e-2 and differences["attention (math, head dim padded to 128)"] < 1e-2
 
