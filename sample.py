@@ -391,6 +391,9 @@ def main():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    if device != "cpu":  # as train.py (and DiT's sample_ddp.py): TF32 matmuls and convolutions in float32
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model, info = load_model(ckpt, use_ema)
     model = model.to(device)
     recorded = info.get("first_stage")
