@@ -2750,7 +2750,20 @@ def test_study_downstream_stage_adapts_each_run_and_tables_it(tiny_study, monkey
         assert image.format == "PNG"
 
 
+def test_study_distils_each_run_and_tables_the_students_beside_the_teachers(tiny_study, monkeypatch):
+    args, out, _ = tiny_study
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rows = study.main(args + ["--distill_steps=1,2", "--distill_args=--max_steps 2 --ema_decay 0.95"])
+    assert sorted((r["run"], r["sampler"]) for r in rows) == [(run, s) for run in ("clean", "eta10")
+                                                              for s in ("dpm++3", "lcm1", "lcm2")]
+    assert all(np.isfinite(r["fid"]) and r["num_samples"] == 100 for r in rows)
+    state = torch.load(out / "eta10" / "lcm" / "ckpt.pt", weights_only=True)
+    assert state["consistency"]["teacher"] == str(out / "eta10" / "ckpt.pt") and state["config"]["corrupt"] == 0.1
+    assert os.path.isfile(out / "eta10" / "lcm" / "samples_lcm2_cfg2.0_n100_metrics.json")
+
+
 @pytest.mark.parametrize("arg, message", [
+    ("--distill_steps=4x", "distill_steps"), ("--distill_args=--teacher a.pt", "set teacher"),
     ("--adapters=lora-canny", "lora-canny"), ("--adapt_args=--control canny", "set control"),
     ("--runs=clean,eta150", "eta150"), ("--runs=cep", "'cep'"), ("--samplers=dpm50", "dpm50"),
     ("--train_args=--max_steps 9 --corrupt 0.1", "set corrupt"), ("--sample_args=--cfg_scale 2", "set cfg_scale"),
