@@ -4,14 +4,16 @@ Sections, in this order (find one by searching for its title; run one with -k an
   model.py       DiT and U-Net shapes, init, official/diffusers layouts, guidance
   vae.py         KL-f8 and VQ-f4 against diffusers, key manifests (tests/manifests), weight-file errors
   text.py        CLIP's text transformer against clip-anytorch, the offline tokenizer
-  diffusion.py   schedule, q_sample, hybrid / v / Min-SNR losses, DDIM, DDPM and DPM-Solver++ update rules
+  diffusion.py   schedule, q_sample, hybrid / v / Min-SNR losses, DDIM, DDPM and DPM-Solver++ update rules; LCM's
+                 consistency function, loss and sampler against diffusers' LCMScheduler
   data.py        built-in shapes, class folders, bad images, image modes (16-bit...), caption sets, the batch sampler
   corrupt.py     symmetric / asymmetric labels, swapped / rewritten captions, random mode, and in training
   cep.py         CEP-U / CEP-G statistics, null condition and sampling untouched, per token; IP
   control.py     Canny against OpenCV, ControlNet / T2I-Adapter: zero init, gradients only to the adapter
                  (adaptation runs of train.py are under train.py; control folders under data.py)
   configurator.py, train.py   overrides, config-file errors, one-line errors; exact resume, old checkpoints
-                 (tests/fixtures), bad settings, NaN, SIGKILL / SIGTERM, damaged checkpoints, a full disk, torchrun
+                 (tests/fixtures), bad settings, NaN, SIGKILL / SIGTERM, damaged checkpoints, a full disk, torchrun;
+                 consistency distillation (a frozen teacher, exact resume, its errors)
   latent diffusion and text-to-image end to end; sample.py grids and .npz files
   fid.py, evaluate.py and metrics.py   Inception against pytorch-fid / torch-fidelity, FID, IS, precision/recall, CLIP
                  score, ADM reference batches, RMD, sample entropy, TopP&R against top-pr, CLIP image features, too
