@@ -1,7 +1,8 @@
 """
 The Gaussian diffusion of DDPM / improved DDPM, as DiT and LDM train it, and its samplers: the noise schedule, the
 forward process q(x_t | x_0), the posterior, the model's mean and variance, the training loss (MSE on eps or v,
-Min-SNR weights, and with a learned variance the hybrid loss), and the DDPM, DDIM and DPM-Solver++(2M) update rules.
+Min-SNR weights, and with a learned variance the hybrid loss), and the DDPM, DDIM and DPM-Solver++(2M) update rules;
+latent consistency distillation's consistency function, loss and multi-step sampler (LCM, Luo et al. 2023).
 
 The model enters only as a function denoise(x_t, t) -> output: any denoiser, guided or not, fits.
 
@@ -155,6 +156,53 @@ class GaussianDiffusion:
         nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).mean(dim=(1, 2, 3)) / math.log(2.0)
         return mse + torch.where(t == 0, nll, kl)
 
+    # Latent consistency distillation (LCM, Luo et al. 2023). The student f(x_t, t, w) = c_skip(t) x_t + c_out(t) x0(t)
+    # with LCM's boundary scalings (sigma_data 0.5, timesteps scaled by 10, as its code and diffusers' LCMScheduler):
+    # c_skip(0) = 1 and c_out(0) = 0, so f(x, 0) = x exactly; from t = 19 on, c_skip < 1e-5 and f is nearly x0.
+
+    def consistency_function(self, model_output, x_t, t, clip_denoised=False):
+        scaled = 10.0 * t.float().view(-1, *([1] * (x_t.dim() - 1)))
+        c_skip, c_out = 0.25 / (scaled ** 2 + 0.25), scaled / (scaled ** 2 + 0.25) ** 0.5
+        x0 = self.predict_x0(x_t, t, model_output[:, :x_t.shape[1]].float())
+        return c_skip * x_t + c_out * (x0.clamp(-1, 1) if clip_denoised else x0)
+
+    def ddim_step(self, model_output, x_t, t, t_prev):
+        """The deterministic DDIM step from x_t to x_{t_prev} (per sample) with the model's x0 and eps."""
+        x0 = self.predict_x0(x_t, t, model_output[:, :x_t.shape[1]].float())
+        eps = (x_t - self._at(self.sqrt_alphas_cumprod, t, x_t) * x0) / self._at(self.sqrt_one_minus_alphas_cumprod,
+                                                                                   t, x_t)
+        return self._at(self.sqrt_alphas_cumprod, t_prev, x_t) * x0 + \
+            self._at(self.sqrt_one_minus_alphas_cumprod, t_prev, x_t) * eps
+
+    def consistency_loss(self, model_output, x_t, t, teacher, target, skip_interval):
+        """Per-sample LCM loss of the student's output at x_t, t = t_{n+k}: the squared error (LCM's default "l2",
+        averaged over the elements) of its consistency function against the target network's at x_{t_n}, which one
+        DDIM step of the guided teacher reaches from x_t, t_n = t - k (0 at the first grid point, as LCM). `teacher`
+        and `target` are callables (x, t) -> model output; no gradient reaches either."""
+        t_prev = (t - skip_interval).clamp(min=0)
+        with torch.no_grad():
+            x_prev = self.ddim_step(teacher(x_t, t), x_t, t, t_prev)
+            goal = self.consistency_function(target(x_prev, t_prev), x_prev, t_prev)
+        return ((self.consistency_function(model_output, x_t, t) - goal) ** 2).mean(dim=tuple(range(1, x_t.dim())))
+
+    @torch.no_grad()
+    def consistency_sample(self, denoise, x, num_steps, skip_interval=20, clip_denoised=False, generator=None,
+                           progress=False):
+        """LCM's multi-step sampler: `num_steps` timesteps evenly spaced down the skipping grid from its top (with
+        k = 20: 999, 759, 499, 259 for 4 steps, as diffusers' LCMScheduler); at each the student's consistency
+        function gives x0, noised afresh to the next timestep; the last x0 is the sample. `denoise(x_t, t)`."""
+        grid = np.arange(1, self.num_timesteps // skip_interval + 1) * skip_interval - 1
+        if not 1 <= num_steps <= len(grid):
+            raise ValueError(f"a consistency sampler takes 1 to {len(grid)} steps (its grid, every {skip_interval} "
+                             f"of {self.num_timesteps}), got {num_steps}")
+        steps = grid[::-1][np.floor(np.linspace(0, len(grid), num_steps, endpoint=False)).astype(np.int64)]
+        for i, step in enumerate(tqdm(steps, disable=not progress, desc="sampling")):
+            t = torch.full((len(x),), int(step), device=x.device)
+            x0 = self.consistency_function(denoise(x, t), x, t, clip_denoised)
+            if i + 1 < len(steps):
+                noise = torch.randn(x.shape, device=x.device, generator=generator)
+                x = self.q_sample(x0, torch.full_like(t, int(steps[i + 1])), noise)
+        return x0
 
     @torch.no_grad()
     def sample(self, denoise, x, sampler="dpm++", ddim_eta=0.0, clip_denoised=False, generator=None, progress=False):

@@ -38,8 +38,24 @@ class TimestepEmbedder(nn.Module):
         args = t[:, None].float() * freqs[None]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
-    def forward(self, t):
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+    def forward(self, t, extra=None):
+        """extra: added to the timestep's sinusoids (a consistency student's guidance embedding)."""
+        freqs = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(freqs if extra is None else freqs + extra)
+
+
+class GuidanceEmbedder(nn.Module):
+    """A consistency student's guidance scale w (LCM, Luo et al. 2023): the sinusoids of 1000 w, as LCM embeds it,
+    through a linear map added to the timestep's sinusoids. Zero at first (ours; LCM's starts random), so that the
+    student starts as exactly its teacher."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, w):
+        return self.proj(TimestepEmbedder.timestep_embedding(w * 1000, self.proj.in_features))
 
 
 class LabelEmbedder(nn.Module):
@@ -161,7 +177,7 @@ def sincos_pos_embed(dim, grid_size):
 
 class DiT(nn.Module):
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True):
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, guidance_embed=False):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
@@ -180,6 +196,8 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+        # a consistency student's (train.py --teacher): after the init, which would overwrite its zeros
+        self.w_embedder = GuidanceEmbedder(self.t_embedder.frequency_embedding_size) if guidance_embed else None
 
     def initialize_weights(self):
         for module in self.modules():
@@ -206,11 +224,12 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x, t, y, force_drop_ids=None, control=None):
+    def forward(self, x, t, y, force_drop_ids=None, control=None, w=None):
         """x: [N, C, H, W] noisy input, t: [N] timesteps, y: [N] class labels (num_classes = the null class).
-        control (a ControlNet, control.py): (tokens, c) -> residuals added to the outputs of the first blocks."""
+        control (a ControlNet, control.py): (tokens, c) -> residuals added to the outputs of the first blocks.
+        w: [N] guidance scales, the input of a consistency student (guidance_embed)."""
         x = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)
+        c = self.t_embedder(t, None if w is None else self.w_embedder(w)) + self.y_embedder(y, force_drop_ids)
         residuals = control(x, c) if control is not None else []
         for i, block in enumerate(self.blocks):
             x = block(x, c)
@@ -367,7 +386,8 @@ class UNet(nn.Module):
     for any context c [B, L, context_dim] (then num_classes may be 0)."""
 
     def __init__(self, in_channels, model_channels, channel_mult, num_res_blocks, attention_resolutions, num_heads,
-                 context_dim, num_classes, learn_sigma=False, class_dropout_prob=0.1, y_embedder=None):
+                 context_dim, num_classes, learn_sigma=False, class_dropout_prob=0.1, y_embedder=None,
+                 guidance_embed=False):
         super().__init__()
         self.in_channels, self.model_channels, self.learn_sigma = in_channels, model_channels, learn_sigma
         self.channel_mult, self.num_res_blocks = channel_mult, num_res_blocks  # the layout, for control.py
@@ -375,6 +395,7 @@ class UNet(nn.Module):
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         emb_dim = 4 * model_channels
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.w_embedder = GuidanceEmbedder(model_channels) if guidance_embed else None  # a consistency student's
         # the class table keeps nn.Embedding's N(0, 1) init, as LDM's (the DiT sets std 0.02 in its own init)
         if y_embedder is None and num_classes:
             y_embedder = LabelEmbedder(num_classes, context_dim, class_dropout_prob)
@@ -413,16 +434,17 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)  # with the zero residual branches: output exactly 0 at init, as in ADM
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x, t, y=None, context=None, force_drop_ids=None, control=None):
+    def forward(self, x, t, y=None, context=None, force_drop_ids=None, control=None, w=None):
         """control (a ControlNet or T2I-Adapter, control.py): (x, emb, context) -> (features, residuals): features
         {i: f} are added to the output of input block i, which goes on through the encoder (T2I-Adapter);
         residuals, one per input block and one for the middle block, only to the skips and the middle block's
-        output (ControlNet)."""
+        output (ControlNet). w: [B] guidance scales, the input of a consistency student (guidance_embed)."""
         assert (y is None) != (context is None), "pass exactly one of y (class ids) and context"
         if y is not None:
             context = self.y_embedder(y, force_drop_ids)
             context = context[:, None] if context.dim() == 2 else context  # a class is one token, text is many
-        emb = self.time_embed(TimestepEmbedder.timestep_embedding(t, self.model_channels))
+        freqs = TimestepEmbedder.timestep_embedding(t, self.model_channels)
+        emb = self.time_embed(freqs if w is None else freqs + self.w_embedder(w))
         features, residuals = control(x, emb, context) if control is not None else ({}, None)
         hs, h = [], x
         for i, block in enumerate(self.input_blocks):

@@ -1,6 +1,6 @@
 """
 Sample from a trained model: DPM-Solver++, DDPM (ancestral, with the learned variance) or DDIM, with
-classifier-free guidance.
+classifier-free guidance; a consistency student (train.py --teacher) in 1 to 8 steps with --sampler lcm.
 
   python sample.py --ckpt out/ckpt.pt                           # a grid PNG, one row per class
   torchrun --nproc_per_node=8 sample.py --ckpt out/ckpt.pt --num_samples 50000 --cfg_scale 1.5
@@ -8,6 +8,7 @@ classifier-free guidance.
   python sample.py --ckpt out/ckpt.pt --prompts prompts.txt     # text-to-image: one row per prompt, captioned
   torchrun --nproc_per_node=8 sample.py --ckpt out/ckpt.pt --prompts captions_val2014.json --num_samples 30000
       # the .npz, and its prompts one per line beside it in <name>_prompts.txt
+  python sample.py --ckpt out_lcm/ckpt.pt --sampler lcm --num_steps 4   # a consistency student, w = cfg_scale - 1
   python sample.py --ckpt out_canny/ckpt.pt --num_samples 1000  # an adapted model (train.py --adapter): samples for
       # the controls and conditions of held-out images (--data_path; default the built-in shapes' held-out split)
 
@@ -39,7 +40,7 @@ from vae import load_first_stage, read_diffusers_weights
 # -----------------------------------------------------------------------------
 ckpt = "out/ckpt.pt"
 use_ema = True
-sampler = "dpm++"       # dpm++ (DPM-Solver++(2M), the paper's sampler) | ddpm | ddim
+sampler = "dpm++"       # dpm++ (DPM-Solver++(2M), the paper's sampler) | ddpm | ddim | lcm (consistency students)
 num_steps = 50          # the paper: DPM-Solver++ at 50; DDPM takes 250 for the same quality
 ddim_eta = 0.0
 cfg_scale = 4.0         # 1.0 = no guidance; DiT reports FID at 1.5, the paper at 1.75
@@ -187,13 +188,16 @@ def load_model(path, use_ema=True):
     model.load_state_dict(state["ema" if use_ema else "model"])
     return model.eval(), dict(model_args=state["model_args"], first_stage=state["first_stage"],
                               prediction=state["prediction"], schedule=state.get("schedule", "linear"),
-                              config=state["config"])
+                              config=state["config"], consistency=state.get("consistency"))
 
 
 def guided_step(model, x, t, labels, cfg_scale, hint=None):
     """The denoiser of one sampling step: the model, with guidance one forward of both halves; an adapted model
-    (control.py) with its control images `hint`."""
+    (control.py) with its control images `hint`. A consistency student takes the guidance as its input w, in LCM's
+    convention cond + w (cond - uncond): w = cfg_scale - 1, as diffusers' LCM pipeline."""
     inputs = {} if hint is None else dict(hint=hint)
+    if getattr(model, "w_embedder", None) is not None:
+        return model(x, t, labels, w=torch.full(t.shape, cfg_scale - 1.0, device=x.device), **inputs)
     return model(x, t, labels, **inputs) if cfg_scale == 1 else \
         model.forward_with_cfg(x, t, labels, cfg_scale, **inputs)
 
@@ -201,16 +205,19 @@ def guided_step(model, x, t, labels, cfg_scale, hint=None):
 @torch.no_grad()
 def sample(model, labels, cfg_scale=4.0, sampler="dpm++", num_steps=50, ddim_eta=0.0, generator=None,
            progress=False, size=None, vae=None, prediction="eps", schedule="linear", dtype=torch.float32,
-           compile=False, hint=None):
+           compile=False, hint=None, skip_interval=20):
     """Images (float, about [-1, 1]) for `labels`, from `num_steps` evenly spaced steps of the 1000 (diffusion.py's
     samplers). The model denoises size x size inputs (default: the DiT's input size): pixels, or with a first stage
     `vae` its latents, decoded at the end. The predicted x0 is clipped to [-1, 1] in pixel space only: latents are
     unbounded (DiT does not clip). `prediction` ("eps" or "v") and `schedule` are the model's training settings. The
     denoiser and the VAE run under autocast to `dtype`, and with `compile` the denoiser as one compiled graph (on GPU
     a CUDA graph: the shapes are the same at every step); the update rules run in float32, eagerly. An adapted model
-    (control.py) takes its control images `hint` [N, 3, H, W], one per label."""
+    (control.py) takes its control images `hint` [N, 3, H, W], one per label. A consistency student (train.py
+    --teacher) samples with sampler "lcm" on the skipping grid of its distillation (`skip_interval`)."""
+    if (getattr(model, "w_embedder", None) is not None) != (sampler == "lcm"):
+        raise ValueError("a consistency student (train.py --teacher) samples with sampler=lcm, 1 to 8 steps" if
+                         sampler != "lcm" else "sampler=lcm takes a consistency student (train.py --teacher)")
     diffusion = GaussianDiffusion(learn_sigma=model.learn_sigma, prediction=prediction, schedule=schedule)
-    diffusion = diffusion.respaced(num_steps)
     size = size or model.x_embedder.proj.kernel_size[0] * int(model.pos_embed.shape[1] ** 0.5)
     x = torch.randn(len(labels), model.in_channels, size, size, device=labels.device, generator=generator)
     step = guided_step
@@ -225,8 +232,9 @@ def sample(model, labels, cfg_scale=4.0, sampler="dpm++", num_steps=50, ddim_eta
     def denoise(x, t):
         with autocast:
             return step(model, x, t, labels, cfg_scale, hint)
-    x = diffusion.sample(denoise, x, sampler, ddim_eta, clip_denoised=vae is None, generator=generator,
-                         progress=progress)
+    x = diffusion.consistency_sample(denoise, x, num_steps, skip_interval, vae is None, generator, progress) \
+        if sampler == "lcm" else diffusion.respaced(num_steps).sample(denoise, x, sampler, ddim_eta, vae is None,
+                                                                       generator, progress)
     if vae is None:
         return x
     # in chunks: at 256 px the KL-f8 decoder holds ~0.2 GB of activations an image, too many for a batch of 256. In
@@ -420,7 +428,8 @@ def main():
     size = info["model_args"]["input_size"] if info else None
     kwargs = dict(cfg_scale=cfg_scale, sampler=sampler, num_steps=num_steps, ddim_eta=ddim_eta, size=size,
                   vae=first_stage, prediction=info.get("prediction", "eps"),  # official DiT checkpoints: eps,
-                  schedule=info.get("schedule", "linear"), dtype=getattr(torch, dtype), compile=compile)  # linear
+                  schedule=info.get("schedule", "linear"), dtype=getattr(torch, dtype), compile=compile,  # linear
+                  skip_interval=(info.get("consistency") or {}).get("skip_interval", 20))
     stem = out or os.path.join(os.path.dirname(ckpt) or ".", f"samples_{sampler}{num_steps}_cfg{cfg_scale}")
     if adapted:
         conditions, hints = heldout_controls(info["model_args"], info["config"]["control"],

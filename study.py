@@ -11,6 +11,7 @@ sample.py and evaluate.py as subprocesses (through torchrun when nproc > 1) and 
   python study.py --runs clean --samplers dpm++50,ddpm250         # DPM-Solver++ at 50 steps against DDPM at 250
   python study.py --runs clean,eta5,cep-u --adapters controlnet-canny,controlnet-mask \
       --adapt_args "--synthetic_scale 0.6 --max_steps 1000"       # the downstream stage (docs/downstream.md)
+  python study.py --runs clean,eta5,cep-u --distill_steps 1,2,4   # LCM rows: each run distilled (docs/lcm.md)
 
 out_dir/<run>/ holds train.py's output (ckpt.pt, log.txt, the grids) and, for each sampler and scale,
 samples_<sampler><steps>_cfg<scale>_n<N>.npz and its _metrics.json. Nothing is done twice: a run with a checkpoint
@@ -23,7 +24,9 @@ run's checkpoint is adapted with each adapter and control (train.py --init), in 
 the adapted model samples for the controls of held-out images and is evaluated against them (on the built-in
 shapes: evaluate.py's synthetic reference of as many images, at the adaptation's synthetic_scale); the rows land
 in downstream.md / downstream.csv (the pre-training run against the adapted model's metrics) and
-downstream_vs_eta.png.
+downstream_vs_eta.png. The LCM stage, with --distill_steps: each run's checkpoint is distilled into a consistency
+student (train.py --teacher, on the run's own corrupted data or CEP) in out_dir/<run>/lcm/, which is sampled at
+those steps and evaluated; its rows (sampler lcm<steps>) join the table beside the teacher's.
 """
 import csv
 import glob
@@ -61,6 +64,8 @@ adapters = ""             # the downstream stage: <adapter>-<control>, comma sep
                           # controlnet-/data/in100_sam/train); "": none
 adapt_args = ""           # passed to train.py after train_args for the adaptations: "--synthetic_scale 0.6 --lr 1e-4"
 downstream_eval_args = ""  # passed to evaluate.py for the adapted models; ImageNet-100: "--ref /data/imagenet100/val"
+distill_steps = ""        # the LCM stage: consistency steps to sample each run's student at ("1,2,4"); "": none
+distill_args = "--ema_decay 0.95 --lr 2e-4 --max_steps 900"  # passed to train.py after train_args for the students
 # -----------------------------------------------------------------------------
 _DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -74,7 +79,7 @@ RUNS = {"clean": [], "cep-u": ["--cep", "--cep_type=uniform", "--cep_scale=1.0"]
 # what the study sets per run, sampler and scale: the same key in the pass-through arguments would be ambiguous
 OWNED = {"train.py": {"out_dir", "resume", "corrupt", "corrupt_mode", "cep", "cep_type", "cep_scale", "cep_fixed", "ip",
                       "emb_dropout", "label_smoothing", "seed", "init",
-                      "adapter", "control"},
+                      "adapter", "control", "teacher"},
          "sample.py": {"ckpt", "sampler", "num_steps", "cfg_scale", "num_samples", "out", "seed"},
          "evaluate.py": {"samples", "out"}}
 # evaluate.py's report keys, with the arrow of the better direction; IS (classifier) is not the Inception IS
@@ -341,6 +346,9 @@ def main(argv=None):
     adapt_argv = passthrough("train.py", adapt_args)
     down_eval_argv = passthrough("evaluate.py", downstream_eval_args)
     configure(dict(vars(evaluate)), down_eval_argv)
+    distill_argv = passthrough("train.py", distill_args)
+    if distill_steps and not re.fullmatch(r"\d+(,\d+)*", distill_steps):
+        raise ValueError(f"distill_steps={distill_steps!r}: consistency steps, comma separated (1,2,4)")
     down_specs = [tuple(spec.split("-", 1)) for spec in adapters.split(",")] if adapters else []
     for spec in down_specs:
         if len(spec) != 2 or spec[0] not in ("controlnet", "t2i"):
@@ -354,14 +362,20 @@ def main(argv=None):
         if flags is not None:
             launch("train.py", *train_argv, *flags, f"--seed={seed}", f"--out_dir={run_dir}",
                    *(["--resume"] if os.path.isfile(ckpt_path) else []))
-        for sampler, steps in specs:
+        students = []
+        if distill_steps:  # the LCM stage: the run's consistency student, on the run's data and flags
+            lcm_ckpt = os.path.join(run_dir, "lcm", "ckpt.pt")
+            launch("train.py", *train_argv, *(flags or []), *distill_argv, f"--teacher={ckpt_path}", f"--seed={seed}",
+                   f"--out_dir={os.path.dirname(lcm_ckpt)}", *(["--resume"] if os.path.isfile(lcm_ckpt) else []))
+            students = [(lcm_ckpt, os.path.dirname(lcm_ckpt), "lcm", int(steps)) for steps in distill_steps.split(",")]
+        for model_ckpt, folder, sampler, steps in [(ckpt_path, run_dir, *spec) for spec in specs] + students:
             for scale in scales:
-                stem = os.path.join(run_dir, f"samples_{sampler}{steps}_cfg{scale}_n{num_samples}")
+                stem = os.path.join(folder, f"samples_{sampler}{steps}_cfg{scale}_n{num_samples}")
                 npz, report = stem + ".npz", stem + "_metrics.json"
-                if fresh(npz, ckpt_path):
+                if fresh(npz, model_ckpt):
                     print(f"reusing {npz}")
                 else:
-                    launch("sample.py", *sample_argv, f"--ckpt={ckpt_path}", f"--seed={seed}", f"--sampler={sampler}",
+                    launch("sample.py", *sample_argv, f"--ckpt={model_ckpt}", f"--seed={seed}", f"--sampler={sampler}",
                            f"--num_steps={steps}", f"--cfg_scale={scale}", f"--num_samples={num_samples}",
                            f"--out={npz}")
                 res = read_cache(report, read_json) if fresh(report, npz) else None  # unreadable: evaluated again

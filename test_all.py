@@ -4,14 +4,16 @@ Sections, in this order (find one by searching for its title; run one with -k an
   model.py       DiT and U-Net shapes, init, official/diffusers layouts, guidance
   vae.py         KL-f8 and VQ-f4 against diffusers, key manifests (tests/manifests), weight-file errors
   text.py        CLIP's text transformer against clip-anytorch, the offline tokenizer
-  diffusion.py   schedule, q_sample, hybrid / v / Min-SNR losses, DDIM, DDPM and DPM-Solver++ update rules
+  diffusion.py   schedule, q_sample, hybrid / v / Min-SNR losses, DDIM, DDPM and DPM-Solver++ update rules; LCM's
+                 consistency function, loss and sampler against diffusers' LCMScheduler
   data.py        built-in shapes, class folders, bad images, image modes (16-bit...), caption sets, the batch sampler
   corrupt.py     symmetric / asymmetric labels, swapped / rewritten captions, random mode, and in training
   cep.py         CEP-U / CEP-G statistics, null condition and sampling untouched, per token; IP
   control.py     Canny against OpenCV, ControlNet / T2I-Adapter: zero init, gradients only to the adapter
                  (adaptation runs of train.py are under train.py; control folders under data.py)
   configurator.py, train.py   overrides, config-file errors, one-line errors; exact resume, old checkpoints
-                 (tests/fixtures), bad settings, NaN, SIGKILL / SIGTERM, damaged checkpoints, a full disk, torchrun
+                 (tests/fixtures), bad settings, NaN, SIGKILL / SIGTERM, damaged checkpoints, a full disk, torchrun;
+                 consistency distillation (a frozen teacher, exact resume, its errors)
   latent diffusion and text-to-image end to end; sample.py grids and .npz files
   fid.py, evaluate.py and metrics.py   Inception against pytorch-fid / torch-fidelity, FID, IS, precision/recall, CLIP
                  score, ADM reference batches, RMD, sample entropy, TopP&R against top-pr, CLIP image features, too
@@ -341,6 +343,22 @@ def test_forward_with_cfg():
     torch.testing.assert_close(out[:, :4], null[:, :4] + 3.0 * (cond[:, :4] - null[:, :4]), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out[:, 4:], cond[:, 4:], rtol=1e-4, atol=1e-5)
     assert (out[:, :4] - cond[:, :4]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["dit", "unet"])
+def test_a_consistency_students_guidance_embedding_starts_at_zero_and_is_used(kind):
+    torch.manual_seed(0)
+    make = tiny_dit if kind == "dit" else lambda **kw: UNet(in_channels=3, **TINY_UNET, **kw)
+    teacher, student = randomize(make()).eval(), make(guidance_embed=True).eval()
+    assert student.load_state_dict(teacher.state_dict(), strict=False).missing_keys == ["w_embedder.proj.weight"]
+    x, t, y, w = torch.randn(2, 3, 8, 8), torch.tensor([19, 999]), torch.tensor([1, 2]), torch.tensor([2.0, 4.0])
+    out = student(x, t, y, w=w)
+    assert torch.equal(out, teacher(x, t, y))  # a zero projection: exactly the teacher, whatever w
+    out.square().sum().backward()
+    assert student.w_embedder.proj.weight.grad.abs().sum() > 0  # and it learns from the first step
+    with torch.no_grad():
+        student.w_embedder.proj.weight.normal_(0, 0.1)
+        assert (student(x, t, y, w=w) - student(x, t, y, w=w + 1)).abs().amax(dim=(1, 2, 3)).min() > 1e-4
 
 
 DIFFUSERS_UNETS = {  # small UNet2DConditionModel configs with the block types of Stable Diffusion v1 and of LDM-4
@@ -752,6 +770,54 @@ def test_dpm_solver_is_second_order_on_gaussian_data():
     assert 1.7 < error["ddim", 100] / error["ddim", 200] < 2.3  # DDIM: first order, 2x the steps halve the error
     assert error["dpm++", 100] / error["dpm++", 200] > 3.5  # second order: at least a quarter
     assert error["dpm++", 100] < error["ddim", 100] / 5
+
+
+def test_consistency_function_has_lcms_boundary_scalings_and_is_its_input_at_t0():
+    from diffusers import LCMScheduler
+    d, lcm = GaussianDiffusion(learn_sigma=False), LCMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    x, out = torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4)
+    t = torch.tensor([0, 1, 19, 259, 999])
+    c_skip, c_out = (torch.tensor([float(c) for c in cs]).view(-1, 1, 1, 1)
+                     for cs in zip(*[lcm.get_scalings_for_boundary_condition_discrete(int(s)) for s in t]))
+    _close(d.consistency_function(out, x, t), c_skip * x + c_out * d.predict_x0(x, t, out), rel=1e-6)
+    assert torch.equal(d.consistency_function(out, x, torch.zeros(5, dtype=torch.long)), x)  # the boundary: f(x, 0) = x
+    assert (d.consistency_function(out, x, t)[2:] - d.predict_x0(x, t, out)[2:]).abs().max() < 1e-4  # else ~ x0
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 4, 8])
+def test_consistency_sampler_is_diffusers_lcm_scheduler(num_steps):
+    from diffusers import LCMScheduler
+    d, lcm = GaussianDiffusion(learn_sigma=False), LCMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    denoise = GaussianDataDenoiser()
+    x = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    ours = d.consistency_sample(lambda x, t: denoise(x, t, None), x, num_steps, generator=torch.Generator().manual_seed(0))
+    lcm.set_timesteps(num_steps)  # LCM's grid of 50 (k = 20), from its top
+    g, ref = torch.Generator().manual_seed(0), x
+    for t in lcm.timesteps:
+        ref, x0 = lcm.step(denoise(ref, t.view(1), None), t, ref, generator=g, return_dict=False)
+    _close(ours, x0, rel=1e-3)  # x0 at t = 999 divides by sqrt(a) = 0.006: diffusers' float32 schedule shows
+    with pytest.raises(ValueError, match="1 to 50 steps"):
+        d.consistency_sample(lambda x, t: x, x, 51)
+
+
+def test_consistency_loss_against_lcms_formulas():
+    """One LCM step written as diffusers' train_lcm_distill_sd_wds.py writes it (its DDIMSolver, eps-prediction)."""
+    d, k = GaussianDiffusion(learn_sigma=False), 20
+    a = torch.from_numpy(d.alphas_cumprod).float()
+    x_t, t, w = torch.randn(3, 3, 4, 4), torch.tensor([19, 519, 999]), torch.tensor([1.0, 2.0, 3.0]).view(-1, 1, 1, 1)
+    cond, uncond, student, target = (torch.randn(3, 3, 4, 4) for _ in range(4))
+    loss = d.consistency_loss(student, x_t, t, lambda x, s: uncond + (1 + w) * (cond - uncond), lambda x, s: target, k)
+    at, prev = a[t].view(-1, 1, 1, 1), torch.where(t - k < 0, 0, t - k)
+    a_prev = a[prev].view(-1, 1, 1, 1)  # the solver's alphas_cumprod_prev: a[0] before the first grid point
+    x0 = lambda x, at, eps: (x - (1 - at).sqrt() * eps) / at.sqrt()
+    pred_x0 = x0(x_t, at, cond) + w * (x0(x_t, at, cond) - x0(x_t, at, uncond))
+    pred_noise = cond + w * (cond - uncond)
+    x_prev = a_prev.sqrt() * pred_x0 + (1 - a_prev).sqrt() * pred_noise
+
+    def f(out, x, s):
+        scaled = 10.0 * s.float().view(-1, 1, 1, 1)
+        return 0.25 / (scaled ** 2 + 0.25) * x + scaled / (scaled ** 2 + 0.25) ** 0.5 * x0(x, a[s].view(-1, 1, 1, 1), out)
+    _close(loss, ((f(student, x_t, t) - f(target, x_prev, prev)) ** 2).mean(dim=(1, 2, 3)), rel=1e-4)
 
 
 # -----------------------------------------------------------------------------
@@ -1596,6 +1662,56 @@ def test_adaptation_errors_come_before_any_work(tmp_path):
         result = train(tmp_path / "run", *init, *args, check=False)
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-2000:])
         assert not os.path.exists(tmp_path / "run" / "log.txt")
+
+
+def test_distillation_freezes_the_teacher_trains_the_student_and_resumes_exactly(tmp_path):
+    train(tmp_path / "pre", "--max_steps=2")
+    teacher = str(tmp_path / "pre" / "ckpt.pt")
+    lcm = ["--teacher", teacher, "--cep", "--ema_decay=0.95", "--w_min=1", "--w_max=3"]
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    # in one process, as `python train.py` runs it, to look at the teacher in memory after the last step
+    code = ("import runpy, sys, torch\nsys.argv = sys.argv[1:]\ng = runpy.run_path('train.py', run_name='__main__')\n"
+            "ema = torch.load(g['teacher'], weights_only=True)['ema']\n"
+            "teacher = g['teacher_net'].state_dict()\n"
+            "print('teacher unchanged:', teacher.keys() == ema.keys() and all(torch.equal(teacher[k], v) "
+            "for k, v in ema.items()), all(not p.requires_grad for p in g['teacher_net'].parameters()))")
+    result = run([sys.executable, "-c", code, *train_args(straight, *lcm, "--max_steps=4", "--ckpt_every=2")[1:]])
+    assert "teacher unchanged: True True" in result.stdout
+    train(halves, *lcm, "--max_steps=2")
+    train(halves, *lcm, "--max_steps=4", "--resume")
+    assert logged_losses(straight) == logged_losses(halves) and len(logged_losses(halves)) == 4
+    a, b = (torch.load(p / "ckpt.pt", weights_only=True) for p in (straight, halves))
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    pre = torch.load(teacher, weights_only=True)["ema"]
+    assert set(a["model"]) - set(pre) == {"w_embedder.proj.weight"} and a["model"]["w_embedder.proj.weight"].any()
+    assert not all(torch.equal(a["model"][k], v) for k, v in pre.items())  # the student learnt
+    assert a["consistency"] == dict(teacher=teacher, w_min=1.0, w_max=3.0, skip_interval=20)
+    assert a["model_args"]["guidance_embed"] and a["model_args"]["class_dropout_prob"] == 0.0
+    log = (straight / "log.txt").read_text()
+    assert "distilling" in log and "CEP: uniform" in log and "4 lcm steps" in log
+    model, info = load_model(str(halves / "ckpt.pt"))
+    y = torch.tensor([0, 3])
+    for n in (1, 2):
+        x = sample(model, y, sampler="lcm", num_steps=n, generator=torch.Generator().manual_seed(0), size=16,
+                   prediction=info["prediction"], skip_interval=info["consistency"]["skip_interval"])
+        assert x.shape == (2, 3, 16, 16) and x.abs().max() <= 1
+    with pytest.raises(ValueError, match="sampler=lcm"):
+        sample(model, y, size=16)
+
+
+def test_distillation_errors_come_before_any_work(tmp_path):
+    train(tmp_path / "pre", "--max_steps=1")
+    teacher = ["--teacher", str(tmp_path / "pre" / "ckpt.pt")]
+    cases = [(["--w_min=3", "--w_max=2"], "the guidance range needs 0 <= w_min <= w_max"),
+             (["--w_min=-1"], "the guidance range"), (["--skip_interval=30"], "does not divide the 1000 timesteps"),
+             (["--teacher", str(tmp_path / "nope.pt")], "no such checkpoint"),
+             (["--model=DiT-Ti/4"], "(model, learn_sigma, prediction) ('DiT-Ti/8', True, 'v'), not ('DiT-Ti/4'"),
+             (["--image_size=32"], "input_size: 16 in"),
+             (["--init", str(tmp_path / "pre" / "ckpt.pt"), "--adapter=controlnet"], "two kinds of run")]
+    errors = train_errors([train_args(tmp_path / str(i), *teacher, *args)[1:] for i, (args, _) in enumerate(cases)])
+    for i, (error, (args, message)) in enumerate(zip(errors, cases)):
+        assert message in error and not os.path.exists(tmp_path / str(i) / "log.txt"), (args, error)
 
 
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, start_train):
@@ -2636,7 +2752,20 @@ def test_study_downstream_stage_adapts_each_run_and_tables_it(tiny_study, monkey
         assert image.format == "PNG"
 
 
+def test_study_distils_each_run_and_tables_the_students_beside_the_teachers(tiny_study, monkeypatch):
+    args, out, _ = tiny_study
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rows = study.main(args + ["--distill_steps=1,2", "--distill_args=--max_steps 2 --ema_decay 0.95"])
+    assert sorted((r["run"], r["sampler"]) for r in rows) == [(run, s) for run in ("clean", "eta10")
+                                                              for s in ("dpm++3", "lcm1", "lcm2")]
+    assert all(np.isfinite(r["fid"]) and r["num_samples"] == 100 for r in rows)
+    state = torch.load(out / "eta10" / "lcm" / "ckpt.pt", weights_only=True)
+    assert state["consistency"]["teacher"] == str(out / "eta10" / "ckpt.pt") and state["config"]["corrupt"] == 0.1
+    assert os.path.isfile(out / "eta10" / "lcm" / "samples_lcm2_cfg2.0_n100_metrics.json")
+
+
 @pytest.mark.parametrize("arg, message", [
+    ("--distill_steps=4x", "distill_steps"), ("--distill_args=--teacher a.pt", "set teacher"),
     ("--adapters=lora-canny", "lora-canny"), ("--adapt_args=--control canny", "set control"),
     ("--runs=clean,eta150", "eta150"), ("--runs=cep", "'cep'"), ("--samplers=dpm50", "dpm50"),
     ("--train_args=--max_steps 9 --corrupt 0.1", "set corrupt"), ("--sample_args=--cfg_scale 2", "set cfg_scale"),

@@ -10,6 +10,7 @@ token embeddings, the U-Net's cross-attention context.
   python train.py --data_path=imagenet/train --image_size=256 --vae=sd-vae-ft-ema --model=LDM-S  # encoded on the fly
   python train.py --model=LDM-S --text_encoder=small     # text-to-image on the built-in shapes' captions
   python train.py --init=out/ckpt.pt --adapter=controlnet --control=canny --out_dir=out_canny   # adaptation
+  python train.py --teacher=out/ckpt.pt --ema_decay=0.95 --lr=1e-4 --out_dir=out_lcm   # consistency distillation
 
 Defaults are the variables below (nanoGPT style, see configurator.py). The RNG is re-seeded at every step from
 (seed, step, rank), so timesteps, noise, label dropout, CEP and random-mode corruption are a function of the step:
@@ -40,7 +41,7 @@ from corrupt import check_corruption, corrupt_batch, corrupt_conditions
 from data import CaptionPairs, ImageCaptions, ImageFolder, LatentDataset, StepBatches, SyntheticShapes
 from diffusion import GaussianDiffusion
 from model import DiT_models, UNet_models
-from sample import build, class_rows, control_grid, load_checkpoint, sample_grid
+from sample import build, class_rows, control_grid, load_checkpoint, load_model, sample_grid
 from text import load_clip_text_encoder, tokenize
 from vae import load_first_stage
 
@@ -106,6 +107,11 @@ init = ""                 # the pre-trained checkpoint (train.py's ckpt.pt; its 
 adapter = ""              # "": pre-training | controlnet (U-Net or DiT) | t2i (T2I-Adapter, U-Net)
 control = "canny"         # canny: the images' Canny edges (100/200) | mask: the built-in shapes' masks | a folder
                           # of control images laid out as data_path (data/a.jpg -> control/a.png), each its image's size
+# consistency distillation (LCM, Luo et al. 2023), on this run's data and conditions; ema_decay is the target's (0.95)
+teacher = ""              # the teacher's checkpoint (train.py's ckpt.pt; its EMA weights)
+w_min = 2.0               # w ~ U[w_min, w_max], in LCM's convention cond + w (cond - uncond): w = cfg_scale - 1. LCM:
+w_max = 4.0               # 5..15 for Stable Diffusion; ours: around the CPU default's grid scale 4 (w = 3)
+skip_interval = 20        # k: the teacher's DDIM step skips k of the 1000 timesteps (LCM's 20, a grid of 50)
 # -----------------------------------------------------------------------------
 
 
@@ -158,6 +164,8 @@ def check_config():
                          f"got init={init!r}, adapter={adapter!r}")
     if adapter:
         check_adaptation()
+    if teacher:
+        check_distillation()
     if grid_steps < 2:
         raise ValueError(f"grid_steps must be >= 2, got {grid_steps}")
     if compile_mode not in ("default", "reduce-overhead", "max-autotune"):
@@ -200,17 +208,38 @@ def check_adaptation():
                          f"{pretrained['model_args']['name']}, which has none: use adapter=controlnet")
 
 
+def check_distillation():
+    global pretrained
+    if adapter or init:
+        raise ValueError("teacher (distillation) and init/adapter (adaptation) are two kinds of run: set one of them")
+    if not 0 <= w_min <= w_max:
+        raise ValueError(f"w_min={w_min}, w_max={w_max}: the guidance range needs 0 <= w_min <= w_max")
+    if skip_interval <= 0 or 1000 % skip_interval:
+        raise ValueError(f"skip_interval={skip_interval} does not divide the 1000 timesteps: take 10, 20 (LCM's)...")
+    if not os.path.isfile(teacher):
+        raise FileNotFoundError(f"teacher {teacher!r}: no such checkpoint (the model to distil, train.py's ckpt.pt)")
+    pretrained = load_checkpoint(teacher)
+    args = pretrained.get("model_args", {})
+    if not args or "adapter" in args or "guidance_embed" in args:
+        raise ValueError(f"teacher {teacher!r} is not a pre-trained checkpoint of train.py (adapted, or a student)")
+    theirs, ours = (args["name"], args["learn_sigma"], pretrained["prediction"]), (model, learn_sigma, prediction)
+    if theirs != ours:  # the rest (size, channels, classes, text) once the data is read: pretrained_model_args
+        raise ValueError(f"teacher {teacher!r} is (model, learn_sigma, prediction) {theirs}, not {ours}: pass these")
+
+
 def pretrained_model_args(model_args):
     """The model_args of the pre-trained checkpoint, once they agree with this run's data and settings, and the
-    adapter's; the base frozen, the adapter new."""
+    adapter's (the base frozen, the adapter new) or a consistency student's (a guidance embedding; no label dropout)."""
     ours = dict(model_args, prediction=prediction, schedule=schedule)
     theirs = dict(pretrained["model_args"], prediction=pretrained["prediction"],
                   schedule=pretrained.get("schedule", "linear"))
-    differ = [f"{k}: {theirs.get(k)!r} in {init}, {ours.get(k)!r} here" for k in sorted({*ours, *theirs} - {
+    differ = [f"{k}: {theirs.get(k)!r} in {init or teacher}, {ours.get(k)!r} here" for k in sorted({*ours, *theirs} - {
         "class_dropout_prob"}) if ours.get(k) != theirs.get(k)]
     if differ:
         raise ValueError("this run does not fit the pre-trained model (pass the pre-training's model, image_size, "
                          "vae, text_encoder, prediction and schedule): " + "; ".join(differ))
+    if teacher:
+        return dict(pretrained["model_args"], class_dropout_prob=0.0, guidance_embed=True)
     downsample = first_stage.factor if first_stage else 1
     return dict(pretrained["model_args"], adapter=dict(kind=adapter, downsample=downsample))
 
@@ -315,7 +344,7 @@ if text_encoder == "clip":
 elif text_encoder == "small":
     model_args.update(text_layers=4)  # of the U-Net's context width (our choice: small enough for a CPU)
 first_stage_args = dict(vae=os.path.abspath(vae), scale=first_stage.scale) if vae else None
-model_args = pretrained_model_args(model_args) if adapter else model_args
+model_args = pretrained_model_args(model_args) if adapter or teacher else model_args
 torch.manual_seed(seed)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
 net = build(model_args).to(device)
 if text_encoder == "clip":
@@ -324,7 +353,11 @@ if text_encoder == "clip":
     del clip_text
 if adapter:
     net.base.load_state_dict(pretrained["ema"])
-    del pretrained
+if teacher:  # the student starts as the teacher: all its weights, and a guidance embedding of zeros
+    teacher_net = load_model(teacher)[0].to(device).requires_grad_(False)
+    net.load_state_dict({**net.state_dict(), **pretrained["ema"]})
+pretrained = None
+consistency = dict(teacher=teacher, w_min=w_min, w_max=w_max, skip_interval=skip_interval) if teacher else None
 if model in UNet_models and not cuda:  # NHWC convolutions and group norms of oneDNN are faster on CPU; PyTorch's
     net = net.to(memory_format=torch.channels_last)  # eager CUDA group norm would convert back to NCHW at each norm
 net.y_embedder.perturb = perturb
@@ -377,7 +410,8 @@ log(f"{model} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters,
     f"{space}, {conditions}, {world_size} process(es) on {device}; corruption: {corruption}; "
     f"CEP: {f'{cep_type} gamma={cep_scale}' if cep else 'off'}{f' fixed for {cep_fixed:.1%}' if cep_fixed else ''}; "
     f"IP: {ip}; embedding dropout: {emb_dropout}; label smoothing: {label_smoothing}" +
-    (f"; adapting {init} (frozen) with {adapter}, control: {control}" if adapter else ""))
+    (f"; adapting {init} (frozen) with {adapter}, control: {control}" if adapter else "") +
+    (f"; distilling {teacher} (frozen), w in [{w_min}, {w_max}], k={skip_interval}" if teacher else ""))
 net.train()
 loss_sum = torch.zeros((), device=device)  # read at the checks only: no host-device sync per step
 nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -397,12 +431,17 @@ for (x, y, *controls), index in zip(loader, batches):  # a second pass of the sa
             x = first_stage.encode(x)
     if corrupt > 0 and corrupt_mode == "random":
         y = corrupt_batch(y, corrupt, prior)
-    t = torch.randint(0, diffusion.num_timesteps, (len(x),), device=device)
+    k = skip_interval if teacher else 1  # distillation: t = t_{n+k} on LCM's skipping grid k - 1, 2k - 1, ..., 999
+    t = torch.randint(0, diffusion.num_timesteps // k, (len(x),), device=device) * k + k - 1
     noise = torch.randn_like(x)
     x_t = diffusion.q_sample(x, t, input_perturbation(noise, ip) if ip > 0 else noise)
+    student = dict(w=w_min + (w_max - w_min) * torch.rand(len(x), device=device)) if teacher else {}  # its guidance
     with autocast:
-        out = train_net(x_t, t, y, *hint)
-    loss = diffusion.training_loss(out, x, x_t, t, noise).mean()
+        out = train_net(x_t, t, y, *hint, **student)
+        if teacher:  # the teacher guided with w (LCM's cond + w (cond - uncond): cfg scale 1 + w), the EMA target
+            loss = diffusion.consistency_loss(out, x_t, t, lambda x, s: teacher_net.forward_with_cfg(
+                x, s, y, 1 + student["w"].view(-1, 1, 1, 1)), lambda x, s: ema(x, s, y, **student), skip_interval)
+    loss = (loss if teacher else diffusion.training_loss(out, x, x_t, t, noise)).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(net.parameters(), grad_clip or float("inf"))  # the norm, for the NaN check
@@ -437,14 +476,15 @@ for (x, y, *controls), index in zip(loader, batches):  # a second pass of the sa
         with atomic_write(ckpt_path) as f:  # a kill or a full disk mid-write leaves the previous checkpoint
             torch.save(dict(model=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
                             config=config, corruption=corruption, model_args=model_args, prediction=prediction,
-                            schedule=schedule, first_stage=first_stage_args), f)
+                            schedule=schedule, first_stage=first_stage_args, consistency=consistency), f)
     if preempted:
         log(f"SIGTERM: saved {ckpt_path} at step {step} and stopped; continue with --resume")
         break
     if master and (step == max_steps or (sample_every and step % sample_every == 0)):
         grid = os.path.join(out_dir, f"samples_{step:07d}.png")
-        kwargs = dict(seed=seed, cfg_scale=grid_cfg_scale, sampler="dpm++", num_steps=grid_steps, size=input_size,
-                      vae=first_stage, prediction=prediction, schedule=schedule)
+        kwargs = dict(seed=seed, cfg_scale=grid_cfg_scale, sampler="lcm" if teacher else "dpm++", size=input_size,
+                      num_steps=4 if teacher else grid_steps, skip_interval=skip_interval, vae=first_stage,
+                      prediction=prediction, schedule=schedule)
         if adapter:  # the controls of 8 training images (sample.py: of held-out ones), a row each
             rows = np.linspace(0, len(dataset) - 1, 8).round().astype(np.int64)
             images, _, *controls = torch.utils.data.default_collate([dataset[i] for i in rows])
@@ -452,7 +492,7 @@ for (x, y, *controls), index in zip(loader, batches):  # a second pass of the sa
                          control_image(control, images, *controls).to(device), **kwargs)
         else:
             sample_grid(ema, grid, grid_rows, **kwargs)
-        log(f"sample grid (EMA, cfg {grid_cfg_scale}, {grid_steps} DPM-Solver++ steps): {grid}")
+        log(f"sample grid (EMA, cfg {grid_cfg_scale}, {kwargs['num_steps']} {kwargs['sampler']} steps): {grid}")
 progress.close()
 if ddp:
     dist.barrier()
