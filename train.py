@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from cep import CEP, FixedCEP, input_perturbation
 from configurator import atomic_write, configure
-from control import control_image
+from control import cached_controls, control_image
 from corrupt import check_corruption, corrupt_batch, corrupt_conditions
 from data import CaptionPairs, ImageCaptions, ImageFolder, LatentDataset, StepBatches, SyntheticShapes
 from diffusion import GaussianDiffusion
@@ -106,6 +106,8 @@ init = ""                 # the pre-trained checkpoint (train.py's ckpt.pt; its 
 adapter = ""              # "": pre-training | controlnet (U-Net or DiT) | t2i (T2I-Adapter, U-Net)
 control = "canny"         # canny: the images' Canny edges (100/200) | mask: the built-in shapes' masks | a folder
                           # of control images laid out as data_path (data/a.jpg -> control/a.png), each its image's size
+control_cache = ""         # a folder: the controls are computed once and cached there, keyed by the dataset's content
+                          # and the control's settings (control.cached_controls; needs flip=False); "": per batch
 # -----------------------------------------------------------------------------
 
 
@@ -158,6 +160,8 @@ def check_config():
                          f"got init={init!r}, adapter={adapter!r}")
     if adapter:
         check_adaptation()
+    elif control_cache:
+        raise ValueError(f"control_cache={control_cache!r} caches an adaptation's controls: it needs adapter and init")
     if grid_steps < 2:
         raise ValueError(f"grid_steps must be >= 2, got {grid_steps}")
     if compile_mode not in ("default", "reduce-overhead", "max-autotune"):
@@ -215,6 +219,14 @@ def pretrained_model_args(model_args):
     return dict(pretrained["model_args"], adapter=dict(kind=adapter, downsample=downsample))
 
 
+def hints(index, images, controls):
+    """The control images of the dataset items `index` (their images [-1, 1], their control items if any): from the
+    cache, or computed from the images and controls."""
+    if cached is not None:
+        return torch.from_numpy(cached[index]).to(device).div(255).expand(-1, 3, -1, -1)
+    return control_image(control, images, *[c.to(device) for c in controls])
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
     pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]  # frozen CLIP: as it is
@@ -267,6 +279,14 @@ elif data_path:
 else:
     dataset = SyntheticShapes(synthetic_size, image_size, synthetic_seed, bool(adapter) and control == "mask",
                               synthetic_scale)
+cached = None
+if adapter and control_cache:  # rank 0 computes the cache while the others wait, then they read it
+    if not master:
+        dist.barrier()
+    cached = cached_controls(dataset, control, control_cache, num_workers=num_workers)
+    if master and ddp:
+        dist.barrier()
+    dataset.masks, dataset.controls = False, None  # the items' own controls are no longer read
 if (text_encoder and dataset.captions is None) or (not text_encoder and dataset.labels is None):
     raise ValueError(f"the cache {latents!r} holds " + ("no captions: extract it from captioned images" if text_encoder
                      else "captions, not classes: set text_encoder"))
@@ -391,7 +411,7 @@ for (x, y, *controls), index in zip(loader, batches):  # a second pass of the sa
         perturb.index = torch.tensor(index)
     torch.manual_seed((seed * 1_000_003 + step) * 4096 + rank)
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    hint = (control_image(control, x, *[c.to(device) for c in controls]),) if adapter else ()  # from images
+    hint = (hints(index, x, controls),) if adapter else ()  # from the images: before they are encoded
     if first_stage is not None and not latents:
         with torch.no_grad():  # in float32 outside autocast: the posterior mean, as data.py caches it
             x = first_stage.encode(x)
@@ -449,7 +469,7 @@ for (x, y, *controls), index in zip(loader, batches):  # a second pass of the sa
             rows = np.linspace(0, len(dataset) - 1, 8).round().astype(np.int64)
             images, _, *controls = torch.utils.data.default_collate([dataset[i] for i in rows])
             control_grid(ema, grid, [dataset.captions[i] if text_encoder else int(dataset.labels[i]) for i in rows],
-                         control_image(control, images, *controls).to(device), **kwargs)
+                         hints(rows, images.to(device), controls), **kwargs)
         else:
             sample_grid(ema, grid, grid_rows, **kwargs)
         log(f"sample grid (EMA, cfg {grid_cfg_scale}, {grid_steps} DPM-Solver++ steps): {grid}")
