@@ -1490,6 +1490,9 @@ def test_presets_set_only_train_py_keys_and_the_papers_values(tmp_path):
         ("LDM-4", "scaled_linear", 512, False) and ldm["grid_cfg_scale"] == 2.0
     assert cc3m["text_encoder"] == "clip" and cc3m["schedule"] == "scaled_linear" and cc3m["grid_cfg_scale"] == 3.0
     assert not any(k in p for p in (dit, ldm, cc3m) for k in ("corrupt", "cep"))  # a preset is neither
+    canny = scope("controlnet_canny.py")  # diffusers' train_controlnet.py defaults: 4 per GPU on 8, 5e-6, 1e-2, 1.0
+    assert (canny["global_batch_size"], canny["lr"], canny["weight_decay"], canny["grad_clip"], canny["flip"]) == \
+        (32, 5e-6, 1e-2, 1.0, False)
 
 
 @pytest.mark.parametrize("case", range(len(BAD_CONFIGS)), ids=[" ".join(args) for args, _ in BAD_CONFIGS])
