@@ -9,13 +9,17 @@ trainable adapter, and the Canny edges the paper uses as one of its controls.
 - T2I-Adapter (Mou et al. 2023): a light convolutional network whose multi-scale features are added to the frozen
   U-Net's encoder features, one per resolution.
 - `Adapted(base, adapter)`: the frozen model and its adapter as one denoiser, forward(x, t, y, hint).
+- `cached_controls`: the controls of a dataset computed once and cached on disk, as data.py caches latents.
 
 At initialisation every adapter's output is exactly zero, so the adapted model is the pre-trained one.
 Imports only model.py.
 """
+import hashlib
+import os
 from copy import deepcopy
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -84,6 +88,41 @@ def control_image(kind, images, controls=None):
     if kind == "canny":
         return canny(((images + 1) * 127.5).round().to(torch.uint8)).div(255).expand(-1, 3, -1, -1)
     return (controls + 1) / 2
+
+
+def cached_controls(dataset, kind, folder, batch_size=64, num_workers=0):
+    """The control image of every item of `dataset` as adaptation feeds it (control_image of the unflipped item),
+    uint8 [n, C, H, W] (C = 1 for Canny), computed once into folder/controls-<key>.npy (written whole: a .tmp made
+    on disk, then renamed) and read back memory-mapped, like data.py's latents. The key is the dataset's content (its
+    images' and control images' paths, sizes and modification times; for the built-in shapes, the parameters they
+    are drawn from and the first 16 drawings, so a change to the drawing code misses), its length and resolution,
+    and the control's settings (kind; for Canny its thresholds)."""
+    files = [*getattr(dataset, "paths", []), *(getattr(dataset, "controls", None) or [])]
+    content = "\n".join(f"{os.path.abspath(f)}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files) or \
+        repr(dataset.params) + hashlib.sha1(np.stack([dataset.render(i) for i in range(16)]).tobytes()).hexdigest()
+    settings = f"{type(dataset).__name__}|{len(dataset)}|{dataset.resolution}|{kind}|{canny.__defaults__}|{content}"
+    if getattr(dataset, "flip", False):
+        raise ValueError("cached controls are of the unflipped images: set flip=False (diffusers' ControlNet and "
+                         "T2I-Adapter scripts do not flip either), or leave control_cache empty")
+    path = os.path.join(folder, f"controls-{hashlib.sha1(settings.encode()).hexdigest()[:20]}.npy")
+    if not os.path.isfile(path):
+        os.makedirs(folder, exist_ok=True)
+        loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=num_workers)
+        out, start = None, 0
+        try:
+            for images, _, *controls in loader:
+                c = control_image(kind, images, *controls)[:, :1 if kind == "canny" else 3].mul(255).round()
+                if out is None:
+                    out = np.lib.format.open_memmap(path + ".tmp", "w+", np.uint8, (len(dataset), *c.shape[1:]))
+                out[start:start + len(c)], start = c.to(torch.uint8).numpy(), start + len(c)
+            out.flush()
+            with open(path + ".tmp", "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(path + ".tmp", path)
+        finally:
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+    return np.load(path, mmap_mode="r")
 
 
 # -----------------------------------------------------------------------------

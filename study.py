@@ -10,7 +10,7 @@ sample.py and evaluate.py as subprocesses (through torchrun when nproc > 1) and 
   python study.py --ckpt out/ckpt.pt --cfg_scales 1,2,4           # ... of a checkpoint trained elsewhere
   python study.py --runs clean --samplers dpm++50,ddpm250         # DPM-Solver++ at 50 steps against DDPM at 250
   python study.py --runs clean,eta5,cep-u --adapters controlnet-canny,controlnet-mask \
-      --adapt_args "--synthetic_scale 0.6 --max_steps 1000"       # the downstream stage (docs/downstream.md)
+      "--adapt_args=--synthetic_scale 0.6 --max_steps 1000" # the downstream stage (docs/downstream.md)
   python study.py --runs clean,eta5,cep-u --distill_steps 1,2,4   # LCM rows: each run distilled (docs/lcm.md)
 
 out_dir/<run>/ holds train.py's output (ckpt.pt, log.txt, the grids) and, for each sampler and scale,

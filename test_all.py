@@ -1383,6 +1383,35 @@ def test_an_adapter_with_no_place_in_the_model_is_an_error():
         control.adapt(build_model("LDM-S", 8, in_channels=3, num_classes=5), "controlnet", 3)
 
 
+def test_cached_controls_are_computed_once_keyed_by_content_and_read_back_identical(tmp_path, monkeypatch):
+    make_folder(tmp_path / "images", sizes=[(20, 16)] * 3)
+    make_controls(tmp_path / "images", tmp_path / "controls")
+    folder = data.ImageFolder(str(tmp_path / "images"), 16, flip=False, controls=str(tmp_path / "controls"))
+    cases = [(data.SyntheticShapes(40, 16, 0), "canny"), (data.SyntheticShapes(40, 16, 0, masks=True), "mask"),
+             (folder, str(tmp_path / "controls"))]
+    first = [np.array(control.cached_controls(ds, kind, str(tmp_path / "cache"), batch_size=16)) for ds, kind in cases]
+    for (ds, kind), cached in zip(cases, first):  # what adaptation computes per batch, to the 8 bits it came from
+        images, _, *controls = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
+        fresh = control.control_image(kind, images, *controls)
+        assert cached.dtype == np.uint8 and cached.shape == (len(ds), 1 if kind == "canny" else 3, 16, 16)
+        assert np.array_equal(cached, fresh[:, :cached.shape[1]].mul(255).round().byte().numpy())
+        assert 0 < cached.mean() < 255  # edges, shapes, inverted colours: not blank
+    files = sorted(os.listdir(tmp_path / "cache"))
+    assert len(files) == 3 and all(f.startswith("controls-") and f.endswith(".npy") for f in files)
+    monkeypatch.setattr(control, "control_image", None)  # a second run reads the cache: nothing is computed
+    for (ds, kind), cached in zip(cases, first):
+        assert np.array_equal(control.cached_controls(ds, kind, str(tmp_path / "cache")), cached)
+    assert sorted(os.listdir(tmp_path / "cache")) == files
+    monkeypatch.undo()
+    # other content or other settings: another key, computed anew
+    os.utime(folder.controls[0], ns=(0, 0))
+    control.cached_controls(folder, str(tmp_path / "controls"), str(tmp_path / "cache"))
+    control.cached_controls(data.SyntheticShapes(40, 16, 0, scale=0.6), "canny", str(tmp_path / "cache"))
+    assert len(os.listdir(tmp_path / "cache")) == 5
+    with pytest.raises(ValueError, match="cached controls are of the unflipped images: set flip=False"):
+        control.cached_controls(data.ImageFolder(str(tmp_path / "images"), 16), "canny", str(tmp_path / "cache"))
+
+
 # -----------------------------------------------------------------------------
 # configurator.py
 
@@ -1527,6 +1556,9 @@ def test_presets_set_only_train_py_keys_and_the_papers_values(tmp_path):
         ("LDM-4", "scaled_linear", 512, False) and ldm["grid_cfg_scale"] == 2.0
     assert cc3m["text_encoder"] == "clip" and cc3m["schedule"] == "scaled_linear" and cc3m["grid_cfg_scale"] == 3.0
     assert not any(k in p for p in (dit, ldm, cc3m) for k in ("corrupt", "cep"))  # a preset is neither
+    canny = scope("controlnet_canny.py")  # diffusers' train_controlnet.py defaults: 4 per GPU on 8, 5e-6, 1e-2, 1.0
+    assert (canny["global_batch_size"], canny["lr"], canny["weight_decay"], canny["grad_clip"], canny["flip"]) == \
+        (32, 5e-6, 1e-2, 1.0, False)
 
 
 @pytest.mark.parametrize("case", range(len(BAD_CONFIGS)), ids=[" ".join(args) for args, _ in BAD_CONFIGS])
@@ -1631,12 +1663,25 @@ def test_adaptation_keeps_the_base_bit_identical_and_resumes_exactly(tmp_path):
     assert os.path.isfile(straight / "samples_0000004.png")
 
 
+def test_adaptation_on_cached_controls_trains_as_on_controls_made_per_batch(tmp_path):
+    train(tmp_path / "pre", "--max_steps=1")
+    adapt = ["--init", str(tmp_path / "pre" / "ckpt.pt"), "--adapter=controlnet", "--max_steps=2"]
+    for name, cache in [("fresh", []), ("cached", [f"--control_cache={tmp_path}/cache"])]:
+        train(tmp_path / name, *adapt, *cache)
+    assert len(os.listdir(tmp_path / "cache")) == 1
+    a, b = (torch.load(tmp_path / p / "ckpt.pt", weights_only=True) for p in ("fresh", "cached"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # Canny: the same hints, bit for bit
+    assert logged_losses(tmp_path / "fresh") == logged_losses(tmp_path / "cached")
+
+
 def test_adaptation_under_torchrun_with_masks_and_a_t2i_adapter_on_a_folder(tmp_path):
     train(tmp_path / "pre", "--max_steps=1")
     init = ["--init", str(tmp_path / "pre" / "ckpt.pt")]
-    train(tmp_path / "ddp", *init, "--adapter=controlnet", "--control=mask", "--max_steps=2", torchrun=2)
+    train(tmp_path / "ddp", *init, "--adapter=controlnet", "--control=mask", "--max_steps=2",
+          f"--control_cache={tmp_path}/cache", torchrun=2)  # rank 0 writes the cache, rank 1 waits and reads it
     state = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)
     assert "2 process(es)" in (tmp_path / "ddp" / "log.txt").read_text() and state["step"] == 2
+    assert len(os.listdir(tmp_path / "cache")) == 1
     make_folder(tmp_path / "images", sizes=[(20, 16)] * 4)
     make_controls(tmp_path / "images", tmp_path / "controls")
     unet = ["--model=LDM-S", "--image_size=8", f"--data_path={tmp_path}/images", "--learn_sigma=False"]
@@ -1662,6 +1707,8 @@ def test_adaptation_errors_come_before_any_work(tmp_path):
         result = train(tmp_path / "run", *init, *args, check=False)
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-2000:])
         assert not os.path.exists(tmp_path / "run" / "log.txt")
+    result = train(tmp_path / "run", f"--control_cache={tmp_path}/cache", check=False)
+    assert result.returncode != 0 and "caches an adaptation's controls: it needs adapter and init" in result.stderr
 
 
 def test_distillation_freezes_the_teacher_trains_the_student_and_resumes_exactly(tmp_path):

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from cep import CEP, FixedCEP, input_perturbation
 from configurator import atomic_write, configure
-from control import control_image
+from control import cached_controls, control_image
 from corrupt import check_corruption, corrupt_batch, corrupt_conditions
 from data import CaptionPairs, ImageCaptions, ImageFolder, LatentDataset, StepBatches, SyntheticShapes
 from diffusion import GaussianDiffusion
@@ -112,6 +112,8 @@ teacher = ""              # the teacher's checkpoint (train.py's ckpt.pt; its EM
 w_min = 2.0               # w ~ U[w_min, w_max], in LCM's convention cond + w (cond - uncond): w = cfg_scale - 1. LCM:
 w_max = 4.0               # 5..15 for Stable Diffusion; ours: around the CPU default's grid scale 4 (w = 3)
 skip_interval = 20        # k: the teacher's DDIM step skips k of the 1000 timesteps (LCM's 20, a grid of 50)
+control_cache = ""        # a folder: the controls are computed once and cached there, keyed by the dataset's content
+                          # and the control's settings (control.cached_controls; needs flip=False); "": per batch
 # -----------------------------------------------------------------------------
 
 
@@ -162,10 +164,12 @@ def check_config():
     if bool(adapter) != bool(init):
         raise ValueError("adaptation needs both init (the pre-trained checkpoint) and adapter (controlnet or t2i), "
                          f"got init={init!r}, adapter={adapter!r}")
-    if adapter:
-        check_adaptation()
     if teacher:
         check_distillation()
+    if adapter:
+        check_adaptation()
+    elif control_cache:
+        raise ValueError(f"control_cache={control_cache!r} caches an adaptation's controls: it needs adapter and init")
     if grid_steps < 2:
         raise ValueError(f"grid_steps must be >= 2, got {grid_steps}")
     if compile_mode not in ("default", "reduce-overhead", "max-autotune"):
@@ -244,6 +248,14 @@ def pretrained_model_args(model_args):
     return dict(pretrained["model_args"], adapter=dict(kind=adapter, downsample=downsample))
 
 
+def hints(index, images, controls):
+    """The control images of the dataset items `index` (their images [-1, 1], their control items if any): from the
+    cache, or computed from the images and controls."""
+    if cached is not None:
+        return torch.from_numpy(cached[index]).to(device).div(255).expand(-1, 3, -1, -1)
+    return control_image(control, images, *[c.to(device) for c in controls])
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
     pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]  # frozen CLIP: as it is
@@ -296,6 +308,14 @@ elif data_path:
 else:
     dataset = SyntheticShapes(synthetic_size, image_size, synthetic_seed, bool(adapter) and control == "mask",
                               synthetic_scale)
+cached = None
+if adapter and control_cache:  # rank 0 computes the cache while the others wait, then they read it
+    if not master:
+        dist.barrier()
+    cached = cached_controls(dataset, control, control_cache, num_workers=num_workers)
+    if master and ddp:
+        dist.barrier()
+    dataset.masks, dataset.controls = False, None  # the items' own controls are no longer read
 if (text_encoder and dataset.captions is None) or (not text_encoder and dataset.labels is None):
     raise ValueError(f"the cache {latents!r} holds " + ("no captions: extract it from captioned images" if text_encoder
                      else "captions, not classes: set text_encoder"))
@@ -425,7 +445,7 @@ for (x, y, *controls), index in zip(loader, batches):  # a second pass of the sa
         perturb.index = torch.tensor(index)
     torch.manual_seed((seed * 1_000_003 + step) * 4096 + rank)
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    hint = (control_image(control, x, *[c.to(device) for c in controls]),) if adapter else ()  # from images
+    hint = (hints(index, x, controls),) if adapter else ()  # from the images: before they are encoded
     if first_stage is not None and not latents:
         with torch.no_grad():  # in float32 outside autocast: the posterior mean, as data.py caches it
             x = first_stage.encode(x)
@@ -489,7 +509,7 @@ for (x, y, *controls), index in zip(loader, batches):  # a second pass of the sa
             rows = np.linspace(0, len(dataset) - 1, 8).round().astype(np.int64)
             images, _, *controls = torch.utils.data.default_collate([dataset[i] for i in rows])
             control_grid(ema, grid, [dataset.captions[i] if text_encoder else int(dataset.labels[i]) for i in rows],
-                         control_image(control, images, *controls).to(device), **kwargs)
+                         hints(rows, images.to(device), controls), **kwargs)
         else:
             sample_grid(ema, grid, grid_rows, **kwargs)
         log(f"sample grid (EMA, cfg {grid_cfg_scale}, {kwargs['num_steps']} {kwargs['sampler']} steps): {grid}")

@@ -3,19 +3,28 @@
 #   torchrun --nproc_per_node=8 train.py config/controlnet_canny.py --init out/ldm4/ckpt.pt \
 #       --data_path /data/imagenet100/train --out_dir out/ldm4_canny
 # T2I-Adapter: add --adapter t2i. Segmentation maps: --control /data/imagenet100_sam/train (a colour map per image,
-# same names and sizes). The settings below must be the pre-training's: train.py checks them against --init.
+# same names and sizes). The model settings must be the pre-training's: train.py checks them against --init.
+# The paper: "the diffusers implementations with their default learning rate and batch size, 10 epochs". The
+# defaults below are those of diffusers' examples/controlnet/train_controlnet.py and
+# examples/t2i_adapter/train_t2i_adapter_sdxl.py (read at diffusers commit 000280f5, v0.22; the same values in
+# later versions of train_controlnet.py): the same for both scripts.
 adapter = "controlnet"
 control = "canny"
-model = "LDM-4"
-image_size = 256
+model = "LDM-4"             # the paper adapts its LDM-4s (pre-training: the README's LDM-4 command)
+image_size = 256            # the paper's ImageNet resolution (diffusers' scripts default to 512, SD's)
 vae = "ldm-vq-f4"           # the VQ-f4 folder the LDM-4 was trained with: images are encoded on the fly
-prediction = "eps"
+prediction = "eps"          # the pre-training's (LDM-4)
 learn_sigma = False
 min_snr_gamma = 0.0
-global_batch_size = 32      # the paper: diffusers' default batch size; ours: its train_controlnet.py's 4 per GPU
-lr = 5e-6                   # the paper: diffusers' default learning rate; ours: train_controlnet.py's
-ema_decay = 0.9999
-max_steps = 40000           # 10 epochs of ImageNet-100 (about 127K images) at batch 32
+global_batch_size = 32      # diffusers: --train_batch_size 4 per GPU, here on 8 GPUs (the paper ran 4 V100s: 16)
+lr = 5e-6                   # diffusers: --learning_rate 5e-6, not scaled (--scale_lr off), constant (as train.py)
+weight_decay = 1e-2         # diffusers: --adam_weight_decay 1e-2 (AdamW betas 0.9/0.999, eps 1e-8: torch's too)
+grad_clip = 1.0             # diffusers: --max_grad_norm 1.0
+ema_decay = 0.0             # diffusers' scripts keep no EMA: the "EMA" sample.py reads is the weights themselves
+flip = False                # diffusers' scripts resize and crop, never flip (and then the controls can be cached)
+class_dropout = 0.1         # ours, for guided sampling (diffusers: --proportion_empty_prompts 0; ControlNet: 0.5)
+max_steps = 39591           # the paper's 10 epochs (diffusers: --num_train_epochs 1) of ImageNet-100 at batch 32,
+                            # taken as CMC's split (Tian et al. 2019, 126,689 images; the paper lists no classes)
 compile = True
 num_workers = 8
 log_every = 100
