@@ -10,8 +10,8 @@ sample.py and evaluate.py as subprocesses (through torchrun when nproc > 1) and 
   python study.py --ckpt out/ckpt.pt --cfg_scales 1,2,4           # ... of a checkpoint trained elsewhere
   python study.py --runs clean --samplers dpm++50,ddpm250         # DPM-Solver++ at 50 steps against DDPM at 250
   python study.py --runs clean,eta5,cep-u --adapters controlnet-canny,controlnet-mask \
-      --adapt_args "--synthetic_scale 0.6 --max_steps 1000"       # the downstream stage (docs/downstream.md)
-  python study.py --digits 20,0 --runs clean,cep-u --seeds 0,1,2 --train_args "--model DiT-Ti/4"  # small data
+      --adapt_args="--synthetic_scale 0.6 --max_steps 1000"       # the downstream stage (docs/downstream.md)
+  python study.py --digits 20,0 --runs clean,cep-u --seeds 0,1,2 --train_args="--model DiT-Ti/4"  # small data
 
 out_dir/<run>/ holds train.py's output (ckpt.pt, log.txt, the grids) and, for each sampler and scale,
 samples_<sampler><steps>_cfg<scale>_n<N>.npz and its _metrics.json. Nothing is done twice: a run with a checkpoint
@@ -267,16 +267,16 @@ def plot_metrics_vs_eta(rows, path):
 
 
 def plot_metrics_vs_n(rows, path):
-    """The small-data study: a panel per metric against n, the training images per class (log scale), a line per
-    run with the seed spread as error bars (the runs nudged apart along n so that the bars do not hide each other)."""
+    """A panel per metric against n (images per class), a line per run, error bars: the seed spread (runs nudged)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     metrics = [k for k in ("fid", "precision", "recall", "class_accuracy", "memorisation_ratio", "avg_l2_top5")
                if any(r[k] is not None for r in rows)]
-    runs = list(dict.fromkeys(r["run"] for r in rows))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], metrics):
+    runs, ns = list(dict.fromkeys(r["run"] for r in rows)), sorted({r["n"] for r in rows})
+    n_rows, cols = -(-len(metrics) // 3), min(len(metrics), 3)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4 * cols, 3.2 * n_rows), squeeze=False)
+    for ax, key in zip(axes.flat, metrics):
         for i, run in enumerate(runs):
             points = sorted((r["n"], r[key], r[key + "_seed_std"] or 0) for r in rows
                             if r["run"] == run and r[key] is not None)
@@ -285,7 +285,11 @@ def plot_metrics_vs_n(rows, path):
                 ax.errorbar([x * 1.04 ** (i - (len(runs) - 1) / 2) for x in n], mean, yerr=std, fmt="o-",
                             color=f"C{i}", capsize=3, label=run)
         ax.set(xscale="log", xlabel="training images per class", title=METRICS[key])
+        ax.set_xticks(ns, [f"{n:g}" for n in ns], minor=False)
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
+    for ax in axes.flat[len(metrics):]:
+        ax.axis("off")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     with atomic_write(path) as f:
@@ -337,12 +341,10 @@ def plot_grids(grids, path):
 
 
 def digits_study():
-    """The small-data regime on the digits: for each n of `digits`, the study of the runs and seeds asked for, trained
-    on n images per class (out_dir/n<n>/train) and evaluated against the held-out images (out_dir/n<n>/heldout, the
-    same for every n), never the training ones: FID, precision/recall and class accuracy in the features of one
-    classifier for every n, trained on the whole training split (out_dir/digits/train, which never holds a held-out
-    image), so that the numbers of different n are comparable; memorisation against the n-image training split. Each
-    n's results.md as the study's; all of them in results_vs_n.md/csv and metrics_vs_n.png."""
+    """The small-data regime: for each n of `digits`, the study trained on n digits per class (out_dir/n<n>/train) and
+    evaluated against held-out ones (out_dir/n<n>/heldout, the same for every n) in the space of one classifier of the
+    whole training split (out_dir/digits/train), so that different n compare; memorisation against the n-image split.
+    Each n's results.md as the study's; all of them in results_vs_n.md/csv and metrics_vs_n.png."""
     global out_dir, train_args, eval_args
     root, base_train, base_eval = out_dir, train_args, eval_args
     ns = [int(n) for n in digits.split(",")] if re.fullmatch(r"\d+(,\d+)*", digits) else []
@@ -360,13 +362,11 @@ def digits_study():
         train_args = f"{base_train} --data_path {shlex.quote(train_dir)} --image_size 16 --flip False"
         eval_args = (f"{base_eval} --ref {shlex.quote(held_out)} --train {shlex.quote(train_dir)} --features classifier"
                      f" --classifier_data {shlex.quote(os.path.join(full, 'train'))}")
-        per_class = len(glob.glob(os.path.join(train_dir, "*", "*.png"))) / 10
-        rows += [dict(r, n=per_class) for r in run_study()]
+        rows += [dict(r, n=len(glob.glob(os.path.join(train_dir, "*", "*.png"))) / 10) for r in run_study()]
     out_dir = root
     write_table(rows, os.path.join(root, "results_vs_n"))
     plot_metrics_vs_n(rows, os.path.join(root, "metrics_vs_n.png"))
-    print("wrote " + ", ".join(os.path.join(root, f) for f in ("results_vs_n.md", "results_vs_n.csv",
-                                                                "metrics_vs_n.png")))
+    print(f"wrote {root}/results_vs_n.md, results_vs_n.csv, metrics_vs_n.png")
     return rows
 
 
