@@ -15,13 +15,15 @@ images (a folder or an .npz); FID against fewer than 50K reference images is bia
 Reference and training features are cached in cache_dir, keyed by the file (path, size, mtime) and the feature
 space, and reused.
 
-Feature spaces: "inception" (the FID Inception, pt_inception-2015-12-05; every metric) or "classifier" (a
-small CNN trained on the built-in dataset and cached, for machines without the Inception weights: FID, precision,
-recall and the class accuracy of samples in its penultimate features, and "IS (classifier)", is_classifier: the
-Inception Score's formula on its softmax over the 10 classes (at most 10), not the Inception IS; no sFID). The
-top-1% RMD and the memorisation metrics are in the paper's CLIP ViT-B/16 image features (--diversity_features);
-on the built-in dataset the classifier's features stand in. The report always names each space: numbers from
-different spaces are not comparable.
+Feature spaces: "inception" (the FID Inception, pt_inception-2015-12-05; every metric) or "classifier" (a small
+CNN trained and cached, for machines without the Inception weights and for small datasets: FID, precision, recall
+and the class accuracy of samples in its penultimate features, and "IS (classifier)", is_classifier: the Inception
+Score's formula on its softmax over its classes, not the Inception IS; no sFID). Its classifier learns the built-in
+dataset, or a class folder's training split (--train, or --classifier_data; held in memory, cached by its content;
+10% of it held out for the accuracy in the report), never the reference ("--ref digits/heldout --train digits/train
+--features classifier"). The top-1% RMD and the memorisation metrics are in the paper's CLIP ViT-B/16 image
+features (--diversity_features); in the classifier space its features stand in; on small datasets, pixels. The report
+always names each space: numbers from different spaces are not comparable.
 
 CLIP score, when the samples have prompts (sample.py writes them beside the .npz, <name>_prompts.txt, one per line;
 or --prompts): 100 * max(cos(CLIP image embedding, CLIP text embedding), 0), averaged over the samples. That is
@@ -43,7 +45,7 @@ import torch
 import fid
 import metrics
 from configurator import atomic_write, read_cache
-from metrics import ClassifierSpace, ClipSpace, InceptionSpace, clip_path, file_key
+from metrics import ClassifierSpace, ClipSpace, InceptionSpace, PixelSpace, clip_path, file_key, folder_files
 from text import load_clip
 from vae import VQModel, load_first_stage
 
@@ -52,6 +54,8 @@ samples = ""                  # .npz or folder of generated images
 ref = "synthetic"             # .npz of images | folder | statistics .npz | "synthetic"
 train = ""                    # training images for memorisation/diversity metrics: same formats, or "synthetic"
 features = "auto"             # inception | classifier | auto (classifier when ref is "synthetic", else inception)
+classifier_data = "auto"      # what the classifier space's classifier learns: synthetic (the built-in dataset) | a
+                              # class folder: the training split, never the reference | auto: --train when a folder
 inception_weights = ""        # "": torch hub cache, downloaded when online
 resize = "auto"               # pytorch-fid | tf1 (the ADM evaluator's / torch-fidelity's resize; see fid.py) | auto:
                               # tf1 against an ADM reference batch (its statistics were made so), else pytorch-fid
@@ -63,8 +67,9 @@ is_splits = 10                # is_split_size=0: this many equal splits instead 
 fd_method = "sqrtm"           # sqrtm: pytorch-fid's algorithm exactly | eigh: the same number, ~5x faster (fid.py)
 pr_k = 3                      # Kynkaanniemi et al.
 memorisation_threshold = 0.12 # the paper: nearest training image closer than this in L2-normalised features
-diversity_features = "auto"   # RMD and memorisation: clip (diversity_clip's image features, the paper's) | none |
-                              # auto: the classifier's on the built-in dataset, else clip when its weights are here
+diversity_features = "auto"   # RMD and memorisation: clip (diversity_clip's image features, the paper's) | pixels
+                              # (the images themselves: where a copy of a small dataset's image is a copy) | none |
+                              # auto: the classifier's in the classifier space, else clip when its weights are here
 diversity_clip = "ViT-B/16"   # the paper's CLIP for them: a clip model name (in ~/.cache/clip) or a checkpoint file
 entropy_vq = ""               # sample entropy: the VQ-f4 first stage (a folder for vae.load_first_stage); "": none
 entropy_tau = 0.0             # its softmax temperature; 0: the codebook's mean squared nearest-code distance (ours)
@@ -75,10 +80,10 @@ synthetic_ref_seed = 1
 synthetic_ref_scale = 1.0     # the shapes' size, times (data.SyntheticShapes): 0.6 for docs/downstream.md's task
 synthetic_train_size = 20000  # "synthetic" training set: train.py's defaults
 synthetic_train_seed = 0
-classifier_size = 8000        # the classifier's own training draw of the built-in dataset
+classifier_size = 8000        # the classifier's own training draw of the built-in dataset (classifier_data synthetic)
 classifier_seed = 2
 classifier_epochs = 6
-classifier_path = ""          # "": cache_dir/synthetic_classifier_<settings>.pt
+classifier_path = ""          # "": cache_dir/synthetic_classifier_<settings>.pt, folder_classifier_<content>_<...>.pt
 cache_dir = ""                # "": ~/.cache/cep-eval
 out = ""                      # the JSON; "": beside the samples, <samples>_metrics.json
 device = ""                   # "": cuda when available
@@ -166,18 +171,8 @@ def open_images(path, limit=0, what="images"):
 
 
 def _folder_images(path, limit):
-    from data import IMG_EXTENSIONS, load_image
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path, followlinks=True) for f in fs
-                   if f.lower().endswith(IMG_EXTENSIONS))
-    if not files:
-        raise FileNotFoundError(f"folder {path!r} has no images ({', '.join(IMG_EXTENSIONS)})")
-    files = files[:limit] if limit else files
-    # labels from class subfolders (root/<class>/<image>, sorted, as data.ImageFolder) when every image has one
-    rel = [os.path.relpath(f, path).split(os.sep) for f in files]
-    labels = None
-    if all(len(r) > 1 for r in rel):
-        classes = sorted({r[0] for r in rel})
-        labels = np.array([classes.index(r[0]) for r in rel], dtype=np.int64)
+    from data import load_image
+    files, labels, _ = folder_files(path, limit)
     first = np.asarray(load_image(files[0]))
 
     def batches(bs):
@@ -314,6 +309,31 @@ def memorisation(sample_feats, train_feats, threshold, dev):
 # -----------------------------------------------------------------------------
 
 
+def classifier_source(resolution, cache):
+    """(the classifier's path, what it learns, a function giving its training images, labels and class count) of the
+    classifier space; a class folder is checked here, before any work: it has class subfolders, 10 images of each
+    class at least, and the class names of every class folder given (samples, ref, train)."""
+    from data import SyntheticShapes
+    source = classifier_data if classifier_data != "auto" else train if os.path.isdir(train) else "synthetic"
+    if source == "synthetic":
+        classes = SyntheticShapes.classes
+        name = (f"synthetic_classifier_r{resolution}_n{classifier_size}_s{classifier_seed}_e{classifier_epochs}"
+                f"_{synthetic_digest(resolution)}.pt")
+
+        def training_set():
+            ds = SyntheticShapes(size=classifier_size, resolution=resolution, seed=classifier_seed)
+            return ds.images_uint8(), ds.labels, len(ds.classes)
+    else:
+        source = os.path.abspath(source)
+        name, classes, training_set = metrics.class_folder_classifier(source, classifier_seed, classifier_epochs)
+    for what, spec in (("samples", samples), ("ref", ref), ("train", train)):
+        theirs = folder_files(spec)[2] if os.path.isdir(spec) else None
+        if theirs is not None and theirs != classes:
+            raise ValueError(f"{what} {spec!r} has the classes {theirs}, the classifier's ({source}) are {classes}: "
+                             "give the training split of the same classes as --train or --classifier_data")
+    return classifier_path or os.path.join(cache, name), source, training_set
+
+
 def main(argv=None):
     from configurator import configure
     globals().update(_DEFAULTS)  # main() may run more than once in a process (tests): start from the defaults
@@ -329,8 +349,8 @@ def main(argv=None):
         raise ValueError(f"--fd_method must be sqrtm or eigh, got {fd_method!r}")
     if is_split_size < 0 or is_splits < 1:
         raise ValueError("is_splits must be >= 1 and is_split_size >= 0")
-    if diversity_features not in ("auto", "clip", "none"):
-        raise ValueError(f"--diversity_features must be auto, clip or none, got {diversity_features!r}")
+    if diversity_features not in ("auto", "clip", "pixels", "none"):
+        raise ValueError(f"--diversity_features must be auto, clip, pixels or none, got {diversity_features!r}")
     if resize not in ("auto", "pytorch-fid", "tf1"):
         raise ValueError(f"--resize must be auto, pytorch-fid or tf1, got {resize!r}")
 
@@ -347,7 +367,8 @@ def main(argv=None):
         dkind = "classifier"
     elif dkind == "auto":
         dkind = "clip" if os.path.isfile(clip_path(diversity_clip) or "") else "none"
-    clip_space = ClipSpace(diversity_clip, dev) if dkind == "clip" else None
+    own_space = ClipSpace(diversity_clip, dev) if dkind == "clip" else \
+        PixelSpace(s_images.resolution) if dkind == "pixels" else None
     vq = load_first_stage(entropy_vq).eval().to(dev) if entropy_vq else None
     if vq is not None and not isinstance(vq, VQModel):
         raise ValueError(f"--entropy_vq {entropy_vq!r} is a {type(vq).__name__}: sample entropy needs the VQ-f4 "
@@ -357,12 +378,11 @@ def main(argv=None):
         space = InceptionSpace(inception_weights, resize if resize != "auto" else "tf1" if adm_batch else "pytorch-fid",
                                dev, progress)
     else:
-        path = classifier_path or os.path.join(
-            cache, f"synthetic_classifier_r{s_images.resolution}_n{classifier_size}_s{classifier_seed}"
-                   f"_e{classifier_epochs}_{synthetic_digest(s_images.resolution)}.pt")
-        space = ClassifierSpace(path, s_images.resolution, dev, classifier_size, classifier_seed, classifier_epochs)
+        path, source, training_set = classifier_source(s_images.resolution, cache)
+        space = ClassifierSpace(path, dev, lambda: metrics.train_classifier(
+            path, *training_set(), classifier_epochs, classifier_seed, dev, source))
     print(f"feature space: {space.description}")
-    dspace = clip_space or space
+    dspace = own_space or space
 
     t0 = time.time()
     r, ref_cache, ref_path = reference(ref, space, batch_size, cache, s_images.resolution, synthetic_ref_size,
@@ -408,7 +428,7 @@ def main(argv=None):
         else:
             skipped["toppr_f1"] = f"TopP&R needs {need} samples and reference images in {space.name}"
     if isinstance(space, ClassifierSpace):
-        res["classifier_val_accuracy"] = space.val_accuracy
+        res["classifier_data"], res["classifier_val_accuracy"] = space.source, space.val_accuracy
         if s_images.labels is not None:
             res["class_accuracy"] = float((s["logits"].argmax(1) == s_images.labels).mean())
 
@@ -420,7 +440,7 @@ def main(argv=None):
                          "there, or pass --diversity_features clip to have them downloaded")
     else:
         res["diversity_space_detail"] = dspace.description
-        g = s["pool"] if dspace is space else dspace.extract(s_images, batch_size)
+        g = s["pool"] if dspace is space else dspace.extract(s_images, batch_size)["pool"]
         if s_images.labels is None:
             skipped["rmd_top1"] = "the samples have no class labels (arr_1 or class folders)"
         elif np.bincount(s_images.labels).max() < 2:  # every within-class deviation 0: no covariance to invert

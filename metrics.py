@@ -1,7 +1,7 @@
 """
 The feature spaces of evaluate.py and the metrics beyond fid.py:
-- feature spaces: the FID Inception (fid.py), the built-in dataset's classifier (trained here, cached), CLIP's image
-  embeddings (the paper's ViT-B/16 for RMD and memorisation);
+- feature spaces: the FID Inception (fid.py), a small classifier of the built-in dataset or of a class folder
+  (trained here, cached), CLIP's image embeddings (the paper's ViT-B/16 for RMD and memorisation);
 - the CLIP score of text-to-image samples;
 - the paper's diversity metrics (Chen et al. 2024, App. B.7): the top-1% relative Mahalanobis distance (Eq. 38-40)
   per sample with its histogram, and the sample entropy (Eq. 41) of VQ latents over the codebook;
@@ -9,6 +9,7 @@ The feature spaces of evaluate.py and the metrics beyond fid.py:
 Definitions, feature spaces and our choices: docs/metrics.md. The metric functions take arrays and use only torch
 and numpy; the spaces load their networks through fid.py, text.py and data.py.
 """
+import hashlib
 import os
 import time
 
@@ -26,6 +27,57 @@ def file_key(path):
     """Identifies a file's content for the caches: path, size, mtime."""
     st = os.stat(path)
     return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+
+def folder_files(path, limit=0):
+    """(the image files of a folder, sorted; labels and class names from its class subfolders, root/<class>/<image>,
+    sorted as data.ImageFolder's, when every image has one, else None and None), without reading an image."""
+    from data import IMG_EXTENSIONS
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path, followlinks=True) for f in fs
+                   if f.lower().endswith(IMG_EXTENSIONS))
+    if not files:
+        raise FileNotFoundError(f"folder {path!r} has no images ({', '.join(IMG_EXTENSIONS)})")
+    files = files[:limit] if limit else files
+    rel = [os.path.relpath(f, path).split(os.sep) for f in files]
+    if not all(len(r) > 1 for r in rel):
+        return files, None, None
+    classes = sorted({r[0] for r in rel})
+    return files, np.array([classes.index(r[0]) for r in rel], dtype=np.int64), classes
+
+
+def content_digest(files, root):
+    """sha1 of a folder's images (paths relative to root, and bytes): what a copy or a touch of the folder keeps and
+    a changed, added or removed image changes."""
+    h = hashlib.sha1()
+    for f in files:
+        h.update(os.path.relpath(f, root).encode() + b"\0")
+        with open(f, "rb") as fh:
+            h.update(hashlib.sha1(fh.read()).digest())
+    return h.hexdigest()[:16]
+
+
+def class_folder_classifier(source, seed, epochs):
+    """The classifier of a class folder: (its cache file's name, from the folder's content and the settings; its class
+    names; a function giving its images in an order from the seed, their labels and the class count). The folder is
+    checked here, before any work: class subfolders, 10 images of each class at least."""
+    files, labels, classes = folder_files(source)
+    if classes is None:
+        raise ValueError(f"classifier_data {source!r} has images outside class subfolders: the classifier learns "
+                         "its labels from root/<class>/<image>")
+    counts = np.bincount(labels, minlength=len(classes))
+    if counts.min() < 10:
+        raise ValueError(f"classifier_data {source!r}: class {classes[counts.argmin()]!r} has {counts.min()} images; "
+                         "the classifier needs 10 of each class at least (a tenth are held out to measure it)")
+
+    def training_set():  # in an order from the seed: train_classifier holds out the first tenth
+        from data import load_image
+        order = np.random.default_rng(seed).permutation(len(files))
+        images = [np.asarray(load_image(files[i])) for i in order]
+        if len({im.shape for im in images}) > 1:
+            raise ValueError(f"classifier_data {source!r}: images of {len({im.shape for im in images})} sizes; the "
+                             "classifier needs them all of one size")
+        return np.stack(images), labels[order], len(classes)
+    return f"folder_classifier_{content_digest(files, source)}_s{seed}_e{epochs}.pt", classes, training_set
+
 
 # -----------------------------------------------------------------------------
 # feature spaces
@@ -46,8 +98,9 @@ class InceptionSpace:
 
 
 class SmallCNN(nn.Module):
-    """The built-in dataset's classifier; its 96-d penultimate layer is the "classifier" feature space. At the
-    default settings it reaches ~99% held-out accuracy at 32x32 in ~1-2 minutes of CPU."""
+    """The classifier of the "classifier" feature space (its 96-d penultimate layer), of the built-in dataset or a
+    class folder. On the built-in dataset at the default settings it reaches ~99% held-out accuracy at 32x32 in ~1-2
+    minutes of CPU."""
 
     def __init__(self, num_classes=10, resolution=32, width=24):
         super().__init__()
@@ -68,15 +121,15 @@ class SmallCNN(nn.Module):
         return h, self.head(h)
 
 
-def train_classifier(path, resolution, size, seed, epochs, dev):
-    """Train SmallCNN on a draw of the built-in dataset (a seed the diffusion model never saw) and save it."""
-    from data import SyntheticShapes
+def train_classifier(path, x, y, num_classes, epochs, seed, dev, source):
+    """Train SmallCNN at the resolution of x (uint8 NHWC images, labels y, in random order) and save it: the first
+    tenth of x is held out to measure its accuracy, the rest trains it. source names what x is (synthetic, or the
+    class folder), saved with it and shown in every report that uses it."""
     torch.manual_seed(seed)
-    ds = SyntheticShapes(size=size, resolution=resolution, seed=seed)
-    x, y = torch.from_numpy(ds.images_uint8()), torch.from_numpy(ds.labels)
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
     n_val = max(len(x) // 10, 1)
     (xv, yv), (xt, yt) = (x[:n_val], y[:n_val]), (x[n_val:], y[n_val:])
-    model = SmallCNN(len(ds.classes), resolution).to(dev)
+    model = SmallCNN(num_classes, x.shape[1]).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     steps = epochs * -(-len(xt) // 64)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=max(steps, 1))
@@ -92,26 +145,29 @@ def train_classifier(path, resolution, size, seed, epochs, dev):
     model.eval()
     with torch.no_grad():
         acc = (model(xv.to(dev))[1].argmax(1).cpu() == yv).float().mean().item()
-    print(f"trained the synthetic classifier in {time.time() - t0:.0f}s: held-out accuracy {acc:.3f}")
+    print(f"trained the classifier on {source} in {time.time() - t0:.0f}s: accuracy {acc:.3f} on {n_val} of its images "
+          "held out")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_write(path) as f:  # whole or not at all: a later run loads it
-        torch.save({"model": model.state_dict(), "resolution": resolution, "num_classes": len(ds.classes),
-                    "val_accuracy": acc, "size": size, "seed": seed, "epochs": epochs}, f)
+        torch.save({"model": model.state_dict(), "resolution": x.shape[1], "num_classes": num_classes,
+                    "val_accuracy": acc, "num_val": n_val, "epochs": epochs, "seed": seed, "source": source}, f)
 
 
 class ClassifierSpace:
-    name = "synthetic-classifier"
+    """SmallCNN's penultimate features, from the checkpoint at path; on a cache miss train() makes it first."""
 
-    def __init__(self, path, resolution, dev, size, seed, epochs):
+    def __init__(self, path, dev, train=None):
         if read_cache(path, lambda p: torch.load(p, weights_only=True)) is None:  # trained once, then cached
-            train_classifier(path, resolution, size, seed, epochs, dev)
+            train()
         ck = torch.load(path, map_location="cpu", weights_only=True)
         self.model = SmallCNN(ck["num_classes"], ck["resolution"])
         self.model.load_state_dict(ck["model"])
         self.model.eval().to(dev)
         self.dev, self.val_accuracy = dev, ck["val_accuracy"]
+        self.source = ck.get("source", "synthetic")  # classifiers cached before class folders: the built-in dataset
+        self.name = "synthetic-classifier" if self.source == "synthetic" else "folder-classifier"
         self.dims = {"mu": self.model.head.in_features}
-        self.description = (f"synthetic-classifier penultimate ({self.model.head.in_features}-d), "
+        self.description = (f"{self.name} penultimate ({self.model.head.in_features}-d), trained on {self.source}, "
                             f"{os.path.abspath(path)}, held-out accuracy {ck['val_accuracy']:.3f}")
         self.key = f"classifier:{file_key(path)}"
 
@@ -123,6 +179,19 @@ class ClassifierSpace:
             feats.append(h.float().cpu().numpy())
             logits.append(lg.float().cpu().numpy())
         return {"pool": np.concatenate(feats), "logits": np.concatenate(logits)}
+
+
+class PixelSpace:
+    """The images' own pixels, flattened: memorisation on a small dataset, where a sample that copies a training image
+    is at distance ~0 and a fresh one is not (ours; the paper measures in CLIP's features, docs/metrics.md)."""
+    name = "pixels"
+
+    def __init__(self, resolution):
+        self.dims = {"mu": 3 * resolution ** 2}
+        self.description = self.key = f"pixels ({resolution}x{resolution}x3, flattened)"
+
+    def extract(self, images, bs):
+        return {"pool": np.concatenate([b.reshape(len(b), -1).astype(np.float32) for b in images.batches(bs)])}
 
 
 def clip_path(name):

@@ -10,8 +10,9 @@ sample.py and evaluate.py as subprocesses (through torchrun when nproc > 1) and 
   python study.py --ckpt out/ckpt.pt --cfg_scales 1,2,4           # ... of a checkpoint trained elsewhere
   python study.py --runs clean --samplers dpm++50,ddpm250         # DPM-Solver++ at 50 steps against DDPM at 250
   python study.py --runs clean,eta5,cep-u --adapters controlnet-canny,controlnet-mask \
-      "--adapt_args=--synthetic_scale 0.6 --max_steps 1000" # the downstream stage (docs/downstream.md)
+      --adapt_args="--synthetic_scale 0.6 --max_steps 1000"       # the downstream stage (docs/downstream.md)
   python study.py --runs clean,eta5,cep-u --distill_steps 1,2,4   # LCM rows: each run distilled (docs/lcm.md)
+  python study.py --digits 20,0 --runs clean,cep-u --seeds 0,1,2 --train_args="--model DiT-Ti/4"  # small data
 
 out_dir/<run>/ holds train.py's output (ckpt.pt, log.txt, the grids) and, for each sampler and scale,
 samples_<sampler><steps>_cfg<scale>_n<N>.npz and its _metrics.json. Nothing is done twice: a run with a checkpoint
@@ -60,6 +61,8 @@ eval_args = "--train synthetic"  # passed to evaluate.py; ImageNet: "--ref VIRTU
 export_digits = ""        # a folder: write scikit-learn's handwritten digits there as class folders, then stop
 digits_per_class = 0      # export_digits: training images per class (0: all that are not held out)
 digits_held_out = 50      # export_digits: held-out images per class, never trained on
+digits = ""               # the small-data study: n training images per class of the digits, comma separated (0: all,
+                          # ~130): out_dir/n<n>/ holds each n's export and runs (digits_study)
 adapters = ""             # the downstream stage: <adapter>-<control>, comma separated (controlnet-canny, t2i-mask,
                           # controlnet-/data/in100_sam/train); "": none
 adapt_args = ""           # passed to train.py after train_args for the adaptations: "--synthetic_scale 0.6 --lr 1e-4"
@@ -205,6 +208,8 @@ def write_table(rows, out, sampler_header="sampler"):
     standard deviation, and * where the difference from clean is beyond the noise (see aggregate). The downstream
     stage's rows name the adapter and control in "sampler"."""
     keys = ["run", "eta", "sampler", "cfg_scale", "num_samples", "feature_space", "seeds"]
+    keys[1:1] = ["n"] if "n" in rows[0] else []  # the small-data study's training images per class
+    lead = len(keys) - 2
     metrics = [k for k in METRICS if any(r[k] is not None for r in rows)]
     with atomic_write(out + ".csv", "w") as f:
         writer = csv.DictWriter(f, keys + [c for k in METRICS for c in (k, k + "_seed_std")] + ["beyond_noise"])
@@ -218,13 +223,13 @@ def write_table(rows, out, sampler_header="sampler"):
         spread = f" ± {r[k + '_seed_std']:.2g}" if r.get(k + "_seed_std") is not None else ""
         return number(r[k]) + spread + (" *" if k in r["beyond_noise"].split(",") else "")
     lines = [f"Feature space: {', '.join(sorted({r['feature_space'] for r in rows}))} (numbers from different spaces "
-             "are not comparable; IS (classifier) is the IS formula on the built-in dataset's classifier).",
+             "are not comparable; IS (classifier) is the IS formula on that space's classifier).",
              f"Seeds per run: {', '.join(sorted({str(r['seeds']) for r in rows}))}; mean ± seed-to-seed std; * "
              "differs from clean beyond the seed spread (Welch's t-test, p < 0.05).", "",
-             "| " + " | ".join(["run", "eta %", sampler_header, "cfg", "samples"] + [METRICS[k] for k in metrics])
-             + " |",
-             "|" + "---|" * (5 + len(metrics))]
-    lines += ["| " + " | ".join([number(r[k]) for k in keys[:5]] + [cell(r, k) for k in metrics]) + " |"
+             "| " + " | ".join(["run"] + ["n per class"] * (lead == 6) + ["eta %", sampler_header, "cfg", "samples"]
+                               + [METRICS[k] for k in metrics]) + " |",
+             "|" + "---|" * (lead + len(metrics))]
+    lines += ["| " + " | ".join([number(r[k]) for k in keys[:lead]] + [cell(r, k) for k in metrics]) + " |"
               for r in rows]
     with atomic_write(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -263,6 +268,37 @@ def plot_metrics_vs_eta(rows, path):
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_metrics_vs_n(rows, path):
+    """A panel per metric against n (images per class), a line per run, error bars: the seed spread (runs nudged)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    metrics = [k for k in ("fid", "precision", "recall", "class_accuracy", "memorisation_ratio", "avg_l2_top5")
+               if any(r[k] is not None for r in rows)]
+    runs, ns = list(dict.fromkeys(r["run"] for r in rows)), sorted({r["n"] for r in rows})
+    n_rows, cols = -(-len(metrics) // 3), min(len(metrics), 3)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4 * cols, 3.2 * n_rows), squeeze=False)
+    for ax, key in zip(axes.flat, metrics):
+        for i, run in enumerate(runs):
+            points = sorted((r["n"], r[key], r[key + "_seed_std"] or 0) for r in rows
+                            if r["run"] == run and r[key] is not None)
+            if points:
+                n, mean, std = zip(*points)
+                ax.errorbar([x * 1.04 ** (i - (len(runs) - 1) / 2) for x in n], mean, yerr=std, fmt="o-",
+                            color=f"C{i}", capsize=3, label=run)
+        ax.set(xscale="log", xlabel="training images per class", title=METRICS[key])
+        ax.set_xticks(ns, [f"{n:g}" for n in ns], minor=False)
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(metrics):]:
+        ax.axis("off")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=80)
     plt.close(fig)
 
 
@@ -309,6 +345,36 @@ def plot_grids(grids, path):
     plt.close(fig)
 
 
+def digits_study():
+    """The small-data regime: for each n of `digits`, the study trained on n digits per class (out_dir/n<n>/train) and
+    evaluated against held-out ones (out_dir/n<n>/heldout, the same for every n) in the space of one classifier of the
+    whole training split (out_dir/digits/train), so that different n compare; memorisation against the n-image split.
+    Each n's results.md as the study's; all of them in results_vs_n.md/csv and metrics_vs_n.png."""
+    global out_dir, train_args, eval_args
+    root, base_train, base_eval = out_dir, train_args, eval_args
+    ns = [int(n) for n in digits.split(",")] if re.fullmatch(r"\d+(,\d+)*", digits) else []
+    if not ns or len(set(ns)) != len(ns):
+        raise ValueError(f"digits={digits!r}: distinct numbers of training images per class, comma separated (0: all)")
+    full = os.path.join(root, "digits")
+    if not os.path.isdir(os.path.join(full, "train")):
+        write_digits(full, 0, digits_held_out)
+    rows = []
+    for n in ns:
+        out_dir = os.path.join(root, f"n{n or 'all'}")
+        train_dir, held_out = os.path.join(out_dir, "train"), os.path.join(out_dir, "heldout")
+        if not os.path.isdir(train_dir):
+            write_digits(out_dir, n, digits_held_out)
+        train_args = f"{base_train} --data_path {shlex.quote(train_dir)} --image_size 16 --flip False"
+        eval_args = (f"{base_eval} --ref {shlex.quote(held_out)} --train {shlex.quote(train_dir)} --features classifier"
+                     f" --classifier_data {shlex.quote(os.path.join(full, 'train'))}")
+        rows += [dict(r, n=len(glob.glob(os.path.join(train_dir, "*", "*.png"))) / 10) for r in run_study()]
+    out_dir = root
+    write_table(rows, os.path.join(root, "results_vs_n"))
+    plot_metrics_vs_n(rows, os.path.join(root, "metrics_vs_n.png"))
+    print(f"wrote {root}/results_vs_n.md, results_vs_n.csv, metrics_vs_n.png")
+    return rows
+
+
 def main(argv=None):
     globals().update(_DEFAULTS)  # main() may run more than once in a process (tests): start from the defaults
     configure(globals(), sys.argv[1:] if argv is None else argv)
@@ -316,6 +382,11 @@ def main(argv=None):
         write_digits(export_digits, digits_per_class, digits_held_out)
         print(f"wrote {export_digits}/train and {export_digits}/heldout")
         return []
+    return digits_study() if digits else run_study()
+
+
+def run_study():
+    """The study of the settings in this module's globals (main's configuration): its aggregated rows."""
     # every setting is checked here, before the first run starts
     scales = [float(s) for s in cfg_scales.split(",")]
     specs = []

@@ -2501,8 +2501,7 @@ def test_evaluate_synthetic_reports_every_metric_in_named_spaces(tmp_path):
     with open(tmp_path / "m.json") as f:
         assert json.load(f)["toppr_f1"] == res["toppr_f1"]
     # each metric against its own computation from the features the report used
-    space = metrics.ClassifierSpace(glob.glob(str(tmp_path / "cache" / "synthetic_classifier*.pt"))[0], 16, "cpu",
-                                    0, 0, 0)
+    space = metrics.ClassifierSpace(glob.glob(str(tmp_path / "cache" / "synthetic_classifier*.pt"))[0], "cpu")
     g = space.extract(evaluate.open_images(str(tmp_path / "s.npz")), 64)["pool"]
     ref = space.extract(evaluate.synthetic_images(170, 1, 16), 64)["pool"]
     assert res["rmd_top1"] == pytest.approx(metrics.top_mean(metrics.relative_mahalanobis(g, ds.labels)), rel=1e-6)
@@ -2652,6 +2651,72 @@ def test_clip_score_matches_a_direct_computation(tmp_path):
     assert score == pytest.approx(np.mean(np.maximum(100 * cos, 0)), rel=1e-5)
 
 
+def test_classifier_space_of_a_class_folder_learns_the_train_split_and_never_reads_held_out_images(tmp_path,
+                                                                                                      monkeypatch):
+    import data
+    study.write_digits(tmp_path / "d", per_class=12, held_out=3)
+    train_dir, held = tmp_path / "d" / "train", tmp_path / "d" / "heldout"
+    train_files = {str(p) for p in train_dir.glob("*/*.png")}
+    held_files = {str(p) for p in held.glob("*/*.png")}
+    samples = np.stack([np.asarray(data.load_image(f)) for f in sorted(held_files)])  # made-up samples: 30 images
+    np.savez(tmp_path / "s.npz", samples, np.arange(len(samples)) // 3)
+    # every image read, under the phase of evaluate.py that read it
+    phase, reads, load_image = ["samples"], [], data.load_image
+
+    def recorded(f, name):
+        def wrapper(*a, **kw):
+            phase.append(name if name != "reference" else a[7])  # reference's `what`: ref or train
+            try:
+                return f(*a, **kw)
+            finally:
+                phase.pop()
+        return wrapper
+    monkeypatch.setattr(data, "load_image", lambda f: reads.append((phase[-1], str(f))) or load_image(f))
+    monkeypatch.setattr(evaluate, "classifier_source", recorded(evaluate.classifier_source, "classifier"))
+    monkeypatch.setattr(metrics.ClassifierSpace, "__init__", recorded(metrics.ClassifierSpace.__init__, "classifier"))
+    monkeypatch.setattr(evaluate, "reference", recorded(evaluate.reference, "reference"))
+    args = ["--samples", str(tmp_path / "s.npz"), "--ref", str(held), "--train", str(train_dir), "--features",
+            "classifier", "--classifier_epochs=2", "--diversity_features=pixels", "--cache_dir",
+            str(tmp_path / "cache"), "--progress=False", "--device=cpu", "--out", str(tmp_path / "m.json")]
+    res = evaluate.main(args)
+    read = lambda name: {f for p, f in reads if p == name}
+    assert read("ref") == held_files and res["num_ref"] == 30  # the reference: the held-out images, all, only
+    assert read("classifier") == read("train") == train_files  # the classifier and memorisation: the train split
+    assert not {f for p, f in reads if p not in ("ref",)} & held_files  # no other phase reads a held-out image
+    assert {p for p, _ in reads} == {"ref", "classifier", "train"}
+    assert res["feature_space"] == "folder-classifier" and res["classifier_data"] == str(train_dir)
+    assert str(train_dir) in res["feature_space_detail"] and res["diversity_space"] == "pixels"
+    assert 0 <= res["class_accuracy"] <= 1 and res["fid"] is None  # 30 samples < 96 dimensions: skipped, named
+    # the samples are the held-out images: none is a training image (in pixels, not within 0.12 of one)
+    assert res["memorisation_ratio"] == 0 and res["avg_l2_top5"] > 0.12
+    cached = glob.glob(str(tmp_path / "cache" / "folder_classifier_*.pt"))
+    ck = torch.load(cached[0], weights_only=True)
+    assert len(cached) == 1 and ck["num_val"] == 12 and ck["source"] == str(train_dir)  # a tenth of 120, held out
+    # cached by content: a copy of the folder reuses it, reading no training image; a changed image trains anew
+    shutil.copytree(train_dir, tmp_path / "copy")
+    reads.clear()
+    again = evaluate.main(args[:5] + [str(tmp_path / "copy")] + args[6:])
+    assert not read("classifier") and again["classifier_val_accuracy"] == res["classifier_val_accuracy"]
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(sorted((tmp_path / "copy").glob("*/*.png"))[0])
+    evaluate.main(args[:5] + [str(tmp_path / "copy")] + args[6:])
+    assert len(glob.glob(str(tmp_path / "cache" / "folder_classifier_*.pt"))) == 2
+    # one clear error each, before any work
+    flat, few, other = tmp_path / "flat", tmp_path / "few", tmp_path / "other"
+    shutil.copytree(train_dir / "3", flat)
+    shutil.copytree(train_dir, few)
+    for f in sorted((few / "7").glob("*.png"))[3:]:
+        os.remove(f)
+    shutil.copytree(held, other)
+    os.rename(other / "9", other / "nine")
+    for bad, message in [(["--train", str(flat)], "has images outside class subfolders"),
+                         (["--train", str(few)], "class '7' has 3 images; the classifier needs 10 of each class"),
+                         (["--ref", str(other)], "has the classes ['0', '1', '2', '3', '4', '5', '6', '7', '8', "
+                                                 "'nine'], the classifier's"),
+                         (["--train", ""], "ref '" + str(held) + "' has the classes")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            evaluate.main(args + bad)
+
+
 # -----------------------------------------------------------------------------
 # study.py
 
@@ -2739,6 +2804,28 @@ def test_study_aggregates_seeds_and_marks_what_is_beyond_the_noise(tmp_path):
     markdown = (tmp_path / "r.md").read_text()
     assert "| eta5 | 5 | dpm++50 | 2 | 100 | 14.13 ± 0.32 * |" in markdown and "| cep-u | 0 | dpm++50 | 2 | 100 | 9 |" in \
         markdown
+
+
+def test_study_digits_sweeps_n_against_the_held_out_images_in_one_classifier_space(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rows = study.main([f"--out_dir={tmp_path}", "--digits=5,10", "--digits_held_out=10", "--runs=clean",
+                       "--samplers=dpm++2", "--cfg_scales=2", "--num_samples=100",
+                       "--train_args=--model=DiT-Ti/8 --global_batch_size=8 --num_workers=0 --grid_steps=2 "
+                       "--max_steps=2", "--eval_args=--classifier_epochs=1 --diversity_features=pixels "
+                       f"--progress=False --device=cpu --cache_dir={tmp_path / 'cache'}"])
+    assert [(r["run"], r["n"]) for r in rows] == [("clean", 5), ("clean", 10)]
+    for n in (5, 10):
+        report = json.loads((tmp_path / f"n{n}" / "clean" / "samples_dpm++2_cfg2.0_n100_metrics.json").read_text())
+        assert report["ref"] == str(tmp_path / f"n{n}" / "heldout") and report["num_ref"] == 100
+        assert report["config"]["train"] == str(tmp_path / f"n{n}" / "train")  # memorisation: the n-image split
+        # one classifier for every n, of the whole training split: the FIDs of different n are comparable
+        assert report["classifier_data"] == str(tmp_path / "digits" / "train")
+        assert report["feature_space"] == "folder-classifier" and report["diversity_space"] == "pixels"
+        assert len(list((tmp_path / f"n{n}" / "train").glob("*/*.png"))) == 10 * n
+    assert len(glob.glob(str(tmp_path / "cache" / "folder_classifier_*.pt"))) == 1
+    assert "| clean | 5 | 0 | dpm++2 | 2 | 100 |" in (tmp_path / "results_vs_n.md").read_text()
+    with Image.open(tmp_path / "metrics_vs_n.png") as image:
+        assert image.format == "PNG"
 
 
 def test_study_reuses_what_exists_and_sweeps_guidance_scales(tiny_study, monkeypatch):
