@@ -3,7 +3,7 @@ nanoGPT-style configuration, shared by train.py, sample.py and evaluate.py.
 
 The defaults are the module-level variables of the calling script. They are overridden, in order, by a Python
 config file given as the first argument, then by `--key=value` or `--key value` on the command line; a bare
-`--flag` means `--flag=True`. A key that is not a default, or a value of the wrong type, is an error naming it.
+`--flag` means `--flag=True` (a string key always takes the next argument). A key that is not a default, or a value of the wrong type, is an error naming it.
 
 Also what every script shares: errors that end in one line (one_line_errors, installed by configure), and files
 written whole or not at all (atomic_write).
@@ -65,7 +65,8 @@ def configure(scope, argv):
             raise ValueError(f"unexpected argument {arg!r}: use --key=value or --key value")
         if "=" in arg:
             key, value = arg[2:].split("=", 1)
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+        elif i + 1 < len(argv) and (not argv[i + 1].startswith("--") or isinstance(scope.get(arg[2:]), str)):
+            # a string's value may start with -- itself: study.py --train_args "--max_steps 100"
             key, value = arg[2:], argv[i + 1]
             i += 1
         else:

@@ -1423,6 +1423,10 @@ def test_configure_parses_files_flags_and_space_separated_values(tmp_path):
     assert config == dict(lr=3e-4, steps=7, cep=True, name="b", corrupt=0.05)
     assert configure(dict(cep=True), ["--cep=False"]) == dict(cep=False)
     assert configure(dict(x=1.0), ["--x=2"]) == dict(x=2.0)
+    # a string's value may start with -- (study.py's pass-through arguments); a flag before another key stays a flag
+    assert configure(dict(train_args="", cep=False, steps=1), ["--train_args", "--max_steps 100 --cep", "--cep",
+                                                               "--steps", "2"]) == \
+        dict(train_args="--max_steps 100 --cep", cep=True, steps=2)
 
 
 @pytest.mark.parametrize("argv, message", [(["--nope=1"], "unknown config key 'nope'"),
