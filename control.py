@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from model import UNet, forward_with_cfg
 
@@ -110,7 +111,7 @@ def cached_controls(dataset, kind, folder, batch_size=64, num_workers=0):
         loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=num_workers)
         out, start = None, 0
         try:
-            for images, _, *controls in loader:
+            for images, _, *controls in tqdm(loader, desc=f"{kind} controls, once", leave=False):
                 c = control_image(kind, images, *controls)[:, :1 if kind == "canny" else 3].mul(255).round()
                 if out is None:
                     out = np.lib.format.open_memmap(path + ".tmp", "w+", np.uint8, (len(dataset), *c.shape[1:]))
