@@ -41,7 +41,7 @@ from corrupt import check_corruption, corrupt_batch, corrupt_conditions
 from data import CaptionPairs, ImageCaptions, ImageFolder, LatentDataset, StepBatches, SyntheticShapes
 from diffusion import GaussianDiffusion
 from model import DiT_models, UNet_models
-from sample import build, class_rows, control_grid, load_checkpoint, load_model, sample_grid
+from sample import build, class_rows, control_grid, load_checkpoint, sample_grid
 from text import load_clip_text_encoder, tokenize
 from vae import load_first_stage
 
@@ -374,7 +374,8 @@ if text_encoder == "clip":
 if adapter:
     net.base.load_state_dict(pretrained["ema"])
 if teacher:  # the student starts as the teacher: all its weights, and a guidance embedding of zeros
-    teacher_net = load_model(teacher)[0].to(device).requires_grad_(False)
+    teacher_net = build(pretrained["model_args"]).to(device).eval().requires_grad_(False)
+    teacher_net.load_state_dict(pretrained["ema"])  # the checkpoint check_distillation read: not read twice
     net.load_state_dict({**net.state_dict(), **pretrained["ema"]})
 pretrained = None
 consistency = dict(teacher=teacher, w_min=w_min, w_max=w_max, skip_interval=skip_interval) if teacher else None
