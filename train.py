@@ -202,14 +202,21 @@ def check_adaptation():
     if control not in ("canny", "mask") and not (os.path.isdir(control) and data_path):
         raise FileNotFoundError(f"control {control!r} is not canny, mask, or a folder of control images beside "
                                 "data_path's images")
-    if not os.path.isfile(init):
-        raise FileNotFoundError(f"init {init!r}: no such checkpoint (the pre-trained model, train.py's ckpt.pt)")
-    pretrained = load_checkpoint(init)
-    if "model_args" not in pretrained or "adapter" in pretrained["model_args"]:
-        raise ValueError(f"init {init!r} is not a pre-trained checkpoint of train.py (or is already adapted)")
+    pretrained = load_pretrained("init", init)
     if adapter == "t2i" and pretrained["model_args"]["name"] not in UNet_models:
         raise ValueError(f"adapter=t2i adds multi-scale features to a U-Net's encoder, and the model of {init!r} is "
                          f"{pretrained['model_args']['name']}, which has none: use adapter=controlnet")
+
+
+def load_pretrained(key, path):
+    """The checkpoint of `init` or `teacher`, once it is a pre-trained model of train.py: not adapted, no student."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{key} {path!r}: no such checkpoint (a pre-trained model, train.py's ckpt.pt)")
+    state = load_checkpoint(path)
+    args = state.get("model_args", {})
+    if not args or "adapter" in args or "guidance_embed" in args:
+        raise ValueError(f"{key} {path!r} is not a pre-trained checkpoint of train.py (it is adapted, or a student)")
+    return state
 
 
 def check_distillation():
@@ -220,12 +227,8 @@ def check_distillation():
         raise ValueError(f"w_min={w_min}, w_max={w_max}: the guidance range needs 0 <= w_min <= w_max")
     if skip_interval <= 0 or 1000 % skip_interval:
         raise ValueError(f"skip_interval={skip_interval} does not divide the 1000 timesteps: take 10, 20 (LCM's)...")
-    if not os.path.isfile(teacher):
-        raise FileNotFoundError(f"teacher {teacher!r}: no such checkpoint (the model to distil, train.py's ckpt.pt)")
-    pretrained = load_checkpoint(teacher)
-    args = pretrained.get("model_args", {})
-    if not args or "adapter" in args or "guidance_embed" in args:
-        raise ValueError(f"teacher {teacher!r} is not a pre-trained checkpoint of train.py (adapted, or a student)")
+    pretrained = load_pretrained("teacher", teacher)
+    args = pretrained["model_args"]
     theirs, ours = (args["name"], args["learn_sigma"], pretrained["prediction"]), (model, learn_sigma, prediction)
     if theirs != ours:  # the rest (size, channels, classes, text) once the data is read: pretrained_model_args
         raise ValueError(f"teacher {teacher!r} is (model, learn_sigma, prediction) {theirs}, not {ours}: pass these")
