@@ -48,7 +48,8 @@ from configurator import atomic_write, configure, read_cache
 
 # -----------------------------------------------------------------------------
 out_dir = "study"
-runs = "clean,eta2.5,eta5,eta7.5,eta10,eta20,cep-u,cep-g,ip"  # also: dropout, ls, cep-u-fixed, eta<percent>-random
+runs = "clean,eta2.5,eta5,eta7.5,eta10,eta20,cep-u,cep-g,ip"  # also: dropout, ls, cep-u-fixed, eta<percent>-random,
+                          # cep-u<gamma> and cep-g<gamma> (cep-u4.5: CEP-U at gamma 4.5)
 ckpt = ""                 # sweep this checkpoint instead of training runs (the run is named after its folder)
 cfg_scales = "4.0"        # guidance scales, comma separated
 samplers = "dpm++50"      # <sampler><steps>, comma separated; sampler: dpm++ | ddpm | ddim (sample.py)
@@ -124,10 +125,13 @@ def run_flags(name):
     """(eta in %, train.py flags) of a run of the study, from its name."""
     if name in RUNS:
         return 0.0, RUNS[name]
+    cep = re.fullmatch(r"cep-([ug])(\d+(?:\.\d+)?)", name)  # cep-u4.5: CEP-U at gamma 4.5
+    if cep and float(cep[2]) > 0:
+        return 0.0, ["--cep", f"--cep_type={dict(u='uniform', g='gaussian')[cep[1]]}", f"--cep_scale={float(cep[2])}"]
     eta = re.fullmatch(r"eta(\d+(?:\.\d+)?)(-random)?", name)
     if eta and 0 < float(eta[1]) < 100:
         return float(eta[1]), [f"--corrupt={float(eta[1]) / 100}"] + (["--corrupt_mode=random"] if eta[2] else [])
-    raise ValueError(f"run {name!r}: expected clean, eta<percent> (e.g. eta2.5), eta<percent>-random, "
+    raise ValueError(f"run {name!r}: expected clean, eta<percent> (e.g. eta2.5), eta<percent>-random, cep-u<gamma>, "
                      f"or one of {', '.join(r for r in RUNS if r != 'clean')}")
 
 

@@ -2863,12 +2863,15 @@ def test_study_runs_name_the_papers_baselines():
     assert study.run_flags("eta5-random") == (5.0, ["--corrupt=0.05", "--corrupt_mode=random"])
     assert study.run_flags("ls") == (0.0, ["--label_smoothing=0.1"]) and study.run_flags("dropout")[0] == 0.0
     assert "--cep_fixed=0.05" in study.run_flags("cep-u-fixed")[1]
+    assert study.run_flags("cep-u4.5") == (0.0, ["--cep", "--cep_type=uniform", "--cep_scale=4.5"])
+    assert study.run_flags("cep-g2")[1][1:] == ["--cep_type=gaussian", "--cep_scale=2.0"]
     assert study.on_eta_axis({"run": "eta5"}) and not study.on_eta_axis({"run": "eta5-random"})
     train_keys = set(re.findall(r"^(\w+) = ", open(os.path.join(ROOT, "train.py")).read(), re.M))
     flags = {f[2:].split("=")[0] for _, args in study.RUNS.items() for f in args}
     assert flags <= train_keys and flags | {"corrupt", "corrupt_mode"} <= study.OWNED["train.py"]
-    with pytest.raises(ValueError, match="cep-u-fixed"):
-        study.run_flags("eta")
+    for bad in ("eta", "cep-u0", "cep-x2"):
+        with pytest.raises(ValueError, match="cep-u-fixed"):
+            study.run_flags(bad)
 
 
 def test_study_downstream_stage_adapts_each_run_and_tables_it(tiny_study, monkeypatch):
