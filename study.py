@@ -214,7 +214,8 @@ def write_table(rows, out, sampler_header="sampler"):
     keys = ["run", "eta", "sampler", "cfg_scale", "num_samples", "feature_space", "seeds"]
     keys[1:1] = ["n"] if "n" in rows[0] else []  # the small-data study's training images per class
     lead = len(keys) - 2
-    metrics = [k for k in METRICS if any(r[k] is not None for r in rows)]
+    # the IS split stds stay in the CSV: beside the seed spread a column of them reads as one more metric
+    metrics = [k for k in METRICS if not k.endswith("_std") and any(r[k] is not None for r in rows)]
     with atomic_write(out + ".csv", "w") as f:
         writer = csv.DictWriter(f, keys + [c for k in METRICS for c in (k, k + "_seed_std")] + ["beyond_noise"])
         writer.writeheader()

@@ -2793,7 +2793,8 @@ def test_digits_export_splits_held_out_images_and_trains_through_image_folder(tm
 def test_study_aggregates_seeds_and_marks_what_is_beyond_the_noise(tmp_path):
     def row(run, seed, fid, recall):
         return dict(dict.fromkeys(study.METRICS), run=run, seed=seed, eta=5.0 if run == "eta5" else 0.0,
-                    sampler="dpm++50", cfg_scale=2.0, num_samples=100, feature_space="x", fid=fid, recall=recall)
+                    sampler="dpm++50", cfg_scale=2.0, num_samples=100, feature_space="x", fid=fid, recall=recall,
+                    is_classifier_std=0.1)
     rows = [row("clean", 0, 10.0, 0.50), row("clean", 1, 10.4, 0.60), row("clean", 2, 9.8, 0.40),
             row("eta5", 0, 14.0, 0.52), row("eta5", 1, 14.5, 0.45), row("eta5", 2, 13.9, 0.58),
             row("cep-u", 0, 9.0, 0.5)]
@@ -2806,6 +2807,7 @@ def test_study_aggregates_seeds_and_marks_what_is_beyond_the_noise(tmp_path):
     assert clean["beyond_noise"] == cep["beyond_noise"] == "" and cep["fid_seed_std"] is None  # one seed: no test
     study.write_table([clean, eta5, cep], str(tmp_path / "r"))
     markdown = (tmp_path / "r.md").read_text()
+    assert "is_classifier_std" in (tmp_path / "r.csv").read_text() and " std" not in markdown.split("\n")[3]
     assert "| eta5 | 5 | dpm++50 | 2 | 100 | 14.13 ± 0.32 * |" in markdown and "| cep-u | 0 | dpm++50 | 2 | 100 | 9 |" in \
         markdown
 
