@@ -14,20 +14,14 @@ sample.py and evaluate.py as subprocesses (through torchrun when nproc > 1) and 
   python study.py --runs clean,eta5,cep-u --distill_steps 1,2,4   # LCM rows: each run distilled (docs/lcm.md)
   python study.py --digits 20,0 --runs clean,cep-u --seeds 0,1,2 --train_args="--model DiT-Ti/4"  # small data
 
-out_dir/<run>/ holds train.py's output (ckpt.pt, log.txt, the grids) and, for each sampler and scale,
+out_dir/<run>/ (<run>-seed<s>/ for seeds other than 0) holds train.py's output and, for each sampler and scale,
 samples_<sampler><steps>_cfg<scale>_n<N>.npz and its _metrics.json. Nothing is done twice: a run with a checkpoint
-is resumed (train.py finishes it, or does nothing when it is done), and a sample file or a report is made again
-only when it is missing or older than what it is made from. Results of the runs, samplers and scales asked for:
-out_dir/results.md and results.csv (one row per run, sampler and scale; every metric), metrics_vs_eta.png,
-guidance.png (FID against IS and precision against recall over the guidance scales, a curve per run) and
-grids.png (each run's last training grid). The downstream stage (the paper's Table 2), with --adapters: each
-run's checkpoint is adapted with each adapter and control (train.py --init), in out_dir/<run>/<adapter>-<control>/;
-the adapted model samples for the controls of held-out images and is evaluated against them (on the built-in
-shapes: evaluate.py's synthetic reference of as many images, at the adaptation's synthetic_scale); the rows land
-in downstream.md / downstream.csv (the pre-training run against the adapted model's metrics) and
-downstream_vs_eta.png. The LCM stage, with --distill_steps: each run's checkpoint is distilled into a consistency
-student (train.py --teacher, on the run's own corrupted data or CEP) in out_dir/<run>/lcm/, which is sampled at
-those steps and evaluated; its rows (sampler lcm<steps>) join the table beside the teacher's.
+is resumed, and a sample file or a report is made again only when it is missing or older than what it is made from.
+Results: out_dir/results.md/.csv (a row per run, sampler and scale: every metric, mean ± seed spread),
+metrics_vs_eta.png, guidance.png and grids.png. --adapters (the paper's Table 2): each run adapted in
+out_dir/<run>/<adapter>-<control>/, sampled for held-out controls, in downstream.md/.csv and downstream_vs_eta.png.
+--distill_steps: each run distilled into a consistency student in out_dir/<run>/lcm/, its rows (lcm<steps>) in the
+table beside the teacher's. docs/study.md, docs/downstream.md and docs/lcm.md say more.
 """
 import csv
 import glob
@@ -168,6 +162,25 @@ def fresh(path, source):
 def read_json(path):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def sampled_metrics(model_ckpt, folder, sampler, steps, scale, seed, sample_argv, eval_argv):
+    """sample.py's samples of a checkpoint in folder and evaluate.py's report on them, each made only when it is
+    missing or older than what it is made from: the report's sample count, feature space and METRICS."""
+    stem = os.path.join(folder, f"samples_{sampler}{steps}_cfg{scale}_n{num_samples}")
+    npz, report = stem + ".npz", stem + "_metrics.json"
+    if fresh(npz, model_ckpt):
+        print(f"reusing {npz}")
+    else:
+        launch("sample.py", *sample_argv, f"--ckpt={model_ckpt}", f"--seed={seed}", f"--sampler={sampler}",
+               f"--num_steps={steps}", f"--cfg_scale={scale}", f"--num_samples={num_samples}", f"--out={npz}")
+    res = read_cache(report, read_json) if fresh(report, npz) else None  # unreadable: evaluated again
+    if res is None:
+        launch("evaluate.py", *eval_argv, f"--samples={npz}", f"--out={report}")
+        res = read_json(report)
+    else:
+        print(f"reusing {report}")
+    return dict(num_samples=res["num_samples"], feature_space=res["feature_space"], **{k: res.get(k) for k in METRICS})
 
 
 def last_grid(folder):
@@ -445,24 +458,9 @@ def run_study():
                    f"--out_dir={os.path.dirname(lcm_ckpt)}", *(["--resume"] if os.path.isfile(lcm_ckpt) else []))
             students = [(lcm_ckpt, os.path.dirname(lcm_ckpt), "lcm", int(steps)) for steps in distill_steps.split(",")]
         for model_ckpt, folder, sampler, steps in [(ckpt_path, run_dir, *spec) for spec in specs] + students:
-            for scale in scales:
-                stem = os.path.join(folder, f"samples_{sampler}{steps}_cfg{scale}_n{num_samples}")
-                npz, report = stem + ".npz", stem + "_metrics.json"
-                if fresh(npz, model_ckpt):
-                    print(f"reusing {npz}")
-                else:
-                    launch("sample.py", *sample_argv, f"--ckpt={model_ckpt}", f"--seed={seed}", f"--sampler={sampler}",
-                           f"--num_steps={steps}", f"--cfg_scale={scale}", f"--num_samples={num_samples}",
-                           f"--out={npz}")
-                res = read_cache(report, read_json) if fresh(report, npz) else None  # unreadable: evaluated again
-                if res is None:
-                    launch("evaluate.py", *eval_argv, f"--samples={npz}", f"--out={report}")
-                    res = read_json(report)
-                else:
-                    print(f"reusing {report}")
-                rows.append(dict(run=name, seed=seed, eta=eta, sampler=f"{sampler}{steps}", cfg_scale=scale,
-                                 num_samples=res["num_samples"], feature_space=res["feature_space"],
-                                 **{k: res.get(k) for k in METRICS}))
+            rows += [dict(run=name, seed=seed, eta=eta, sampler=f"{sampler}{steps}", cfg_scale=scale,
+                          **sampled_metrics(model_ckpt, folder, sampler, steps, scale, seed, sample_argv, eval_argv))
+                     for scale in scales]
         for kind, control in down_specs:  # the downstream stage: adapt, sample held-out controls, evaluate
             sampler, steps = specs[0]
             down_dir = os.path.join(run_dir, f"{kind}-{os.path.basename(control.rstrip('/'))}")
@@ -472,22 +470,11 @@ def run_study():
                    *(["--resume"] if os.path.isfile(down_ckpt) else []))
             synthetic_scale = torch.load(down_ckpt, map_location="cpu", weights_only=True, mmap=True)["config"][
                 "synthetic_scale"]  # the held-out images are of the adaptation's task
-            for scale in scales:
-                stem = os.path.join(down_dir, f"samples_{sampler}{steps}_cfg{scale}_n{num_samples}")
-                npz, report = stem + ".npz", stem + "_metrics.json"
-                if not fresh(npz, down_ckpt):
-                    launch("sample.py", *sample_argv, f"--ckpt={down_ckpt}", f"--seed={seed}", f"--sampler={sampler}",
-                           f"--num_steps={steps}", f"--cfg_scale={scale}", f"--num_samples={num_samples}",
-                           f"--out={npz}")
-                res = read_cache(report, read_json) if fresh(report, npz) else None
-                if res is None:  # the held-out images themselves: the reference
-                    launch("evaluate.py", f"--synthetic_ref_size={num_samples}",
-                           f"--synthetic_ref_scale={synthetic_scale}", *down_eval_argv, f"--samples={npz}",
-                           f"--out={report}")
-                    res = read_json(report)
-                down_rows.append(dict(run=name, seed=seed, eta=eta, sampler=f"{kind}-{control}", cfg_scale=scale,
-                                      num_samples=res["num_samples"], feature_space=res["feature_space"],
-                                      **{k: res.get(k) for k in METRICS}))
+            held_out_ref = [f"--synthetic_ref_size={num_samples}", f"--synthetic_ref_scale={synthetic_scale}"]
+            down_rows += [dict(run=name, seed=seed, eta=eta, sampler=f"{kind}-{control}", cfg_scale=scale,
+                               **sampled_metrics(down_ckpt, down_dir, sampler, steps, scale, seed, sample_argv,
+                                                 held_out_ref + down_eval_argv))
+                          for scale in scales]
 
     written = [os.path.join(out_dir, "results.csv"), os.path.join(out_dir, "results.md")]
     rows = aggregate(rows)
