@@ -130,6 +130,20 @@ def host_syncs(fn):
         torch.cuda.set_sync_debug_mode("default")
 
 
+def on_cudnn(forward, *args):
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return forward(*args)
+
+
+def attention_kernels(fn):
+    """The names of the attention kernels one call of fn runs on the GPU (the profiler's), to tell which SDPA chose."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = {e.key for e in prof.key_averages() if any(w in e.key.lower() for w in ("flash", "fmha", "sdpa", "attn"))}
+    return ", ".join(sorted(name[:60] for name in names)) or "none found"
+
+
 def train_step(net, forward, channels, side, dtype, learn_sigma, batch):
     """train.py's training step on a batch of random latents, for forward(x_t, t, y) -> model output."""
     params = [p for p in net.parameters() if p.requires_grad]
@@ -374,13 +388,17 @@ def mfu_rows():
     step = train_step(net, net, channels, side, torch.bfloat16, dit, batch)
     times, modes, notes = [eager, timed([step])[0]], ["no", "default"], []
     if device.startswith("cuda"):
-        notes.append(f"{mfu_model}, compiled at batch {batch}: the training step {host_syncs(step)}")
-        # compiled anew with the attention on cuDNN's kernel (attention_rows: is it faster?)
+        notes.append(f"{mfu_model}, compiled at batch {batch}: the training step {host_syncs(step)}, attention "
+                     f"kernels {attention_kernels(step)}")
+        # compiled anew with cuDNN's attention asked for inside each block's forward, where the graph records it (a
+        # context around the compiled call did not reach it: docs/speed.md)
         torch._dynamo.reset()
+        for block in net.blocks:
+            block.attn.forward = partial(on_cudnn, block.attn.forward)
         try:
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                times.append(timed([step])[0])
+            times.append(timed([step])[0])
             modes.append("default, cuDNN attention")
+            notes.append(f"{mfu_model}, compiled on cuDNN attention: attention kernels {attention_kernels(step)}")
         except RuntimeError as e:
             notes.append(f"{mfu_model}: the compiled step cannot run on cuDNN attention: {str(e).splitlines()[0]}")
     rows = [dict(task="train", model=mfu_model, input=f"{side}x{side}x{channels}", batch=batch, seconds=s,
