@@ -36,8 +36,9 @@ class GaussianDiffusion:
     """Forward process, posterior, model mean/variance and the training loss. `schedule` names the betas: "linear",
     linspace(1e-4, 0.02) over 1000 steps (DDPM's and DiT's), or "scaled_linear", linspace(sqrt(0.0015),
     sqrt(0.0195))^2, the betas of CompVis's LDM configs (which call it "linear"), with which the paper's LDM-4
-    trains: its sqrt(SNR) at t=0 is 25.8, DiT's 100. Samplers with fewer steps build a diffusion from a subsequence
-    of the timesteps (`respaced`).
+    trains: its sqrt(SNR) at t=0 is 25.8, DiT's 100; or "sd", linspace(sqrt(0.00085), sqrt(0.012))^2, Stable
+    Diffusion's (diffusers' scaled_linear with SD's beta_start and beta_end). Samplers with fewer steps build a
+    diffusion from a subsequence of the timesteps (`respaced`).
 
     `prediction` is what the model's first C channels predict: "eps", the noise (DDPM, DiT, LDM), or "v" =
     sqrt(a) eps - sqrt(1 - a) x0 with a = alphas_cumprod (Salimans & Ho, 2022). At high noise x_t is almost all
@@ -56,8 +57,11 @@ class GaussianDiffusion:
             betas = np.linspace(1e-4 * 1000 / num_timesteps, 0.02 * 1000 / num_timesteps, num_timesteps)
         elif betas is None and schedule == "scaled_linear":
             betas = np.linspace(0.0015 ** 0.5, 0.0195 ** 0.5, num_timesteps) ** 2
+        elif betas is None and schedule == "sd":
+            betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, num_timesteps) ** 2
         elif betas is None:
-            raise ValueError(f"schedule must be 'linear' (DiT's) or 'scaled_linear' (LDM's), got {schedule!r}")
+            raise ValueError(f"schedule must be 'linear' (DiT's), 'scaled_linear' (LDM's) or 'sd' (Stable "
+                             f"Diffusion's), got {schedule!r}")
         self.betas = betas = np.asarray(betas, dtype=np.float64)  # float64: the schedule needs the precision
         self.num_timesteps = len(betas)
         self.learn_sigma, self.prediction = learn_sigma, prediction

@@ -45,17 +45,22 @@ class TimestepEmbedder(nn.Module):
 
 
 class GuidanceEmbedder(nn.Module):
-    """A consistency student's guidance scale w (LCM, Luo et al. 2023): the sinusoids of 1000 w, as LCM embeds it,
-    through a linear map added to the timestep's sinusoids. Zero at first (ours; LCM's starts random), so that the
+    """A consistency student's guidance scale w, as LCM (Luo et al. 2023) embeds it: the sinusoids of 1000 w (256 of
+    them, frequencies 10000^(-k / 127), sin then cos: diffusers' get_guidance_scale_embedding), through a linear map
+    without bias into the timestep's sinusoids, to which it is added (diffusers' TimestepEmbedding.cond_proj). So the
+    U-Net of LCM-SD (time_cond_proj_dim=256) loads as it is. Zero at first (ours; LCM's starts random), so that the
     student starts as exactly its teacher."""
 
-    def __init__(self, dim):
+    def __init__(self, dim, embedding_dim=256):
         super().__init__()
-        self.proj = nn.Linear(dim, dim, bias=False)
-        nn.init.zeros_(self.proj.weight)
+        self.cond_proj = nn.Linear(embedding_dim, dim, bias=False)
+        nn.init.zeros_(self.cond_proj.weight)
 
     def forward(self, w):
-        return self.proj(TimestepEmbedder.timestep_embedding(w * 1000, self.proj.in_features))
+        half = self.cond_proj.in_features // 2
+        freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10000) / (half - 1)))
+        args = w.float()[:, None] * 1000 * freqs[None]
+        return self.cond_proj(torch.cat([torch.sin(args), torch.cos(args)], dim=-1))
 
 
 class LabelEmbedder(nn.Module):
@@ -467,6 +472,9 @@ UNet_models = {
     # LDM-4 on ImageNet (LDM's cin256-v2.yaml): attention at 1/2, 1/4, 1/8 of the 64x64x3 VQ-f4 latents
     "LDM-4": dict(model_channels=192, channel_mult=(1, 2, 3, 5), num_res_blocks=2, attention_resolutions=(2, 4, 8),
                   num_heads=1, context_dim=512),
+    # Stable Diffusion v1's (diffusers' UNet2DConditionModel, attention_head_dim 8) on 64x64x4 KL-f8 latents
+    "SD-1.5": dict(model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_resolutions=(1, 2, 4),
+                   num_heads=8, context_dim=768),
     # a small one for CPU runs and tests
     "LDM-S": dict(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(2, 4),
                   num_heads=4, context_dim=256),

@@ -33,8 +33,8 @@ from configurator import atomic_write, configure
 from control import adapt, control_image
 from data import ImageCaptions, ImageFolder, SyntheticShapes
 from diffusion import GaussianDiffusion
-from model import LabelEmbedder, UNet, UNet_models, build_model, load_dit
-from text import TextEmbedder, TextEncoder, tokenize
+from model import UNet, UNet_models, build_model, load_dit
+from text import TextEmbedder, TextEncoder, load_clip_text_encoder, tokenize
 from vae import load_first_stage, read_diffusers_weights
 
 # -----------------------------------------------------------------------------
@@ -65,36 +65,45 @@ def build(model_args):
     """The model that train.py's model_args describe; a text-to-image U-Net with its text encoder (text_layers); an
     adapted model (control.Adapted) with its adapter."""
     args = dict(model_args)
-    text_layers, adapter = args.pop("text_layers", 0), args.pop("adapter", None)
+    text_layers, text_pad, adapter = args.pop("text_layers", 0), args.pop("text_pad", 0), args.pop("adapter", None)
     if text_layers:
         width = args.get("context_dim", UNet_models[args["name"]]["context_dim"])
-        args["y_embedder"] = TextEmbedder(TextEncoder(width, text_layers), args["class_dropout_prob"])
+        args["y_embedder"] = TextEmbedder(TextEncoder(width, text_layers, pad=text_pad),
+                                          args["class_dropout_prob"])
     return adapt(build_model(**args), **adapter) if adapter else build_model(**args)
 
 
-def unet_from_diffusers(config, state_dict, y_embedder=None):
-    """Our UNet with the weights of diffusers' UNet2DConditionModel (`config`: its config.json as a dict): Stable
-    Diffusion v1's layout and LDM's converted to diffusers, which are the same network under other names. One
-    explicit key map: down/up/mid blocks -> input/output/middle blocks, to_q -> q, to_k and to_v -> one kv."""
+def unet_args(config):
+    """Our UNet's arguments for diffusers' UNet2DConditionModel `config` (its config.json as a dict): Stable Diffusion
+    v1's layout, LCM-SD's (time_cond_proj_dim 256: our model.GuidanceEmbedder) and LDM's converted to diffusers, which
+    are the same network under other names. Any other layout is an error that names what differs."""
     chans, n = config["block_out_channels"], config["layers_per_block"]
     heads = config.get("num_attention_heads") or config["attention_head_dim"]  # diffusers' name for the head count
     heads = set(heads) if isinstance(heads, (list, tuple)) else {heads}
     layout = dict(flip_sin_to_cos=True, freq_shift=0, norm_num_groups=32, transformer_layers_per_block=1,
-                  mid_block_type="UNetMidBlock2DCrossAttn", resnet_time_scale_shift="default", act_fn="silu")
+                  mid_block_type="UNetMidBlock2DCrossAttn", resnet_time_scale_shift="default", act_fn="silu",
+                  time_cond_proj_dim=config.get("time_cond_proj_dim") and 256, out_channels=config["in_channels"])
     other = [k for k in ("use_linear_projection", "upcast_attention", "only_cross_attention", "class_embed_type",
-                         "addition_embed_type", "time_cond_proj_dim", "encoder_hid_dim", "center_input_sample")
+                         "addition_embed_type", "encoder_hid_dim", "center_input_sample", "num_class_embeds")
              if config.get(k)] + [k for k, v in layout.items() if config.get(k, v) != v]
     if len(heads) > 1 or other:
         raise ValueError(f"this UNet2DConditionModel's {', '.join(other) or 'attention_head_dim'} is not the SD-1 / "
-                         "LDM layout our UNet has")
+                         "LCM-SD / LDM layout our UNet has")
+    return dict(in_channels=config["in_channels"], model_channels=chans[0], channel_mult=tuple(c // chans[0] for c in
+                chans), num_res_blocks=n, attention_resolutions=tuple(2 ** i for i in range(len(chans)) if
+                config["down_block_types"][i].startswith("CrossAttn")), num_heads=heads.pop(),
+                context_dim=config["cross_attention_dim"], guidance_embed=bool(config.get("time_cond_proj_dim")))
+
+
+def unet_keys(config, state_dict):
+    """diffusers' UNet2DConditionModel weights under our UNet's names. One explicit key map: down/up/mid blocks ->
+    input/output/middle blocks, to_q -> q, to_k and to_v -> one kv, time_embedding.cond_proj -> w_embedder.cond_proj."""
+    chans, n = config["block_out_channels"], config["layers_per_block"]
     levels = range(len(chans))
-    unet = UNet(config["in_channels"], chans[0], [c // chans[0] for c in chans], n,
-                [2 ** i for i in levels if config["down_block_types"][i].startswith("CrossAttn")], heads.pop(),
-                config["cross_attention_dim"], getattr(y_embedder, "num_classes", 0), y_embedder=y_embedder)
     prefixes = {"conv_in.": "input_blocks.0.0.", "time_embedding.linear_1.": "time_embed.0.",
-                "time_embedding.linear_2.": "time_embed.2.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
-                "mid_block.resnets.0.": "middle_block.0.", "mid_block.attentions.0.": "middle_block.1.",
-                "mid_block.resnets.1.": "middle_block.2."}
+                "time_embedding.linear_2.": "time_embed.2.", "time_embedding.cond_proj.": "w_embedder.cond_proj.",
+                "conv_norm_out.": "out.0.", "conv_out.": "out.2.", "mid_block.resnets.0.": "middle_block.0.",
+                "mid_block.attentions.0.": "middle_block.1.", "mid_block.resnets.1.": "middle_block.2."}
     k = 1
     for i in levels:
         for j in range(n):
@@ -120,41 +129,75 @@ def unet_from_diffusers(config, state_dict, y_embedder=None):
         ours[prefixes[prefix] + rest] = value
     for key in [k for k in ours if ".to_k." in k]:  # separate k, v -> one kv projection
         ours[key.replace(".to_k.", ".kv.")] = torch.cat([ours.pop(key), ours.pop(key.replace(".to_k.", ".to_v."))])
-    if y_embedder is not None:
-        ours.update({f"y_embedder.{k}": v for k, v in y_embedder.state_dict().items()})
-    unet.load_state_dict(ours)
-    return unet
+    return ours
 
 
-def load_pipeline(folder):
-    """A diffusers pipeline folder as the paper's released LDMs are saved (huggingface.co/DiffusionNoise, by the
-    authors' diffusers fork: LDMClassToImagePipeline): unet/ (UNet2DConditionModel), class_embedder/ (one
-    nn.Embedding whose last row is the null class), vqvae/ (VQ-f4, latents decoded unscaled), scheduler/. The model
-    in eval mode and what load_model returns beside it."""
-    def config(sub):
-        with open(os.path.join(folder, sub, "scheduler_config.json" if sub == "scheduler" else "config.json")) as f:
+def text_args(encoder):
+    """What model_args record of a text encoder, for build to make it again."""
+    pad = {"text_pad": encoder.pad} if encoder.pad else {}  # absent for CLIP's 0: older checkpoints stay equal
+    return dict(context_dim=encoder.width, text_layers=encoder.layers, **pad)
+
+
+def read_pipeline(folder):
+    """A diffusers pipeline folder as the dict of a checkpoint of train.py: `ema` its weights under our names,
+    model_args, prediction, schedule, first_stage, consistency (an LCM's), and `config`, the settings of train.py
+    that make this model (train.py --teacher <folder> takes them). unet/ (unet_args), scheduler/, and either
+    - text_encoder/, tokenizer/ (text.load_clip_text_encoder) and vae/ (KL-f8, scaled by its scaling_factor):
+      Stable Diffusion v1 and LCM-SD, or
+    - class_embedder/ (one nn.Embedding whose last row is the null class) and vqvae/ (VQ-f4, latents unscaled): the
+      paper's released LDM-4s (huggingface.co/DiffusionNoise, saved by the authors' fork: LDMClassToImagePipeline)."""
+    def config(sub, name="config.json"):
+        if not os.path.isfile(os.path.join(folder, sub, name)):
+            raise FileNotFoundError(f"{folder} is not a diffusers pipeline of Stable Diffusion, LCM-SD or the paper's "
+                                    f"LDMs: no {sub}/{name}")
+        with open(os.path.join(folder, sub, name)) as f:
             return json.load(f)
-    unet_config, scheduler = config("unet"), config("scheduler")
-    table = read_diffusers_weights(os.path.join(folder, "class_embedder"), "class_embedder")["embedding.weight"]
-    y_embedder = LabelEmbedder(table.shape[0] - 1, table.shape[1], 0.0)
-    y_embedder.embedding_table.weight.data.copy_(table)
-    unet = unet_from_diffusers(unet_config, read_diffusers_weights(os.path.join(folder, "unet"), "unet"), y_embedder)
-    betas = (scheduler["beta_schedule"], scheduler["beta_start"], scheduler["beta_end"])
-    schedule = {("scaled_linear", 0.0015, 0.0195): "scaled_linear", ("linear", 1e-4, 0.02): "linear"}.get(betas)
+    unet_config, scheduler = config("unet"), config("scheduler", "scheduler_config.json")
+    model_args = dict(name="LDM-4", input_size=unet_config["sample_size"], learn_sigma=False, class_dropout_prob=0.0,
+                      **unet_args(unet_config))
+    ema = unet_keys(unet_config, read_diffusers_weights(os.path.join(folder, "unet"), "unet"))
+    if os.path.isdir(os.path.join(folder, "text_encoder")):
+        encoder = load_clip_text_encoder(folder)
+        if encoder.width != model_args["context_dim"]:
+            raise ValueError(f"{folder}: the text encoder's width {encoder.width} is not the U-Net's context's")
+        ema.update({f"y_embedder.encoder.{k}": v for k, v in encoder.state_dict().items()})
+        model_args.update(name="SD-1.5", num_classes=0, **text_args(encoder))
+        settings = dict(text_encoder="clip", clip_model=folder)
+        vae = dict(vae=os.path.join(folder, "vae"), scale=config("vae").get("scaling_factor", 0.18215))
+    else:
+        table = read_diffusers_weights(os.path.join(folder, "class_embedder"), "class_embedder")["embedding.weight"]
+        ema["y_embedder.embedding_table.weight"] = table
+        model_args.update(num_classes=table.shape[0] - 1)
+        settings = dict(text_encoder="")
+        vae = dict(vae=os.path.join(folder, "vqvae"), scale=1.0)
+    betas = (scheduler.get("beta_schedule"), scheduler.get("beta_start"), scheduler.get("beta_end"))
+    schedule = {("scaled_linear", 0.0015, 0.0195): "scaled_linear", ("scaled_linear", 0.00085, 0.012): "sd",
+                ("linear", 1e-4, 0.02): "linear"}.get(betas)
     prediction = {"epsilon": "eps", "v_prediction": "v"}.get(scheduler.get("prediction_type", "epsilon"))
-    if schedule is None or prediction is None or scheduler.get("num_train_timesteps", 1000) != 1000:
-        raise ValueError(f"{folder}/scheduler: {scheduler} is neither DiT's nor LDM's schedule of 1000 steps")
-    first_stage = dict(vae=os.path.join(folder, "vqvae"), scale=1.0)
-    return unet.eval(), dict(model_args=dict(input_size=unet_config["sample_size"]), first_stage=first_stage,
-                             prediction=prediction, schedule=schedule)
+    lcm_steps = scheduler.get("original_inference_steps", 50)  # LCMScheduler's skipping grid: k = 1000 / 50
+    if schedule is None or prediction is None or scheduler.get("num_train_timesteps", 1000) != 1000 or \
+            scheduler.get("trained_betas") or scheduler.get("rescale_betas_zero_snr") or \
+            (model_args["guidance_embed"] and (1000 % lcm_steps or scheduler.get("timestep_scaling", 10) != 10)):
+        raise ValueError(f"{folder}/scheduler: {scheduler} is not ours: DiT's, LDM's or SD's betas over 1000 steps, "
+                         "eps or v prediction; for an LCM a grid dividing them and timestep_scaling 10")
+    factor = 2 ** (len(config(os.path.basename(vae["vae"]))["block_out_channels"]) - 1)
+    settings.update(model=model_args["name"], learn_sigma=False, prediction=prediction, schedule=schedule,
+                    vae=vae["vae"], image_size=model_args["input_size"] * factor)
+    return dict(ema=ema, model_args=model_args, prediction=prediction, schedule=schedule, first_stage=vae,
+                config=settings, consistency=dict(skip_interval=1000 // lcm_steps) if model_args["guidance_embed"]
+                else None)
 
 
 def load_checkpoint(path, map_location="cpu"):
     """The dict a checkpoint holds: train.py's (model, ema, opt, step, model_args, ...) or a bare state dict. A
-    missing, damaged (truncated) or foreign file is an error that names it and says what to do."""
+    missing, damaged (truncated) or foreign file is an error that names it and says what to do. A diffusers pipeline
+    folder (model_index.json) is read as one (read_pipeline)."""
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return read_pipeline(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} not found: train one with train.py, or pass --ckpt "
-                                "with the path of an official DiT checkpoint (e.g. DiT-XL-2-256x256.pt)")
+        raise FileNotFoundError(f"checkpoint {path!r} not found: train one with train.py, or pass --ckpt with the path "
+                                "of an official DiT checkpoint (e.g. DiT-XL-2-256x256.pt) or of a diffusers pipeline "
+                                "folder (model_index.json)")
     def damaged(reason):
         return ValueError(f"checkpoint {path!r} is damaged (truncated?) or not a checkpoint of this project "
                           f"({reason}); use the previous one (a kill mid-save leaves {os.path.basename(path)}.tmp: "
@@ -173,9 +216,7 @@ def load_checkpoint(path, map_location="cpu"):
 def load_model(path, use_ema=True):
     """The model of a checkpoint, in eval mode, and what train.py recorded beside it: model_args (input_size...),
     first_stage (dict(vae=path, scale), None in pixel space), prediction and schedule; {} for a bare state dict. A
-    diffusers pipeline folder (load_pipeline) loads too."""
-    if os.path.isfile(os.path.join(path, "model_index.json")):
-        return load_pipeline(path)
+    diffusers pipeline folder (read_pipeline) loads too."""
     state = load_checkpoint(path)
     if "ema" not in state:  # a bare DiT state dict
         try:
@@ -188,7 +229,7 @@ def load_model(path, use_ema=True):
     model.load_state_dict(state["ema" if use_ema else "model"])
     return model.eval(), dict(model_args=state["model_args"], first_stage=state["first_stage"],
                               prediction=state["prediction"], schedule=state.get("schedule", "linear"),
-                              config=state["config"], consistency=state.get("consistency"))
+                              config=state.get("config"), consistency=state.get("consistency"))
 
 
 def guided_step(model, x, t, labels, cfg_scale, hint=None):

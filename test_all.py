@@ -1,9 +1,11 @@
 """The test suite: `python -m pytest -q test_all.py`. Tiny configs, CPU, real files, real torchrun.
 
 Sections, in this order (find one by searching for its title; run one with -k and a word of a test's name):
-  model.py       DiT and U-Net shapes, init, official/diffusers layouts, guidance
+  model.py       DiT and U-Net shapes, init, official/diffusers layouts, guidance; diffusers pipeline folders (the
+                 paper's LDMs, Stable Diffusion v1, LCM-SD) against diffusers
   vae.py         KL-f8 and VQ-f4 against diffusers, key manifests (tests/manifests), weight-file errors
-  text.py        CLIP's text transformer against clip-anytorch, the offline tokenizer
+  text.py        CLIP's text transformer against clip-anytorch and transformers' CLIPTextModel (SD's padding), the
+                 offline tokenizer
   diffusion.py   schedule, q_sample, hybrid / v / Min-SNR losses, DDIM, DDPM and DPM-Solver++ update rules; LCM's
                  consistency function, loss and sampler against diffusers' LCMScheduler
   data.py        built-in shapes, class folders, bad images, image modes (16-bit...), caption sets, the batch sampler
@@ -61,7 +63,7 @@ from configurator import configure
 from diffusion import GaussianDiffusion, discretized_gaussian_log_likelihood
 from model import DiT, DiT_models, UNet, UNet_models, build_model, diffusers_to_dit, load_dit
 from vae import AutoencoderKL, VQModel, load_first_stage
-from sample import load_model, sample, sample_npz, unet_from_diffusers
+from sample import load_model, sample, sample_npz, unet_args, unet_keys
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MANIFESTS = os.path.join(ROOT, "tests", "manifests")
@@ -350,39 +352,59 @@ def test_a_consistency_students_guidance_embedding_starts_at_zero_and_is_used(ki
     torch.manual_seed(0)
     make = tiny_dit if kind == "dit" else lambda **kw: UNet(in_channels=3, **TINY_UNET, **kw)
     teacher, student = randomize(make()).eval(), make(guidance_embed=True).eval()
-    assert student.load_state_dict(teacher.state_dict(), strict=False).missing_keys == ["w_embedder.proj.weight"]
+    assert student.load_state_dict(teacher.state_dict(), strict=False).missing_keys == ["w_embedder.cond_proj.weight"]
     x, t, y, w = torch.randn(2, 3, 8, 8), torch.tensor([19, 999]), torch.tensor([1, 2]), torch.tensor([2.0, 4.0])
     out = student(x, t, y, w=w)
     assert torch.equal(out, teacher(x, t, y))  # a zero projection: exactly the teacher, whatever w
     out.square().sum().backward()
-    assert student.w_embedder.proj.weight.grad.abs().sum() > 0  # and it learns from the first step
+    assert student.w_embedder.cond_proj.weight.grad.abs().sum() > 0  # and it learns from the first step
     with torch.no_grad():
-        student.w_embedder.proj.weight.normal_(0, 0.1)
+        student.w_embedder.cond_proj.weight.normal_(0, 0.1)
         assert (student(x, t, y, w=w) - student(x, t, y, w=w + 1)).abs().amax(dim=(1, 2, 3)).min() > 1e-4
 
 
-DIFFUSERS_UNETS = {  # small UNet2DConditionModel configs with the block types of Stable Diffusion v1 and of LDM-4
+DIFFUSERS_UNETS = {  # small UNet2DConditionModel configs with the block types of Stable Diffusion v1, LCM-SD and LDM-4
     "sd": dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=2, cross_attention_dim=16,
                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
     "ldm": dict(block_out_channels=(32, 64, 96), layers_per_block=2, attention_head_dim=1, cross_attention_dim=24,
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))}
+DIFFUSERS_UNETS["lcm"] = dict(DIFFUSERS_UNETS["sd"], time_cond_proj_dim=256)  # LCM-SD: a guidance embedding
+
+
+def diffusers_unet(layout, **kw):
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**{**dict(sample_size=8, in_channels=3, out_channels=3), **DIFFUSERS_UNETS[layout], **kw})
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.normal_(0, 0.1)
+    return unet.eval()
+
+
+def guidance_embedding(w):
+    """diffusers' own w embedding of LCM (LatentConsistencyModelPipeline.get_guidance_scale_embedding, 256 dims)."""
+    from diffusers import LatentConsistencyModelPipeline
+    return LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=256)
 
 
 @pytest.mark.parametrize("layout", DIFFUSERS_UNETS)
 def test_unet_loads_diffusers_unet2dconditionmodel_and_computes_the_same(layout):
-    from diffusers import UNet2DConditionModel
-    torch.manual_seed(0)
-    ref = UNet2DConditionModel(sample_size=8, in_channels=3, out_channels=3, **DIFFUSERS_UNETS[layout]).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0, 0.1)
-    ours = unet_from_diffusers(dict(ref.config), ref.state_dict()).eval()
+    ref = diffusers_unet(layout)
+    ours = UNet(**unet_args(dict(ref.config)), num_classes=0).eval()
+    ours.load_state_dict(unet_keys(dict(ref.config), ref.state_dict()))
     x, t, c = torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, ref.config.cross_attention_dim)
+    w = torch.tensor([3.5, 14.0])  # LCM's guidance w: diffusers adds cond_proj of its embedding to the timestep's
     with torch.no_grad():
-        _close(ours(x, t, context=c), ref(x, t, encoder_hidden_states=c).sample, rel=1e-5)
+        out = ours(x, t, context=c, w=w if layout == "lcm" else None)
+        _close(out, ref(x, t, encoder_hidden_states=c, timestep_cond=guidance_embedding(w) if layout == "lcm" else
+                        None).sample, rel=1e-5)
+        if layout == "lcm":  # and w matters
+            assert (out - ours(x, t, context=c, w=w + 1)).abs().max() > 1e-3
     with pytest.raises(ValueError, match="use_linear_projection"):
-        unet_from_diffusers(dict(ref.config, use_linear_projection=True), ref.state_dict())
+        unet_args(dict(ref.config, use_linear_projection=True))
+    with pytest.raises(ValueError, match="time_cond_proj_dim"):
+        unet_args(dict(ref.config, time_cond_proj_dim=512))
 
 
 def test_a_pipeline_folder_as_the_paper_released_samples_with_the_checkpoint_script(tmp_path):
@@ -412,6 +434,110 @@ def test_a_pipeline_folder_as_the_paper_released_samples_with_the_checkpoint_scr
     run([sys.executable, "sample.py", f"--ckpt={folder}", "--grid_classes=2", "--grid_per_class=2", "--num_steps=3",
          f"--out={tmp_path / 'grid.png'}"])
     assert Image.open(tmp_path / "grid.png").size[0] > 2 * 8
+
+
+@pytest.mark.parametrize("lcm", [False, True])
+def test_stable_diffusion_v15_and_lcm_sd_at_full_size_map_onto_our_unet_and_text_encoder(lcm):
+    """Shapes only (meta tensors): every weight of SD-1.5's UNet2DConditionModel (LCM-SD's: time_cond_proj_dim 256)
+    and of its text encoder, CLIP ViT-L/14's CLIPTextModel, has its place in ours, and ours has no other."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    config = dict(block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), sample_size=64,
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, time_cond_proj_dim=256 if lcm else None)
+    with torch.device("meta"):
+        ref = UNet2DConditionModel(**config)
+        args = unet_args(dict(ref.config))
+        ours = UNet(**args, num_classes=0)
+        clip_l = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                              num_attention_heads=12, hidden_act="quick_gelu"))
+        encoder = text.TextEncoder(768, 12)
+        mapped = unet_keys(dict(ref.config), ref.state_dict())
+    assert {k: v.shape for k, v in mapped.items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    assert {**UNet_models["SD-1.5"], "in_channels": 4, "guidance_embed": lcm} == args
+    assert sum(v.numel() for v in mapped.values()) == sum(p.numel() for p in ref.parameters())  # 860M (+ 82K)
+    with torch.device("meta"):  # text_encoder_from_transformers' key map, on shapes
+        loaded = text.text_encoder_from_transformers(dict(clip_l.config.to_dict()), clip_l.state_dict(), 49407)
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in encoder.state_dict().items()}
+
+
+def clip_tokenizer(pad_token="<|endoftext|>"):
+    """transformers' CLIPTokenizer with CLIP's BPE vocabulary (clip's own, written as vocab.json and merges.txt), as
+    Stable Diffusion v1's tokenizer/ holds it: it pads with the end token."""
+    from clip.simple_tokenizer import SimpleTokenizer
+    from transformers import CLIPTokenizer
+    import tempfile
+    bpe = SimpleTokenizer()
+    with tempfile.TemporaryDirectory() as folder:
+        with open(os.path.join(folder, "vocab.json"), "w") as f:
+            json.dump(bpe.encoder, f)
+        with open(os.path.join(folder, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)))
+        return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                             pad_token=pad_token, model_max_length=77)
+
+
+def clip_text_model(**kw):
+    """transformers' CLIPTextModel, tiny, with CLIP's activation and heads of 64 channels, as Stable Diffusion v1's."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(0)
+    return CLIPTextModel(CLIPTextConfig(**{**dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                                  num_attention_heads=1, hidden_act="quick_gelu"), **kw})).eval()
+
+
+def sd_pipeline(folder, lcm=False):
+    """A tiny Stable Diffusion v1 (or LCM-SD) pipeline folder, saved by diffusers' and transformers' save_pretrained:
+    the U-Net on 8x8x4 latents of a KL VAE that halves 16-px images, a 2-layer CLIP text encoder of width 64."""
+    from diffusers import (AutoencoderKL as DiffusersKL, DDPMScheduler, LatentConsistencyModelPipeline, LCMScheduler,
+                           StableDiffusionPipeline)
+    unet = diffusers_unet("lcm" if lcm else "sd", in_channels=4, out_channels=4, cross_attention_dim=64)
+    torch.manual_seed(0)
+    vae = DiffusersKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2, latent_channels=4,
+                      up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, layers_per_block=1).eval()
+    betas = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)  # Stable Diffusion's
+    parts = dict(vae=vae, text_encoder=clip_text_model(), tokenizer=clip_tokenizer(), unet=unet, safety_checker=None,
+                 feature_extractor=None, requires_safety_checker=False)
+    pipe = LatentConsistencyModelPipeline(scheduler=LCMScheduler(**betas), **parts) if lcm else \
+        StableDiffusionPipeline(scheduler=DDPMScheduler(**betas, clip_sample=False, steps_offset=1), **parts)
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+@pytest.mark.parametrize("lcm", [False, True])
+def test_a_stable_diffusion_folder_loads_and_computes_what_diffusers_does(tmp_path, lcm):
+    pipe = sd_pipeline(tmp_path / "sd", lcm)
+    model, info = load_model(str(tmp_path / "sd"))
+    assert (info["model_args"]["name"], info["model_args"]["text_pad"], info["schedule"], info["prediction"]) == \
+        ("SD-1.5", 49407, "sd", "eps")
+    assert info["first_stage"] == dict(vae=str(tmp_path / "sd" / "vae"), scale=0.18215)
+    captions = ["a small red circle, top left", ""]
+    ids = pipe.tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    x, t, w = torch.randn(2, 4, 8, 8), torch.tensor([5, 900]), torch.tensor([3.0, 7.5])
+    with torch.no_grad():  # the whole condition path: tokens, the text encoder with SD's padding, the U-Net (and w)
+        ref = pipe.unet(x, t, encoder_hidden_states=pipe.text_encoder(ids)[0],
+                        timestep_cond=guidance_embedding(w) if lcm else None).sample
+        _close(model(x, t, text.tokenize(captions), **(dict(w=w) if lcm else {})), ref, rel=1e-5)
+    if not lcm:
+        return
+    assert info["consistency"] == dict(skip_interval=20)  # LCMScheduler's original_inference_steps 50
+    # diffusers' own LCM pipeline, one step from the same noise, decoded: the images of sample.sample
+    generator = torch.Generator().manual_seed(0)
+    vae = load_first_stage(info["first_stage"]["vae"]).eval()
+    ours = sample(model, text.tokenize(captions), cfg_scale=8.0, sampler="lcm", num_steps=1, generator=generator,
+                  size=8, vae=vae, prediction="eps", schedule="sd")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    theirs = pipe(captions, num_inference_steps=1, guidance_scale=8.0, latents=latents, output_type="pt").images
+    _close((ours / 2 + 0.5).clamp(0, 1), theirs, rel=1e-4)
+    (tmp_path / "prompts.txt").write_text("a large blue star\na small red circle\n")
+    run([sys.executable, "sample.py", f"--ckpt={tmp_path / 'sd'}", "--sampler=lcm", "--num_steps=2", "--grid_per_class=2",
+         f"--prompts={tmp_path / 'prompts.txt'}", f"--out={tmp_path / 'grid.png'}"])
+    assert Image.open(tmp_path / "grid.png").size[0] > 2 * 16
+    scheduler = json.loads((tmp_path / "sd" / "scheduler" / "scheduler_config.json").read_text())
+    for change in (dict(beta_schedule="squaredcos_cap_v2"), dict(prediction_type="sample"),
+                   dict(original_inference_steps=30), dict(timestep_scaling=5.0)):
+        (tmp_path / "sd" / "scheduler" / "scheduler_config.json").write_text(json.dumps({**scheduler, **change}))
+        with pytest.raises(ValueError, match="scheduler: .* is not ours"):
+            load_model(str(tmp_path / "sd"))
 
 
 # -----------------------------------------------------------------------------
@@ -594,6 +720,41 @@ def test_clip_text_encoder_has_clips_names_and_computes_what_clip_does(tmp_path,
     assert f"save it as {expected}" in str(e.value) and "openaipublic" in str(e.value)
 
 
+def test_stable_diffusions_text_encoder_is_transformers_clip_text_model_with_its_padding(tmp_path):
+    ref, tokenizer = clip_text_model(), clip_tokenizer()
+    ref.save_pretrained(tmp_path / "sd" / "text_encoder")
+    tokenizer.save_pretrained(tmp_path / "sd" / "tokenizer")
+    encoder = text.load_clip_text_encoder(str(tmp_path / "sd"))
+    captions = ["a small red circle", "un café 🙂, top left", ""]
+    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    tokens = text.tokenize(captions)  # clip's tokenizer: the same ids, but 0 as padding where SD pads with 49407
+    real = (ids != 49407) | (torch.arange(77) <= (ids == 49407).int().argmax(1, keepdim=True))
+    assert encoder.pad == 49407 and torch.equal(torch.where(real, tokens, 49407), ids) and (tokens[~real] == 0).all()
+    with torch.no_grad():
+        expected = ref(ids).last_hidden_state
+        _close(encoder(tokens), expected, rel=1e-5)  # every position, the padding's too: SD attends to all 77
+        encoder.pad = 0  # clip's padding: the real tokens' embeddings are the same, the padding's are not
+        out = encoder(tokens)
+    _close(out[real], expected[real], rel=1e-5)
+    assert (out[~real] - expected[~real]).abs().max() > 1e-2
+    # transformers 4's files: the keys under text_model., in pytorch_model.bin
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "sd", old)
+    (old / "text_encoder" / "model.safetensors").unlink()
+    torch.save({f"text_model.{k}": v for k, v in ref.state_dict().items()}, old / "text_encoder" / "pytorch_model.bin")
+    with torch.no_grad():
+        _close(text.load_clip_text_encoder(str(old))(tokens), expected, rel=1e-5)
+    # what TextEncoder is not: another activation, another vocabulary or padding
+    config = json.loads((old / "text_encoder" / "config.json").read_text())
+    (old / "text_encoder" / "config.json").write_text(json.dumps(dict(config, hidden_act="gelu")))
+    with pytest.raises(ValueError, match="not CLIP's text transformer"):
+        text.load_clip_text_encoder(str(old))
+    (old / "text_encoder" / "config.json").write_text(json.dumps(config))
+    clip_tokenizer(pad_token="<pad>").save_pretrained(old / "tokenizer")
+    with pytest.raises(ValueError, match="not CLIP's tokenizer"):
+        text.load_clip_text_encoder(str(old))
+
+
 def test_tokenizer_works_offline():
     code = ("import socket\n"
             "def refuse(*a, **k): raise OSError('no network in this test')\n"
@@ -628,6 +789,8 @@ def test_scaled_linear_schedule_is_ldms_and_diffusers():
     assert snr0(d) == pytest.approx(25.8, abs=0.05) and snr0(GaussianDiffusion()) == pytest.approx(100, abs=0.01)
     with pytest.raises(ValueError, match="schedule must be"):
         GaussianDiffusion(schedule="cosine")
+    sd = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)  # Stable Diffusion v1's
+    np.testing.assert_allclose(GaussianDiffusion(schedule="sd").betas, sd.betas.double().numpy(), rtol=1e-6)
 
 
 def test_q_sample_statistics():
@@ -1735,7 +1898,7 @@ def test_distillation_freezes_the_teacher_trains_the_student_and_resumes_exactly
     for key in ("model", "ema"):
         assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key])
     pre = torch.load(teacher, weights_only=True)["ema"]
-    assert set(a["model"]) - set(pre) == {"w_embedder.proj.weight"} and a["model"]["w_embedder.proj.weight"].any()
+    assert set(a["model"]) - set(pre) == {"w_embedder.cond_proj.weight"} and a["model"]["w_embedder.cond_proj.weight"].any()
     assert not all(torch.equal(a["model"][k], v) for k, v in pre.items())  # the student learnt
     assert a["consistency"] == dict(teacher=teacher, w_min=1.0, w_max=3.0, skip_interval=20)
     assert a["model_args"]["guidance_embed"] and a["model_args"]["class_dropout_prob"] == 0.0
@@ -1749,6 +1912,32 @@ def test_distillation_freezes_the_teacher_trains_the_student_and_resumes_exactly
         assert x.shape == (2, 3, 16, 16) and x.abs().max() <= 1
     with pytest.raises(ValueError, match="sampler=lcm"):
         sample(model, y, size=16)
+
+
+def test_a_stable_diffusion_folder_is_a_teacher_and_its_student_samples_with_lcm(tmp_path):
+    """LCM-v1.5's setting in miniature: a Stable Diffusion folder distilled on captions (swapped, and CEP); the
+    folder gives the model, VAE, text encoder, schedule and resolution (TINY's --model and --image_size give way)."""
+    sd_pipeline(tmp_path / "sd")
+    train(tmp_path / "lcm", "--teacher", str(tmp_path / "sd"), "--max_steps=2", "--w_min=1", "--w_max=3",
+          "--corrupt=0.25", "--corrupt_type=swap", "--cep")
+    state = torch.load(tmp_path / "lcm" / "ckpt.pt", weights_only=True)
+    args, teacher = state["model_args"], load_model(str(tmp_path / "sd"))[1]["model_args"]
+    assert args == dict(teacher, class_dropout_prob=0.0, guidance_embed=True) and args["text_pad"] == 49407
+    assert (state["config"]["model"], state["config"]["image_size"], state["config"]["text_encoder"], state["schedule"],
+            state["first_stage"]) == ("SD-1.5", 16, "clip", "sd", dict(vae=str(tmp_path / "sd" / "vae"), scale=0.18215))
+    assert len(json.loads((tmp_path / "lcm" / "corruption.json").read_text())["indices"]) == 16
+    log = (tmp_path / "lcm" / "log.txt").read_text()
+    assert "distilling" in log and "captions, text encoder: CLIP" in log and "4 lcm steps" in log
+    (tmp_path / "prompts.txt").write_text("a large blue star on a red background\n")
+    run([sys.executable, "sample.py", f"--ckpt={tmp_path / 'lcm' / 'ckpt.pt'}", "--sampler=lcm", "--num_steps=2",
+         "--grid_per_class=2", f"--prompts={tmp_path / 'prompts.txt'}", f"--out={tmp_path / 'grid.png'}"])
+    assert Image.open(tmp_path / "grid.png").size[0] > 2 * 16
+    sd_pipeline(tmp_path / "lcm_sd", lcm=True)
+    (tmp_path / "empty").mkdir()
+    for folder, message in [("lcm_sd", "is not a pre-trained checkpoint of train.py (it is adapted, or a student)"),
+                            ("empty", "or of a diffusers pipeline folder (model_index.json)")]:
+        result = train(tmp_path / f"run_{folder}", "--teacher", str(tmp_path / folder), check=False)
+        assert result.returncode != 0 and message in result.stderr and not (tmp_path / f"run_{folder}").exists()
 
 
 def test_distillation_errors_come_before_any_work(tmp_path):

@@ -7,6 +7,7 @@ from scratch on machines without the weights. `TextEmbedder` makes one the condi
 The clip package (clip-anytorch) supplies the tokenizer (its BPE vocabulary ships inside it: offline) and the blocks.
 Imports nothing from the project: copy this file into another project as it is.
 """
+import json
 import os
 
 import torch
@@ -23,12 +24,17 @@ class TextEncoder(nn.Module):
     """CLIP's text transformer from clip-anytorch's modules, with OpenAI's parameter names, so the text half of a CLIP
     checkpoint loads as it is: token and position embeddings, causally masked pre-LN blocks with heads of 64 channels,
     a final layer norm. Returns the embedding of every token [B, 77, width], as Stable Diffusion conditions on CLIP,
-    not CLIP's pooled projection. Randomly initialised as CLIP is; `load_clip_text_encoder` gives OpenAI's weights."""
+    not CLIP's pooled projection. Randomly initialised as CLIP is; `load_clip_text_encoder` gives OpenAI's weights.
 
-    def __init__(self, width, layers, vocab_size=49408, context_length=77):
+    `pad`: the token that fills the positions after the end token. tokenize() pads with 0, as CLIP; Stable Diffusion
+    v1's tokenizer pads with the end token 49407. The causal mask keeps the padding out of the real tokens'
+    embeddings, but not out of the padding's own, which the U-Net's cross-attention attends to: a model takes the
+    padding it was trained with."""
+
+    def __init__(self, width, layers, vocab_size=49408, context_length=77, pad=0):
         super().__init__()
         from clip.model import LayerNorm, Transformer
-        self.width, self.layers = width, layers
+        self.width, self.layers, self.pad = width, layers, pad
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
         mask = torch.full((context_length, context_length), float("-inf")).triu_(1)
@@ -44,6 +50,9 @@ class TextEncoder(nn.Module):
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 
     def forward(self, tokens):
+        if self.pad:  # the end token is the highest id (CLIP's argmax convention): after it, padding
+            after_end = torch.arange(tokens.shape[1], device=tokens.device) > tokens.argmax(1, keepdim=True)
+            tokens = tokens.masked_fill(after_end, self.pad)
         x = self.token_embedding(tokens) + self.positional_embedding
         return self.ln_final(self.transformer(x.transpose(0, 1)).transpose(0, 1))  # clip's blocks are sequence-first
 
@@ -74,12 +83,86 @@ def load_clip(name):
 
 
 def load_clip_text_encoder(name):
-    """The TextEncoder of a CLIP checkpoint (see load_clip), with its weights."""
+    """The TextEncoder of a CLIP checkpoint (see load_clip), with its weights; or of a diffusers pipeline folder, as
+    Stable Diffusion v1's text encoder is saved (load_transformers_text_encoder)."""
+    if os.path.isdir(name):
+        return load_transformers_text_encoder(name)
     clip_model, _ = load_clip(name)
     encoder = TextEncoder(clip_model.transformer.width, clip_model.transformer.layers, clip_model.vocab_size,
                           clip_model.context_length)
     encoder.load_state_dict({k: v for k, v in clip_model.state_dict().items() if k in encoder.state_dict()})
     return encoder
+
+
+def text_encoder_from_transformers(config, state_dict, pad_token):
+    """The TextEncoder with the weights of transformers' CLIPTextModel (`config`: its config.json as a dict), Stable
+    Diffusion v1's text encoder, which is CLIP's text transformer under other names; `pad_token` its tokenizer's
+    (tokenizer_pad_token). One explicit key map; separate q, k, v projections -> one in_proj."""
+    width, heads = config["hidden_size"], config["num_attention_heads"]
+    found = dict(hidden_act=config.get("hidden_act"), head_channels=width // heads, layer_norm_eps=config.get(
+        "layer_norm_eps"), mlp_ratio=config["intermediate_size"] / width, context=config["max_position_embeddings"])
+    clip_text = dict(hidden_act="quick_gelu", head_channels=64, layer_norm_eps=1e-5, mlp_ratio=4, context=77)
+    if found != clip_text:
+        raise ValueError(f"this CLIPTextModel is not CLIP's text transformer, which TextEncoder is: it has {found}, "
+                         f"CLIP's has {clip_text}")
+    names = [("embeddings.token_embedding.", "token_embedding."), ("embeddings.position_embedding.weight",
+             "positional_embedding"), ("encoder.layers.", "transformer.resblocks."), ("self_attn.", "attn."),
+             ("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."),
+             ("mlp.fc2.", "mlp.c_proj."), ("final_layer_norm.", "ln_final.")]
+    ours = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("text_model.")  # transformers 4 saved CLIPTextModel's weights under text_model., 5 not
+        if key != "embeddings.position_ids":  # a buffer older transformers saved
+            for old, new in names:
+                key = key.replace(old, new)
+            ours[key] = value
+    for key in [k for k in ours if ".q_proj." in k]:
+        ours[key.replace(".q_proj.", ".in_proj_")] = \
+            torch.cat([ours.pop(key.replace(".q_proj.", f".{p}_proj.")) for p in "qkv"])
+    encoder = TextEncoder(width, config["num_hidden_layers"], config["vocab_size"], 77, pad_token)
+    encoder.load_state_dict(ours)
+    return encoder
+
+
+def load_transformers_text_encoder(folder):
+    """The TextEncoder of a diffusers pipeline folder: text_encoder/ holds transformers' CLIPTextModel (config.json,
+    model.safetensors if the safetensors package is importable, or pytorch_model.bin), tokenizer/ its padding."""
+    sub = os.path.join(folder, "text_encoder")
+    try:
+        from safetensors.torch import load_file
+        readers = {"model.safetensors": load_file}
+    except ImportError:
+        readers = {}
+    readers["pytorch_model.bin"] = lambda f: torch.load(f, map_location="cpu", weights_only=True)
+    found = [os.path.join(sub, name) for name in readers if os.path.isfile(os.path.join(sub, name))]
+    if not found or not os.path.isfile(os.path.join(sub, "config.json")):
+        raise FileNotFoundError(f"{folder} holds no text encoder of Stable Diffusion: no text_encoder/config.json and "
+                                f"{' or '.join(readers)} (transformers' CLIPTextModel)")
+    with open(os.path.join(sub, "config.json")) as f:
+        config = json.load(f)
+    return text_encoder_from_transformers(config, readers[os.path.basename(found[0])](found[0]),
+                                          tokenizer_pad_token(folder))
+
+
+def tokenizer_pad_token(folder):
+    """The padding token id of a diffusers pipeline's tokenizer/ (transformers' CLIPTokenizer, as saved by transformers
+    4: vocab.json, special_tokens_map.json, or 5: tokenizer.json), once its vocabulary is CLIP's, which tokenize() uses.
+    Stable Diffusion v1 pads with the end token 49407, v2 with "!" (0)."""
+    def read(name):
+        path = os.path.join(folder, "tokenizer", name)
+        if not os.path.isfile(path):
+            return {}
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    from clip.simple_tokenizer import SimpleTokenizer
+    settings = {**read("special_tokens_map.json"), **read("tokenizer_config.json")}
+    vocab = read("vocab.json") or read("tokenizer.json").get("model", {}).get("vocab")
+    pad = settings.get("pad_token")
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    if vocab != SimpleTokenizer().encoder or settings.get("model_max_length", 77) != 77 or pad not in vocab:
+        raise ValueError(f"{folder}/tokenizer is not CLIP's tokenizer of 77 tokens with a padding token (vocab.json or "
+                         "tokenizer.json, tokenizer_config.json), which tokenize() is")
+    return vocab[pad]
 
 
 class TextEmbedder(nn.Module):

@@ -41,7 +41,7 @@ from corrupt import check_corruption, corrupt_batch, corrupt_conditions
 from data import CaptionPairs, ImageCaptions, ImageFolder, LatentDataset, StepBatches, SyntheticShapes
 from diffusion import GaussianDiffusion
 from model import DiT_models, UNet_models
-from sample import build, class_rows, control_grid, load_checkpoint, sample_grid
+from sample import build, class_rows, control_grid, load_checkpoint, sample_grid, text_args
 from text import load_clip_text_encoder, tokenize
 from vae import load_first_stage
 
@@ -64,7 +64,7 @@ model = "DiT-Ti/2"        # model.DiT_models (DiT-XL/2, ...) or model.UNet_model
 learn_sigma = True
 prediction = "v"          # v | eps: what the model predicts. DiT and LDM predict eps; v learns far sooner on a
                           # short budget (diffusion.GaussianDiffusion), so the CPU default uses it
-schedule = "linear"       # the betas: linear (DDPM, DiT) | scaled_linear (LDM-4; diffusion.GaussianDiffusion)
+schedule = "linear"       # the betas: linear (DDPM, DiT) | scaled_linear (LDM-4) | sd (diffusion.GaussianDiffusion)
 min_snr_gamma = 5.0       # Min-SNR-gamma loss weights, which learn the shapes sooner; 0: the plain MSE (DiT, LDM)
 class_dropout = 0.1       # label dropout to the null class (the empty caption), for classifier-free guidance
 text_encoder = ""         # "": class-conditional | clip: CLIP's text transformer, frozen | small: 4 layers, trained
@@ -120,6 +120,8 @@ control_cache = ""        # a folder: the controls are computed once and cached 
 def check_config():
     """Every bad setting fails here, before any work, with the setting's name. The model name and the corruption
     settings are checked again where they are used, but only after the data is read, which can take minutes."""
+    if teacher:  # first: a diffusers pipeline folder sets the model, its data and its settings
+        check_distillation()
     if model not in DiT_models and model not in UNet_models:
         raise ValueError(f"model {model!r} is not one of {', '.join([*DiT_models, *UNet_models])}")
     check_corruption(corrupt, corrupt_type, corrupt_mode)
@@ -149,8 +151,7 @@ def check_config():
         raise ValueError("label_smoothing mixes class embeddings; a text-conditional run has none: drop it")
     if not 0 <= label_smoothing < 1:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    for key in ("ip", "emb_dropout", "lr", "weight_decay", "grad_clip", "class_dropout",
-                "min_snr_gamma"):
+    for key in ("ip", "emb_dropout", "lr", "weight_decay", "grad_clip", "class_dropout", "min_snr_gamma"):
         if globals()[key] < 0:
             raise ValueError(f"{key} must be >= 0, got {globals()[key]}")
     if not 0 <= ema_decay < 1:
@@ -164,8 +165,6 @@ def check_config():
     if bool(adapter) != bool(init):
         raise ValueError("adaptation needs both init (the pre-trained checkpoint) and adapter (controlnet or t2i), "
                          f"got init={init!r}, adapter={adapter!r}")
-    if teacher:
-        check_distillation()
     if adapter:
         check_adaptation()
     elif control_cache:
@@ -209,12 +208,11 @@ def check_adaptation():
 
 
 def load_pretrained(key, path):
-    """The checkpoint of `init` or `teacher`, once it is a pre-trained model of train.py: not adapted, no student."""
-    if not os.path.isfile(path):
+    """The checkpoint (or pipeline folder) of `init` or `teacher`, once a pre-trained model: not adapted, no student."""
+    if not os.path.exists(path):
         raise FileNotFoundError(f"{key} {path!r}: no such checkpoint (a pre-trained model, train.py's ckpt.pt)")
     state = load_checkpoint(path)
-    args = state.get("model_args", {})
-    if not args or "adapter" in args or "guidance_embed" in args:
+    if not state.get("model_args") or "adapter" in state["model_args"] or state["model_args"].get("guidance_embed"):
         raise ValueError(f"{key} {path!r} is not a pre-trained checkpoint of train.py (it is adapted, or a student)")
     return state
 
@@ -228,6 +226,9 @@ def check_distillation():
     if skip_interval <= 0 or 1000 % skip_interval:
         raise ValueError(f"skip_interval={skip_interval} does not divide the 1000 timesteps: take 10, 20 (LCM's)...")
     pretrained = load_pretrained("teacher", teacher)
+    if os.path.isdir(teacher):  # Stable Diffusion, or the paper's LDMs: their model, first stage, text encoder,
+        config.update(pretrained["config"])  # schedule and resolution are this run's (sample.read_pipeline)
+        globals().update(config)
     args = pretrained["model_args"]
     theirs, ours = (args["name"], args["learn_sigma"], pretrained["prediction"]), (model, learn_sigma, prediction)
     if theirs != ours:  # the rest (size, channels, classes, text) once the data is read: pretrained_model_args
@@ -240,8 +241,8 @@ def pretrained_model_args(model_args):
     ours = dict(model_args, prediction=prediction, schedule=schedule)
     theirs = dict(pretrained["model_args"], prediction=pretrained["prediction"],
                   schedule=pretrained.get("schedule", "linear"))
-    differ = [f"{k}: {theirs.get(k)!r} in {init or teacher}, {ours.get(k)!r} here" for k in sorted({*ours, *theirs} - {
-        "class_dropout_prob"}) if ours.get(k) != theirs.get(k)]
+    differ = [f"{k}: {theirs.get(k)!r} in {init or teacher}, {ours[k]!r} here" for k in sorted(ours)  # not theirs:
+              if k != "class_dropout_prob" and ours[k] != theirs.get(k)]  # a pipeline's U-Net records its layout
     if differ:
         raise ValueError("this run does not fit the pre-trained model (pass the pre-training's model, image_size, "
                          "vae, text_encoder, prediction and schedule): " + "; ".join(differ))
@@ -363,7 +364,7 @@ model_args = dict(name=model, input_size=input_size, in_channels=in_channels, nu
                   learn_sigma=learn_sigma, class_dropout_prob=class_dropout)
 if text_encoder == "clip":
     clip_text = load_clip_text_encoder(clip_model)
-    model_args.update(context_dim=clip_text.width, text_layers=clip_text.layers)
+    model_args.update(text_args(clip_text))
 elif text_encoder == "small":
     model_args.update(text_layers=4)  # of the U-Net's context width (our choice: small enough for a CPU)
 first_stage_args = dict(vae=os.path.abspath(vae), scale=first_stage.scale) if vae else None
@@ -421,8 +422,7 @@ if ddp:
 autocast = torch.autocast("cuda", dtype=getattr(torch, dtype)) if cuda and dtype != "float32" else nullcontext()
 batches = StepBatches(len(dataset), global_batch_size, rank, world_size, seed, step)
 loader = torch.utils.data.DataLoader(
-    dataset, batch_sampler=batches,
-    num_workers=num_workers, pin_memory=cuda, persistent_workers=num_workers > 0,
+    dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=cuda, persistent_workers=num_workers > 0,
     worker_init_fn=lambda _: signal.signal(signal.SIGTERM, lambda *_: exiting.is_set() and os._exit(0)))
 
 space = f"latents {in_channels}x{input_size}x{input_size} {'from ' + latents if latents else 'encoded on the fly'}" \
