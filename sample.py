@@ -33,7 +33,7 @@ from configurator import atomic_write, configure
 from control import adapt, control_image
 from data import ImageCaptions, ImageFolder, SyntheticShapes
 from diffusion import GaussianDiffusion
-from model import UNet, UNet_models, build_model, load_dit
+from model import UNet_models, build_model, load_dit
 from text import TextEmbedder, TextEncoder, load_clip_text_encoder, tokenize
 from vae import load_first_stage, read_diffusers_weights
 
