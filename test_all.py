@@ -1645,6 +1645,15 @@ def test_exact_resume(tmp_path, args):
     assert load_model(str(halves / "ckpt.pt"))[1]["schedule"] == a["config"]["schedule"]  # sample.py follows it
 
 
+def test_resume_takes_this_runs_lr_not_the_checkpoints(tmp_path):
+    train(tmp_path, "--max_steps=2")
+    before = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
+    train(tmp_path, "--max_steps=4", "--resume", "--lr=0")
+    after = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert after["step"] == 4 and after["opt"]["param_groups"][0]["lr"] == 0
+    assert all(torch.equal(before[k], after["model"][k]) for k in before)  # lr 0: two steps that change nothing
+
+
 @pytest.mark.parametrize("name, args", [
     ("dit", []),
     ("text", ["--model=LDM-S", "--text_encoder=small", "--image_size=8", "--corrupt_type=swap"])])

@@ -409,6 +409,8 @@ if resume:
     net.load_state_dict(state["model"])
     ema.load_state_dict(state["ema"])
     opt.load_state_dict(state["opt"])
+    for group in opt.param_groups:  # this run's, not the checkpoint's: a resume may lower the lr
+        group.update(lr=lr, weight_decay=weight_decay)
     step = state["step"]
     del state
     if step >= max_steps:  # a finished run: no data loader, no grid, checkpoint untouched (study.py resumes every run)
