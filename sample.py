@@ -162,13 +162,13 @@ def read_pipeline(folder):
             raise ValueError(f"{folder}: the text encoder's width {encoder.width} is not the U-Net's context's")
         ema.update({f"y_embedder.encoder.{k}": v for k, v in encoder.state_dict().items()})
         model_args.update(name="SD-1.5", num_classes=0, **text_args(encoder))
-        settings = dict(text_encoder="clip", clip_model=folder)
-        vae = dict(vae=os.path.join(folder, "vae"), scale=config("vae").get("scaling_factor", 0.18215))
+        settings, vae_config = dict(text_encoder="clip", clip_model=folder), config("vae")
+        vae = dict(vae=os.path.join(folder, "vae"), scale=vae_config.get("scaling_factor", 0.18215))
     else:
         table = read_diffusers_weights(os.path.join(folder, "class_embedder"), "class_embedder")["embedding.weight"]
         ema["y_embedder.embedding_table.weight"] = table
         model_args.update(num_classes=table.shape[0] - 1)
-        settings = dict(text_encoder="")
+        settings, vae_config = dict(text_encoder=""), config("vqvae")
         vae = dict(vae=os.path.join(folder, "vqvae"), scale=1.0)
     betas = (scheduler.get("beta_schedule"), scheduler.get("beta_start"), scheduler.get("beta_end"))
     schedule = {("scaled_linear", 0.0015, 0.0195): "scaled_linear", ("scaled_linear", 0.00085, 0.012): "sd",
@@ -180,7 +180,7 @@ def read_pipeline(folder):
             (model_args["guidance_embed"] and (1000 % lcm_steps or scheduler.get("timestep_scaling", 10) != 10)):
         raise ValueError(f"{folder}/scheduler: {scheduler} is not ours: DiT's, LDM's or SD's betas over 1000 steps, "
                          "eps or v prediction; for an LCM a grid dividing them and timestep_scaling 10")
-    factor = 2 ** (len(config(os.path.basename(vae["vae"]))["block_out_channels"]) - 1)
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     settings.update(model=model_args["name"], learn_sigma=False, prediction=prediction, schedule=schedule,
                     vae=vae["vae"], image_size=model_args["input_size"] * factor)
     return dict(ema=ema, model_args=model_args, prediction=prediction, schedule=schedule, first_stage=vae,
