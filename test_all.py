@@ -1955,6 +1955,7 @@ def test_distillation_errors_come_before_any_work(tmp_path):
     cases = [(["--w_min=3", "--w_max=2"], "the guidance range needs 0 <= w_min <= w_max"),
              (["--w_min=-1"], "the guidance range"), (["--skip_interval=30"], "does not divide the 1000 timesteps"),
              (["--teacher", str(tmp_path / "nope.pt")], "no such checkpoint"),
+             (["--out_dir", str(tmp_path / "pre")], "would be overwritten by this run's checkpoints"),
              (["--model=DiT-Ti/4"], "(model, learn_sigma, prediction) ('DiT-Ti/8', True, 'v'), not ('DiT-Ti/4'"),
              (["--image_size=32"], "input_size: 16 in"),
              (["--init", str(tmp_path / "pre" / "ckpt.pt"), "--adapter=controlnet"], "two kinds of run")]

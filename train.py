@@ -10,7 +10,7 @@ token embeddings, the U-Net's cross-attention context.
   python train.py --data_path=imagenet/train --image_size=256 --vae=sd-vae-ft-ema --model=LDM-S  # encoded on the fly
   python train.py --model=LDM-S --text_encoder=small     # text-to-image on the built-in shapes' captions
   python train.py --init=out/ckpt.pt --adapter=controlnet --control=canny --out_dir=out_canny   # adaptation
-  python train.py --teacher=out/ckpt.pt --ema_decay=0.95 --lr=1e-4 --out_dir=out_lcm   # consistency distillation
+  python train.py --teacher=out/ckpt.pt --ema_decay=0.95 --lr=2e-4 --skip_interval=200 --out_dir=out_lcm  # LCM
 
 Defaults are the variables below (nanoGPT style, see configurator.py). The RNG is re-seeded at every step from
 (seed, step, rank), so timesteps, noise, label dropout, CEP and random-mode corruption are a function of the step:
@@ -111,7 +111,8 @@ control = "canny"         # canny: the images' Canny edges (100/200) | mask: the
 teacher = ""              # the teacher's checkpoint (train.py's ckpt.pt; its EMA weights)
 w_min = 2.0               # w ~ U[w_min, w_max], in LCM's convention cond + w (cond - uncond): w = cfg_scale - 1. LCM:
 w_max = 4.0               # 5..15 for Stable Diffusion; ours: around the CPU default's grid scale 4 (w = 3)
-skip_interval = 20        # k: the teacher's DDIM step skips k of the 1000 timesteps (LCM's 20, a grid of 50)
+skip_interval = 20        # k: the teacher's DDIM step skips k of the 1000 timesteps (LCM's 20, a grid of 50; the CPU
+                          # default's student learns far better with 200: docs/lcm.md)
 control_cache = ""        # a folder: the controls are computed once and cached there, keyed by the dataset's content
                           # and the control's settings (control.cached_controls; needs flip=False); "": per batch
 # -----------------------------------------------------------------------------
@@ -211,6 +212,8 @@ def load_pretrained(key, path):
     """The checkpoint (or pipeline folder) of `init` or `teacher`, once a pre-trained model: not adapted, no student."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{key} {path!r}: no such checkpoint (a pre-trained model, train.py's ckpt.pt)")
+    if os.path.realpath(path) == os.path.realpath(os.path.join(out_dir, "ckpt.pt")):
+        raise ValueError(f"{key} {path!r} would be overwritten by this run's checkpoints: pass another out_dir")
     state = load_checkpoint(path)
     if not state.get("model_args") or "adapter" in state["model_args"] or state["model_args"].get("guidance_embed"):
         raise ValueError(f"{key} {path!r} is not a pre-trained checkpoint of train.py (it is adapted, or a student)")
