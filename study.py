@@ -63,7 +63,8 @@ adapters = ""             # the downstream stage: <adapter>-<control>, comma sep
 adapt_args = ""           # passed to train.py after train_args for the adaptations: "--synthetic_scale 0.6 --lr 1e-4"
 downstream_eval_args = ""  # passed to evaluate.py for the adapted models; ImageNet-100: "--ref /data/imagenet100/val"
 distill_steps = ""        # the LCM stage: consistency steps to sample each run's student at ("1,2,4"); "": none
-distill_args = "--ema_decay 0.95 --lr 2e-4 --max_steps 900"  # passed to train.py after train_args for the students
+distill_args = "--ema_decay 0.95 --lr 2e-4 --skip_interval 200 --max_steps 2000"  # to train.py after train_args, for
+                          # the students: the CPU default's distillation (docs/lcm.md)
 # -----------------------------------------------------------------------------
 _DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 HERE = os.path.dirname(os.path.abspath(__file__))
