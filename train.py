@@ -179,8 +179,8 @@ def check_config():
     if data_path and not os.path.exists(data_path):
         raise FileNotFoundError(f"data_path {data_path!r} does not exist (expected a folder root/<class>/<image>, or "
                                 "with a text encoder images with .txt captions or a .tsv/.csv manifest)")
-    if resume and not os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
-        raise FileNotFoundError(f"resume=True but there is no checkpoint {os.path.join(out_dir, 'ckpt.pt')!r}")
+    if resume and not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"resume=True but there is no checkpoint {ckpt_path!r}")
     try:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, f".write_test{rank}"), "w"):
@@ -212,7 +212,7 @@ def load_pretrained(key, path):
     """The checkpoint (or pipeline folder) of `init` or `teacher`, once a pre-trained model: not adapted, no student."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{key} {path!r}: no such checkpoint (a pre-trained model, train.py's ckpt.pt)")
-    if os.path.realpath(path) == os.path.realpath(os.path.join(out_dir, "ckpt.pt")):
+    if os.path.realpath(path) == os.path.realpath(ckpt_path):
         raise ValueError(f"{key} {path!r} would be overwritten by this run's checkpoints: pass another out_dir")
     state = load_checkpoint(path)
     if not state.get("model_args") or "adapter" in state["model_args"] or state["model_args"].get("guidance_embed"):
@@ -270,6 +270,7 @@ def update_ema(ema, model, decay):
 
 
 config = configure(globals(), sys.argv[1:])
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
 ddp = "RANK" in os.environ
 if ddp:
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -287,7 +288,6 @@ perturb = FixedCEP(cep_type, cep_scale, cep_fixed, seed) if cep_fixed else CEP(c
     nn.Dropout(emb_dropout) if emb_dropout > 0 else None
 diffusion = GaussianDiffusion(learn_sigma=learn_sigma, prediction=prediction, schedule=schedule,
                               min_snr_gamma=min_snr_gamma)
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
 
 
 def log(msg):
