@@ -9,6 +9,7 @@ Imports nothing from the project: copy this file into another project as it is.
 """
 import json
 import os
+import unicodedata
 
 import torch
 import torch.nn as nn
@@ -190,3 +191,78 @@ class TextEmbedder(nn.Module):
         if self.perturb is not None and self.training:
             emb = torch.where((tokens != self.null).any(1)[:, None, None], self.perturb(emb), emb)
         return emb
+
+
+# BERT (Devlin et al. 2019), the text encoder the paper trains on CC3M: bert-base-uncased, pre-trained, fully trainable.
+
+def _is_control(c):
+    return c not in "\t\n\r" and unicodedata.category(c).startswith("C")
+
+
+def _is_space(c):
+    return c in " \t\n\r" or unicodedata.category(c) == "Zs"
+
+
+def _is_punctuation(c):
+    # BERT counts every non-alphanumeric ASCII character as punctuation, "$" and "^" included, which Unicode does not
+    cp = ord(c)
+    return 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 or unicodedata.category(c)[0] == "P"
+
+
+_CJK = [(0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+        (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F)]  # CJK ideographs: written without spaces
+
+
+class WordPieceTokenizer:
+    """BERT's tokenizer over a vocab.txt (one token a line, its id the line number): captions -> (ids [B, L] long,
+    mask [B, L] bool, True on the real tokens), as [CLS] pieces [SEP] then [PAD] up to context_length; longer
+    captions lose their last pieces. First BERT's basic tokenizer: drop control characters, whitespace to spaces, a
+    space around each CJK ideograph, split on whitespace; lower-case, strip accents (NFD, drop the combining marks);
+    each punctuation character a word of its own. Then WordPiece: greedy longest match first, pieces after the first
+    of a word prefixed ##; a word longer than 100 characters, or with a part no piece matches, is one [UNK].
+    `lower_case`: False for the cased BERTs, which keep case and accents. Special tokens written in a caption are
+    split as text, not read as special tokens (transformers' tokenizers read them)."""
+
+    def __init__(self, vocab_file, context_length=77, lower_case=True):
+        with open(vocab_file, encoding="utf-8") as f:
+            self.vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+        self.context_length, self.lower_case = context_length, lower_case
+
+    def words(self, text):
+        text = "".join(" " if _is_space(c) else c for c in text if c not in "\0\ufffd" and not _is_control(c))
+        text = "".join(f" {c} " if any(a <= ord(c) <= b for a, b in _CJK) else c for c in text)
+        words = []
+        # NFC as transformers' Python BERT tokenizer: a cased vocabulary's "é" matches "e" + combining accent too
+        for word in unicodedata.normalize("NFC", text).split():
+            if self.lower_case:
+                word = "".join(c for c in unicodedata.normalize("NFD", word.lower()) if unicodedata.category(c) != "Mn")
+            words += "".join(f" {c} " if _is_punctuation(c) else c for c in word).split()
+        return words
+
+    def pieces(self, word):
+        if len(word) > 100:
+            return ["[UNK]"]
+        pieces, start = [], 0
+        while start < len(word):
+            for end in range(len(word), start, -1):
+                piece = word[start:end] if start == 0 else "##" + word[start:end]
+                if piece in self.vocab:
+                    break
+            else:
+                return ["[UNK]"]
+            pieces.append(piece)
+            start = end
+        return pieces
+
+    def __call__(self, captions):
+        if isinstance(captions, str):
+            captions = [captions]
+        ids = torch.full((len(captions), self.context_length), self.vocab["[PAD]"])
+        lengths = torch.zeros(len(captions), dtype=torch.long)
+        for i, caption in enumerate(captions):
+            pieces = [p for word in self.words(caption) for p in self.pieces(word)][:self.context_length - 2]
+            row = [self.vocab[p] for p in ["[CLS]", *pieces, "[SEP]"]]
+            ids[i, :len(row)] = torch.tensor(row)
+            lengths[i] = len(row)
+        return ids, torch.arange(self.context_length) < lengths[:, None]
+
