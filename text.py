@@ -1,10 +1,12 @@
 """
-Text encoders over CLIP's tokenizer, the condition encoders of text-to-image models: CLIP's text transformer, frozen
-with OpenAI's weights (the paper trained a BERT; this project uses CLIP's), or the same architecture small and trained
-from scratch on machines without the weights. `TextEmbedder` makes one the condition embedder of model.UNet
-(`UNet(..., y_embedder=TextEmbedder(...))`): caption tokens in, the cross-attention context out.
+Text encoders, the condition encoders of text-to-image models. Over CLIP's tokenizer: CLIP's text transformer, frozen
+with OpenAI's weights, or the same architecture small and trained from scratch on machines without the weights.
+`TextEmbedder` makes one the condition embedder of model.UNet (`UNet(..., y_embedder=TextEmbedder(...))`): caption
+tokens in, the cross-attention context out. And BERT with its WordPiece tokenizer, the encoder the paper trains on
+CC3M (bert-base-uncased, pre-trained, fully trainable): `load_bert_text_encoder`.
 
-The clip package (clip-anytorch) supplies the tokenizer (its BPE vocabulary ships inside it: offline) and the blocks.
+The clip package (clip-anytorch) supplies CLIP's tokenizer (its BPE vocabulary ships inside it: offline) and blocks;
+BERT is written here, and reads a Hugging Face folder without transformers or safetensors.
 Imports nothing from the project: copy this file into another project as it is.
 """
 import json
@@ -13,6 +15,7 @@ import unicodedata
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 def tokenize(captions):
     """Captions -> CLIP tokens [n, 77]: start, BPE, end, zero padding; longer captions are cut to 77 tokens. The BPE
@@ -194,6 +197,7 @@ class TextEmbedder(nn.Module):
 
 
 # BERT (Devlin et al. 2019), the text encoder the paper trains on CC3M: bert-base-uncased, pre-trained, fully trainable.
+# Written here, under transformers' parameter names, so that a Hugging Face folder loads without transformers.
 
 def _is_control(c):
     return c not in "\t\n\r" and unicodedata.category(c).startswith("C")
@@ -266,3 +270,137 @@ class WordPieceTokenizer:
             lengths[i] = len(row)
         return ids, torch.arange(self.context_length) < lengths[:, None]
 
+
+class BertLayer(nn.Module):
+    """One post-LN transformer block of BERT under transformers' names (attention.self.query, ...)."""
+
+    def __init__(self, width, heads, mlp_width, eps, dropout, attention_dropout):
+        super().__init__()
+        self.heads, self.dropout, self.attention_dropout = heads, dropout, attention_dropout
+        self.attention = nn.ModuleDict({
+            "self": nn.ModuleDict({name: nn.Linear(width, width) for name in ("query", "key", "value")}),
+            "output": nn.ModuleDict(dict(dense=nn.Linear(width, width), LayerNorm=nn.LayerNorm(width, eps=eps)))})
+        self.intermediate = nn.ModuleDict(dict(dense=nn.Linear(width, mlp_width)))
+        self.output = nn.ModuleDict(dict(dense=nn.Linear(mlp_width, width), LayerNorm=nn.LayerNorm(width, eps=eps)))
+
+    def forward(self, x, mask):
+        B, L, D = x.shape
+        attention = self.attention["self"]
+        q, k, v = [attention[n](x).view(B, L, self.heads, -1).transpose(1, 2) for n in ("query", "key", "value")]
+        dropout = self.attention_dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], dropout_p=dropout)
+        a = self.attention["output"]["dense"](a.transpose(1, 2).reshape(B, L, D))
+        x = self.attention["output"]["LayerNorm"](x + F.dropout(a, self.dropout, self.training))
+        h = self.output["dense"](F.gelu(self.intermediate["dense"](x)))  # erf GELU, BERT's "gelu"
+        return self.output["LayerNorm"](x + F.dropout(h, self.dropout, self.training))
+
+
+class BertTextEncoder(nn.Module):
+    """BERT's encoder under the parameter names of transformers' BertModel, so a Hugging Face BERT loads as it is
+    (load_bert_text_encoder): word, position and token-type embeddings (one segment: type 0), a layer norm, dropout,
+    post-LN blocks. (ids [B, L], mask [B, L] or None: ids != pad) -> (the last hidden state [B, L, width], the mask
+    as bool): every token's embedding, which the U-Net's cross-attention reads (and CEP perturbs token by token).
+    Padding is masked out of the keys, not out of the output: the padding's own embeddings stay in the context, as
+    they do with CLIP. No pooler (a tanh layer on [CLS] for next-sentence prediction): nothing here reads one
+    vector per caption. Initialised as BERT (normal, std 0.02) for training from scratch; dropout acts in training
+    mode, as in BERT's pre-training and fine-tuning."""
+
+    def __init__(self, vocab_size=30522, width=768, layers=12, heads=12, mlp_width=3072, max_positions=512,
+                 type_vocab_size=2, eps=1e-12, dropout=0.1, attention_dropout=0.1, pad=0):
+        super().__init__()
+        self.width, self.pad, self.dropout = width, pad, dropout
+        self.embeddings = nn.ModuleDict(dict(word_embeddings=nn.Embedding(vocab_size, width, padding_idx=pad),
+                                             position_embeddings=nn.Embedding(max_positions, width),
+                                             token_type_embeddings=nn.Embedding(type_vocab_size, width),
+                                             LayerNorm=nn.LayerNorm(width, eps=eps)))
+        layers = [BertLayer(width, heads, mlp_width, eps, dropout, attention_dropout) for _ in range(layers)]
+        self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList(layers)))
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+        with torch.no_grad():
+            self.embeddings["word_embeddings"].weight[pad] = 0  # as nn.Embedding's padding_idx sets it
+
+    def forward(self, ids, mask=None):
+        if mask is None:
+            mask = ids != self.pad
+        mask = mask.bool()
+        e = self.embeddings
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        x = e["word_embeddings"](ids) + e["position_embeddings"](positions) + e["token_type_embeddings"].weight[0]
+        x = F.dropout(e["LayerNorm"](x), self.dropout, self.training)
+        for layer in self.encoder["layer"]:
+            x = layer(x, mask)
+        return x, mask
+
+
+def read_safetensors(path):
+    """The tensors of a .safetensors file, read without the safetensors package: 8 bytes (little-endian) give the
+    header's length, the header is JSON {name: {dtype, shape, data_offsets}} (and __metadata__), then the raw
+    little-endian bytes, offsets counted from the header's end."""
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+    tensors = {}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        for name, entry in header.items():
+            start, end = entry["data_offsets"]
+            f.seek(8 + n + start)
+            data = bytearray(f.read(end - start))  # a copy of its own: writable, and aligned for frombuffer
+            if data:
+                tensors[name] = torch.frombuffer(data, dtype=dtypes[entry["dtype"]]).reshape(entry["shape"])
+            else:
+                tensors[name] = torch.empty(entry["shape"], dtype=dtypes[entry["dtype"]])
+    return tensors
+
+
+def load_bert_text_encoder(folder, context_length=77):
+    """(BertTextEncoder, WordPieceTokenizer) of a Hugging Face BERT folder, as bert-base-uncased's repo holds it:
+    config.json, vocab.txt, model.safetensors or pytorch_model.bin (tokenizer_config.json, if there, says whether
+    to lower-case). Takes a BertModel's weights as saved by transformers, or a BertForPreTraining's, as
+    bert-base-uncased's own: under bert., with the pre-training heads cls.* and the pooler (dropped), and the layer
+    norms' old names gamma and beta. A missing file is one error that names it and where to get it."""
+    get = (f"Download bert-base-uncased into {folder}: `hf download google-bert/bert-base-uncased config.json "
+           f"vocab.txt model.safetensors --local-dir {folder}` (pip install huggingface_hub), or those files from "
+           "https://huggingface.co/google-bert/bert-base-uncased/tree/main")
+    for name in ("config.json", "vocab.txt"):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise FileNotFoundError(f"BERT text encoder: {os.path.join(folder, name)} not found. {get}")
+    weights = [os.path.join(folder, n) for n in ("model.safetensors", "pytorch_model.bin")]
+    weights = [w for w in weights if os.path.isfile(w)]
+    if not weights:
+        raise FileNotFoundError(f"BERT text encoder: neither {os.path.join(folder, 'model.safetensors')} nor "
+                                f"pytorch_model.bin found. {get}")
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    found = dict(hidden_act=config.get("hidden_act", "gelu"),
+                 position_embedding_type=config.get("position_embedding_type", "absolute"))
+    if found != dict(hidden_act="gelu", position_embedding_type="absolute"):
+        raise ValueError(f"{folder}: BertTextEncoder is BERT with erf GELU and absolute positions, this has {found}")
+    if context_length > config["max_position_embeddings"]:
+        raise ValueError(f"context_length {context_length} > {config['max_position_embeddings']}, BERT's positions")
+    lower_case = True
+    if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+        with open(os.path.join(folder, "tokenizer_config.json")) as f:
+            lower_case = json.load(f).get("do_lower_case", True)
+    if weights[0].endswith(".safetensors"):
+        state = read_safetensors(weights[0])
+    else:
+        state = torch.load(weights[0], map_location="cpu", weights_only=True)
+    ours = {}
+    for key, value in state.items():
+        key = key.removeprefix("bert.")
+        if not key.startswith(("cls.", "pooler.", "embeddings.position_ids", "embeddings.token_type_ids")):
+            ours[key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")] = value
+    encoder = BertTextEncoder(config["vocab_size"], config["hidden_size"], config["num_hidden_layers"],
+                              config["num_attention_heads"], config["intermediate_size"],
+                              config["max_position_embeddings"], config["type_vocab_size"],
+                              config.get("layer_norm_eps", 1e-12), config.get("hidden_dropout_prob", 0.1),
+                              config.get("attention_probs_dropout_prob", 0.1), config.get("pad_token_id", 0))
+    encoder.load_state_dict(ours)
+    return encoder, WordPieceTokenizer(os.path.join(folder, "vocab.txt"), context_length, lower_case)
