@@ -30,8 +30,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import fid
 from configurator import atomic_write, configure
 from diffusion import GaussianDiffusion
-from model import DiT, DiT_models, DiT_sizes, SpatialTransformer, UNet, UNetResBlock, build_model, load_dit
-from sample import sample
+from model import DiT, DiT_models, DiT_sizes, SpatialTransformer, UNet, UNetResBlock, build_model
+from pipeline import load_dit, sample
 from vae import AutoencoderKL, VQModel
 
 device = "cuda" if torch.cuda.is_available() else "cpu"  # the defaults below follow the machine

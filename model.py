@@ -5,7 +5,7 @@ embedding table (its last row the null class of classifier-free guidance) and cl
 `y_embedder` (text.py's TextEmbedder); the U-Net only asks of it y_embedder(y, force_drop_ids) and null_like(y).
 
 DiT's parameter names and shapes are those of the official checkpoints, so DiT-XL-2-256x256.pt loads with
-strict=True; `load_dit` also reads diffusers' layout.
+strict=True (pipeline.load_dit reads them, and diffusers' layout).
 
 Imports nothing from the project: copy this file into another project as it is.
 """
@@ -254,57 +254,6 @@ def _make(depth, hidden, heads, patch):
 
 
 DiT_models = {f"DiT-{size}/{p}": _make(*DiT_sizes[size], p) for size in DiT_sizes for p in (2, 4, 8)}
-
-
-def diffusers_to_dit(sd):
-    """Map a diffusers DiTTransformer2DModel state dict to the official DiT names. Diffusers keeps a copy of the
-    timestep and class embedders in every block; they are identical, block 0's is taken. Note that diffusers runs
-    these weights with timestep frequencies exp(-log(1e4) k / (128 - 1)) where DiT (and this file) uses k / 128,
-    so our outputs for converted official weights are the official DiT's, not diffusers'."""
-    out = {}
-    for key, value in sd.items():
-        if ".norm1.emb." in key and not key.startswith("transformer_blocks.0."):  # a copy of block 0's
-            continue
-        new = key
-        for old, rep in [("pos_embed.proj.", "x_embedder.proj."),
-                         ("transformer_blocks.0.norm1.emb.timestep_embedder.linear_1.", "t_embedder.mlp.0."),
-                         ("transformer_blocks.0.norm1.emb.timestep_embedder.linear_2.", "t_embedder.mlp.2."),
-                         ("transformer_blocks.0.norm1.emb.class_embedder.", "y_embedder."),
-                         ("transformer_blocks.", "blocks."), (".norm1.linear.", ".adaLN_modulation.1."),
-                         (".attn1.to_out.0.", ".attn.proj."), (".ff.net.0.proj.", ".mlp.fc1."),
-                         (".ff.net.2.", ".mlp.fc2."), ("proj_out_1.", "final_layer.adaLN_modulation.1."),
-                         ("proj_out_2.", "final_layer.linear.")]:
-            new = new.replace(old, rep)
-        out[new] = value
-    for key in [k for k in out if ".attn1.to_q." in k]:  # separate q, k, v -> one qkv projection
-        prefix, kind = key.split(".attn1.to_q.")
-        out[f"{prefix}.attn.qkv.{kind}"] = torch.cat([out.pop(f"{prefix}.attn1.to_{n}.{kind}") for n in "qkv"])
-    return out
-
-
-def load_dit(state_dict, input_size=None, num_heads=None):
-    """Build a DiT from a bare state dict (official checkpoint, diffusers layout, or ours) and load it strictly.
-    The architecture is read off the tensor shapes; diffusers does not store the position embedding, so the input
-    size (latent side, e.g. 32 for 256px images) must be given for it. The number of heads leaves no trace in the
-    weights: it is taken from DiT_sizes unless given."""
-    sd = diffusers_to_dit(state_dict) if "pos_embed.proj.weight" in state_dict else dict(state_dict)
-    hidden, in_channels, patch, _ = sd["x_embedder.proj.weight"].shape
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    heads = num_heads or next((h for d, w, h in DiT_sizes.values() if (d, w) == (depth, hidden)), None)
-    if heads is None:
-        raise ValueError(f"depth {depth} and width {hidden} are not a size of DiT_sizes: pass num_heads")
-    if "pos_embed" in sd:
-        input_size = int(sd["pos_embed"].shape[1] ** 0.5) * patch
-    elif input_size is None:
-        raise ValueError("this state dict has no pos_embed (diffusers layout): pass input_size, e.g. 32 for 256px")
-    out_channels = sd["final_layer.linear.weight"].shape[0] // patch ** 2
-    model = DiT(input_size=input_size, patch_size=patch, in_channels=in_channels,
-                hidden_size=hidden, depth=depth, num_heads=heads,
-                num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1,
-                learn_sigma=out_channels == 2 * in_channels)
-    sd.setdefault("pos_embed", model.pos_embed.data)
-    model.load_state_dict(sd, strict=True)
-    return model
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from conftest import randomize, rel_close, tiny_dit
 
 import data
 from diffusion import GaussianDiffusion, discretized_gaussian_log_likelihood
-from sample import sample
+from pipeline import sample
 
 
 def test_linear_schedule():

@@ -12,8 +12,8 @@ from conftest import (
 from PIL import Image
 
 import text
-from model import DiT, DiT_models, UNet, UNet_models, diffusers_to_dit, load_dit
-from sample import load_model, sample, unet_args, unet_keys
+from model import DiT, DiT_models, UNet, UNet_models
+from pipeline import diffusers_to_dit, load_dit, load_model, sample, unet_args, unet_keys
 from vae import load_first_stage
 
 

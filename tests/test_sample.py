@@ -1,14 +1,17 @@
 """sample.py: guided sampling, grids, .npz files, compiled sampling, adapted models' samples."""
+import os
+import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
-from conftest import make_folder, randomize, read, run, tiny_dit, train
+from conftest import ENV, ROOT, adapt, make_folder, randomize, read, run, tiny_dit, train, wait_until
 from PIL import Image
 
 import data
 import evaluate
-from sample import load_model, sample, sample_npz
+from pipeline import load_model, sample, sample_npz
 
 
 def test_npz_format_and_reproducibility(tmp_path):
@@ -73,7 +76,7 @@ def test_sample_script_grid_and_torchrun_npz(tmp_path):
 
 def test_an_adapted_model_samples_for_the_controls_of_held_out_images(tmp_path):
     train(tmp_path / "pre", "--max_steps=1")
-    train(tmp_path / "mask", "--init", str(tmp_path / "pre" / "ckpt.pt"), "--adapter=controlnet", "--control=mask",
+    adapt(tmp_path / "mask", "--init", str(tmp_path / "pre" / "ckpt.pt"), "--adapter=controlnet", "--control=mask",
           "--synthetic_scale=0.6", "--max_steps=1")
     args = [sys.executable, "sample.py", f"--ckpt={tmp_path}/mask/ckpt.pt", "--num_steps=2"]
     run(args + [f"--out={tmp_path}/grid.png", "--grid_classes=3", "--grid_per_class=2"])
@@ -101,7 +104,29 @@ def test_an_adapted_model_samples_for_the_controls_of_held_out_images(tmp_path):
 def test_a_text_to_image_model_adapts_and_samples_for_held_out_captions(tmp_path):
     text_args = ["--model=LDM-S", "--text_encoder=small", "--image_size=8", "--learn_sigma=False"]
     train(tmp_path / "pre", *text_args, "--max_steps=1")
-    train(tmp_path / "t2i", *text_args, "--init", str(tmp_path / "pre" / "ckpt.pt"), "--adapter=t2i", "--max_steps=1")
+    adapt(tmp_path / "t2i", "--init", str(tmp_path / "pre" / "ckpt.pt"), "--adapter=t2i", "--max_steps=1")
     run([sys.executable, "sample.py", f"--ckpt={tmp_path}/t2i/ckpt.pt", "--num_steps=2", "--num_samples=3",
          f"--out={tmp_path}/held.npz"])
     assert read(tmp_path / "held_prompts.txt").splitlines() == data.SyntheticShapes(3, 8, seed=1).captions
+
+
+@pytest.mark.slow
+def test_a_sample_run_killed_half_way_continues_to_the_same_npz(tmp_path):
+    train(tmp_path / "run", "--max_steps=1")
+    args = [sys.executable, "sample.py", f"--ckpt={tmp_path}/run/ckpt.pt", "--num_steps=10", "--num_samples=60",
+            "--batch_size=2"]
+    run(args + [f"--out={tmp_path}/straight.npz"])
+    parts = tmp_path / "killed.npz.parts"
+    proc = subprocess.Popen(args + [f"--out={tmp_path}/killed.npz"], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_until(lambda: (parts / "000003.npy").exists(), proc)
+    proc.kill()
+    proc.wait()
+    done = [name for name in os.listdir(parts) if name.endswith(".npy")]
+    assert 4 <= len(done) < 30 and not (tmp_path / "killed.npz").exists()
+    result = run(args + [f"--out={tmp_path}/killed.npz", "--seed=1"], check=False)
+    assert result.returncode != 0 and "holds the batches of a sampling run with other settings" in result.stderr
+    run(args + [f"--out={tmp_path}/killed.npz"])  # the same command: only the missing batches
+    straight, killed = np.load(tmp_path / "straight.npz"), np.load(tmp_path / "killed.npz")
+    assert np.array_equal(straight["arr_0"], killed["arr_0"]) and np.array_equal(straight["arr_1"], killed["arr_1"])
+    assert not parts.exists()
