@@ -170,15 +170,16 @@ def tokenizer_pad_token(folder):
 
 
 class TextEmbedder(nn.Module):
-    """Caption tokens [B, 77] -> the U-Net's context [B, 77, width], through a TextEncoder. The empty caption is the
-    null condition of classifier-free guidance: in training, each caption is replaced by it with probability
-    dropout_prob. `perturb` as in model.LabelEmbedder (CEP, a delta per token): training mode only, never on a null
-    caption. A frozen encoder runs without gradients."""
+    """Caption tokens [B, L] -> the U-Net's context [B, L, width], through a text encoder: CLIP's TextEncoder over
+    tokenize(), or BertTextEncoder over its WordPieceTokenizer's ids (`tokenizer`: captions -> ids, which the data
+    and the samplers use too). The empty caption is the null condition of classifier-free guidance: in training, each
+    caption is replaced by it with probability dropout_prob. `perturb` as in model.LabelEmbedder (CEP, a delta per
+    token): training mode only, never on a null caption. A frozen encoder runs without gradients."""
 
-    def __init__(self, encoder, dropout_prob):
+    def __init__(self, encoder, dropout_prob, tokenizer=tokenize):
         super().__init__()
-        self.encoder, self.dropout_prob, self.perturb = encoder, dropout_prob, None
-        self.register_buffer("null", tokenize([""])[0], persistent=False)
+        self.encoder, self.dropout_prob, self.perturb, self.tokenizer = encoder, dropout_prob, None, tokenizer
+        self.register_buffer("null", tokenizer([""])[0], persistent=False)
 
     def null_like(self, tokens):
         return self.null.expand_as(tokens)
@@ -189,8 +190,10 @@ class TextEmbedder(nn.Module):
             tokens = torch.where(drop[:, None], self.null, tokens)
         if force_drop_ids is not None:
             tokens = torch.where(force_drop_ids[:, None], self.null, tokens)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder.token_embedding.weight.requires_grad):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and next(self.encoder.parameters()).requires_grad):
             emb = self.encoder(tokens)
+        if isinstance(emb, tuple):  # BERT's (hidden states, mask)
+            emb = emb[0]
         if self.perturb is not None and self.training:
             emb = torch.where((tokens != self.null).any(1)[:, None, None], self.perturb(emb), emb)
         return emb
@@ -269,6 +272,10 @@ class WordPieceTokenizer:
             ids[i, :len(row)] = torch.tensor(row)
             lengths[i] = len(row)
         return ids, torch.arange(self.context_length) < lengths[:, None]
+
+    def ids(self, captions):
+        """The ids alone: TextEmbedder's tokenizer (the encoder finds the padding again from the ids)."""
+        return self(captions)[0]
 
 
 class BertLayer(nn.Module):
