@@ -102,10 +102,11 @@ def rewrite_captions(captions, eta, seed, rewrites):
 
 
 def read_subset(spec, classes):
-    """Class indices from '1,5,9' or from a file of indices or class names (comma or whitespace separated)."""
+    """Class indices from '1,5,9' or from a file of indices or class names (comma or whitespace separated; a # starts
+    a comment that runs to the end of its line)."""
     if os.path.isfile(spec):
         with open(spec) as f:
-            spec = f.read()
+            spec = " ".join(line.split("#")[0] for line in f)
     index = {name: i for i, name in enumerate(classes)}
     try:
         return [int(n) if n.lstrip("-").isdigit() else index[n] for n in spec.replace(",", " ").split()]

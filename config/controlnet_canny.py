@@ -1,21 +1,16 @@
 # The paper's downstream stage (Section 3.2, Table 2): a ControlNet on ImageNet-100 with Canny edges (OpenCV's,
 # thresholds 100 and 200), on a pre-trained class-conditional LDM-4 (clean, corrupted or CEP), 8 GPUs:
-#   torchrun --nproc_per_node=8 train.py config/controlnet_canny.py --init out/ldm4/ckpt.pt \
+#   torchrun --nproc_per_node=8 adapt.py config/controlnet_canny.py --init out/ldm4/ckpt.pt \
 #       --data_path /data/imagenet100/train --out_dir out/ldm4_canny
 # T2I-Adapter: add --adapter t2i. Segmentation maps: --control /data/imagenet100_sam/train (a colour map per image,
-# same names and sizes). The model settings must be the pre-training's: train.py checks them against --init.
+# same names and sizes). The model, image size, VQ-f4 first stage, prediction and schedule are the pre-trained
+# checkpoint's (adapt.py takes them from --init).
 # The paper: "the diffusers implementations with their default learning rate and batch size, 10 epochs". The
 # defaults below are those of diffusers' examples/controlnet/train_controlnet.py and
 # examples/t2i_adapter/train_t2i_adapter_sdxl.py (read at diffusers commit 000280f5, v0.22; the same values in
 # later versions of train_controlnet.py): the same for both scripts.
 adapter = "controlnet"
 control = "canny"
-model = "LDM-4"             # the paper adapts its LDM-4s (pre-training: the README's LDM-4 command)
-image_size = 256            # the paper's ImageNet resolution (diffusers' scripts default to 512, SD's)
-vae = "ldm-vq-f4"           # the VQ-f4 folder the LDM-4 was trained with: images are encoded on the fly
-prediction = "eps"          # the pre-training's (LDM-4)
-learn_sigma = False
-min_snr_gamma = 0.0
 global_batch_size = 32      # diffusers: --train_batch_size 4 per GPU, here on 8 GPUs (the paper ran 4 V100s: 16)
 lr = 5e-6                   # diffusers: --learning_rate 5e-6, not scaled (--scale_lr off), constant (as train.py)
 weight_decay = 1e-2         # diffusers: --adam_weight_decay 1e-2 (AdamW betas 0.9/0.999, eps 1e-8: torch's too)

@@ -1,9 +1,10 @@
 # The paper's DiT-XL/2 on ImageNet 256 (its Table 1; DiT's recipe): 32x32x4 latents of the SD KL-f8 VAE, cached by
 #   torchrun --nproc_per_node=8 data.py --data_path /data/imagenet/train --image_size 256 --vae sd-vae-ft-ema \
 #       --out latents/in256
-# then, for the paper's runs (corrupted labels, or CEP on clean labels; never both in the paper):
+# then, for the paper's runs (corrupted labels, CEP, or both as in its Fig. 8(b)):
 #   torchrun --nproc_per_node=8 train.py config/dit_xl2_in256.py --corrupt 0.05       # eta = 5%
 #   torchrun --nproc_per_node=8 train.py config/dit_xl2_in256.py --cep                # CEP-U, gamma = 1
+#   torchrun --nproc_per_node=8 train.py config/dit_xl2_in256.py --corrupt 0.05 --cep
 latents = "latents/in256"
 model = "DiT-XL/2"
 learn_sigma = True         # DiT: learned variance, the hybrid loss

@@ -35,14 +35,43 @@ def run(args, cwd=ROOT, check=True, **kw):
     return result
 
 
+ADAPT = ["--synthetic_size=64", "--global_batch_size=8", "--num_workers=0", "--grid_steps=4", "--log_every=1"]
+DISTILL = ["--synthetic_size=64", "--global_batch_size=8", "--num_workers=0", "--log_every=1"]
+
+
+def script_args(script, out_dir, tiny, *extra, torchrun=0):
+    launcher = [sys.executable]
+    if torchrun:
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--standalone"]
+    return launcher + [script, f"--out_dir={out_dir}"] + tiny + list(extra)
+
+
 def train_args(out_dir, *extra, torchrun=0):
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--standalone"] \
-        if torchrun else [sys.executable]
-    return launcher + ["train.py", f"--out_dir={out_dir}"] + TINY + list(extra)
+    return script_args("train.py", out_dir, TINY, *extra, torchrun=torchrun)
 
 
 def train(out_dir, *extra, torchrun=0, check=True):
     return run(train_args(out_dir, *extra, torchrun=torchrun), check=check)
+
+
+def adapt(out_dir, *extra, torchrun=0, check=True):
+    """adapt.py with a tiny config; the model's settings come from --init."""
+    return run(script_args("adapt.py", out_dir, ADAPT, *extra, torchrun=torchrun), check=check)
+
+
+def distill(out_dir, *extra, torchrun=0, check=True):
+    """distill.py with a tiny config; the model's settings come from --teacher."""
+    return run(script_args("distill.py", out_dir, DISTILL, *extra, torchrun=torchrun), check=check)
+
+
+def script_errors(script, argvs):
+    """The error of the script under each argv ("no error" if none), all in one process."""
+    code = ("import json, runpy, sys\nerrors = []\n"
+            "for sys.argv in json.loads(sys.argv[1]):\n"
+            f"    try:\n        runpy.run_path({script!r}, run_name='__main__')\n        errors.append('no error')\n"
+            "    except (Exception, SystemExit) as e:\n        errors.append(f'{type(e).__name__}: {e}')\n"
+            "print(json.dumps(errors))")
+    return json.loads(run([sys.executable, "-c", code, json.dumps(argvs)]).stdout.splitlines()[-1])
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import scipy.spatial
 import scipy.special
 import scipy.stats
 import torch
-from conftest import make_caption_folder, train
+from conftest import make_caption_folder, make_folder, train
 
 import corrupt
 import data
@@ -102,6 +102,17 @@ def test_asymmetric_corruption_in_training_reads_a_subset_file(tmp_path):
     result = train(tmp_path / "bad", "--corrupt=0.1", "--corrupt_type=asym", "--corrupt_subset=circle,blob",
                    check=False)
     assert result.returncode != 0 and "'blob' is neither a class index nor a class name" in result.stderr
+
+
+def test_the_audit_record_of_a_class_folder_names_the_files_whose_labels_changed(tmp_path):
+    make_folder(tmp_path / "images", sizes=[(20, 16)] * 5)
+    (tmp_path / "subset.txt").write_text("# the classes that may change\nn01  # one\nn02\n")
+    train(tmp_path / "run", f"--data_path={tmp_path}/images", "--corrupt=0.4", "--corrupt_type=asym",
+          f"--corrupt_subset={tmp_path}/subset.txt", "--max_steps=1", "--grid_steps=2")
+    record = json.loads((tmp_path / "run" / "corruption.json").read_text())
+    paths = data.ImageFolder(str(tmp_path / "images"), 16).paths
+    assert len(record["files"]) == 4 and record["files"] == [paths[i] for i in record["indices"]]
+    assert all(f"/{['n01', 'n02'][old]}/" in path for path, old in zip(record["files"], record["original"]))
 
 
 def test_caption_swap_and_rewrite_are_exact_in_training(tmp_path):

@@ -7,20 +7,15 @@ import re
 import resource
 import runpy
 import signal
-import sys
 import time
 
 import pytest
 import torch
-from conftest import (
-    ROOT, children, logged_losses, make_controls, make_folder, rank_pid, read, run, sd_pipeline, train, train_args,
-    wait_until
-)
-from PIL import Image
+from conftest import ROOT, children, logged_losses, rank_pid, read, run, script_errors, train, train_args, wait_until
 
 import corrupt
 import data
-from sample import load_model, sample
+from pipeline import load_model
 
 
 @pytest.mark.parametrize("args", [["--cep", "--corrupt=0.1", "--corrupt_mode=random"],
@@ -94,39 +89,29 @@ def bad_config_errors(tmp_path_factory):
     """train.py's error under each of BAD_CONFIGS, and whether it logged (began work): the script run by runpy, as
     `python train.py` runs it, in one process (torch imported once, not once a case)."""
     out = tmp_path_factory.mktemp("bad")
-    errors = train_errors([train_args(out / str(i), *args)[1:] for i, (args, _) in enumerate(BAD_CONFIGS)])
+    errors = script_errors("train.py", [train_args(out / str(i), *args)[1:] for i, (args, _) in enumerate(BAD_CONFIGS)])
     return [(error, os.path.exists(out / str(i) / "log.txt")) for i, error in enumerate(errors)]
 
 
-def train_errors(argvs):
-    """The error of train.py under each argv ("no error" if none), all in one process."""
-    code = ("import json, runpy, sys\nerrors = []\n"
-            "for sys.argv in json.loads(sys.argv[1]):\n"
-            "    try:\n        runpy.run_path('train.py', run_name='__main__')\n        errors.append('no error')\n"
-            "    except Exception as e:\n        errors.append(f'{type(e).__name__}: {e}')\n"
-            "print(json.dumps(errors))")
-    return json.loads(run([sys.executable, "-c", code, json.dumps(argvs)]).stdout.splitlines()[-1])
-
-
-def test_presets_set_only_train_py_keys_and_the_papers_values(tmp_path):
-    """config/*.py as `train.py config/X.py` reads them: every key known, then check_config's first failure (our
-    --max_steps=0) proves the file was applied. The values the paper fixes are checked against it."""
+def test_presets_set_only_their_scripts_keys_and_the_papers_values(tmp_path):
+    """config/*.py as `train.py config/X.py` (adapt.py for the adaptation's) reads them: every key known, then
+    check_config's first failure (our --max_steps=0) proves the file was applied. The values the paper fixes are
+    checked against it."""
     presets = sorted(glob.glob(os.path.join(ROOT, "config", "*.py")))
-    code = ("import json, runpy, sys\nout = []\n"
-            "for sys.argv in json.loads(sys.argv[1]):\n"
-            "    try:\n        runpy.run_path('train.py', run_name='__main__')\n    except Exception as e:\n"
-            "        out.append(str(e))\n"
-            "print(json.dumps(out))")
-    argvs = [["train.py", p, f"--out_dir={tmp_path}", "--max_steps=0"] for p in presets]
-    errors = json.loads(run([sys.executable, "-c", code, json.dumps(argvs)]).stdout.splitlines()[-1])
-    assert len(presets) >= 3 and errors == ["max_steps must be > 0, got 0"] * len(presets)
+    adapting = [p for p in presets if os.path.basename(p).startswith("controlnet")]
+    training = [p for p in presets if p not in adapting]
+    for script, files in [("train.py", training), ("adapt.py", adapting)]:
+        errors = script_errors(script, [[script, p, f"--out_dir={tmp_path}", "--max_steps=0"] for p in files])
+        assert errors == ["ValueError: max_steps must be > 0, got 0"] * len(files)
+    assert len(training) >= 3 and len(adapting) >= 1
     scope = lambda name: runpy.run_path(os.path.join(ROOT, "config", name))
     dit, ldm, cc3m = scope("dit_xl2_in256.py"), scope("ldm4_in256.py"), scope("ldm4_cc3m.py")
     assert (dit["model"], dit["schedule"], dit["global_batch_size"], dit["lr"], dit["ema_decay"]) == \
         ("DiT-XL/2", "linear", 256, 1e-4, 0.9999) and dit["learn_sigma"] and dit["grid_cfg_scale"] == 1.75
     assert (ldm["model"], ldm["schedule"], ldm["global_batch_size"], ldm["learn_sigma"]) == \
         ("LDM-4", "scaled_linear", 512, False) and ldm["grid_cfg_scale"] == 2.0
-    assert cc3m["text_encoder"] == "clip" and cc3m["schedule"] == "scaled_linear" and cc3m["grid_cfg_scale"] == 3.0
+    assert cc3m["text_encoder"] == "bert" and cc3m["schedule"] == "scaled_linear" and cc3m["grid_cfg_scale"] == 3.0
+    assert (ldm["max_steps"], cc3m["max_steps"]) == (178_000, 396_000)  # the paper's Table 3
     assert not any(k in p for p in (dit, ldm, cc3m) for k in ("corrupt", "cep"))  # a preset is neither
     canny = scope("controlnet_canny.py")  # diffusers' train_controlnet.py defaults: 4 per GPU on 8, 5e-6, 1e-2, 1.0
     assert (canny["global_batch_size"], canny["lr"], canny["weight_decay"], canny["grad_clip"], canny["flip"]) == \
@@ -181,7 +166,7 @@ def test_damaged_foreign_or_other_model_checkpoints_are_named_on_resume_and_in_s
     os.makedirs(tmp_path / "bare")
     torch.save(state["ema"], tmp_path / "bare" / "ckpt.pt")  # weights only, as an official DiT checkpoint
     cases = [(name, []) for name in files] + [("bare", []), ("good", ["--model=DiT-S/8"])]
-    errors = train_errors([train_args(tmp_path / name, "--resume", "--max_steps=3", *args)[1:] for name, args in cases])
+    errors = script_errors("train.py", [train_args(tmp_path / name, "--resume", "--max_steps=3", *args)[1:] for name, args in cases])
     for (name, _), error in zip(cases[:3], errors):
         assert error.startswith(f"ValueError: checkpoint '{tmp_path / name / 'ckpt.pt'}' is damaged (truncated?) or "
                                 "not a checkpoint of this project (") and "ckpt.pt.tmp: never a good one" in error
@@ -213,151 +198,6 @@ def test_a_full_disk_during_a_save_names_the_file_removes_the_partial_one_and_ke
         "file-size limit); the previous ckpt.pt, if any, is kept (DEBUG=1 shows the traceback)"
     assert "Traceback" not in result.stderr and "step 4 |" in (tmp_path / "log.txt").read_text()
     assert (tmp_path / "ckpt.pt").read_bytes() == before and not (tmp_path / "ckpt.pt.tmp").exists()
-
-
-def test_adaptation_keeps_the_base_bit_identical_and_resumes_exactly(tmp_path):
-    train(tmp_path / "pre", "--max_steps=2")
-    pre = torch.load(tmp_path / "pre" / "ckpt.pt", weights_only=True)["ema"]
-    adapt = ["--init", str(tmp_path / "pre" / "ckpt.pt"), "--adapter", "controlnet", "--cep"]
-    straight, halves = tmp_path / "straight", tmp_path / "halves"
-    train(straight, *adapt, "--max_steps=4", "--ckpt_every=2")
-    train(halves, *adapt, "--max_steps=2")
-    train(halves, *adapt, "--max_steps=4", "--resume")
-    assert logged_losses(straight) == logged_losses(halves) and len(logged_losses(halves)) == 4
-    a, b = (torch.load(p / "ckpt.pt", weights_only=True) for p in (straight, halves))
-    assert a["model_args"]["adapter"] == dict(kind="controlnet", downsample=1) and a["step"] == 4
-    for key in ("model", "ema"):
-        assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key])
-        assert all(torch.equal(a[key][f"base.{k}"], v) for k, v in pre.items())  # the frozen model, bit for bit
-        assert any(k.startswith("adapter.zero_linears") and v.abs().sum() > 0 for k, v in a[key].items())
-    log = (straight / "log.txt").read_text()
-    assert "adapting" in log and "control: canny" in log and "CEP: uniform" in log
-    assert os.path.isfile(straight / "samples_0000004.png")
-
-
-def test_adaptation_on_cached_controls_trains_as_on_controls_made_per_batch(tmp_path):
-    train(tmp_path / "pre", "--max_steps=1")
-    adapt = ["--init", str(tmp_path / "pre" / "ckpt.pt"), "--adapter=controlnet", "--max_steps=2"]
-    for name, cache in [("fresh", []), ("cached", [f"--control_cache={tmp_path}/cache"])]:
-        train(tmp_path / name, *adapt, *cache)
-    assert len(os.listdir(tmp_path / "cache")) == 1
-    a, b = (torch.load(tmp_path / p / "ckpt.pt", weights_only=True) for p in ("fresh", "cached"))
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # Canny: the same hints, bit for bit
-    assert logged_losses(tmp_path / "fresh") == logged_losses(tmp_path / "cached")
-
-
-def test_adaptation_under_torchrun_with_masks_and_a_t2i_adapter_on_a_folder(tmp_path):
-    train(tmp_path / "pre", "--max_steps=1")
-    init = ["--init", str(tmp_path / "pre" / "ckpt.pt")]
-    train(tmp_path / "ddp", *init, "--adapter=controlnet", "--control=mask", "--max_steps=2",
-          f"--control_cache={tmp_path}/cache", torchrun=2)  # rank 0 writes the cache, rank 1 waits and reads it
-    state = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)
-    assert "2 process(es)" in (tmp_path / "ddp" / "log.txt").read_text() and state["step"] == 2
-    assert len(os.listdir(tmp_path / "cache")) == 1
-    make_folder(tmp_path / "images", sizes=[(20, 16)] * 4)
-    make_controls(tmp_path / "images", tmp_path / "controls")
-    unet = ["--model=LDM-S", "--image_size=8", f"--data_path={tmp_path}/images", "--learn_sigma=False"]
-    train(tmp_path / "unet", *unet, "--max_steps=1")
-    train(tmp_path / "t2i", *unet, "--init", str(tmp_path / "unet" / "ckpt.pt"), "--adapter=t2i",
-          f"--control={tmp_path}/controls", "--max_steps=2")
-    assert "control: " + str(tmp_path / "controls") in (tmp_path / "t2i" / "log.txt").read_text()
-
-
-def test_adaptation_errors_come_before_any_work(tmp_path):
-    train(tmp_path / "pre", "--max_steps=1")
-    init = ["--init", str(tmp_path / "pre" / "ckpt.pt")]
-    make_folder(tmp_path / "images")
-    make_controls(tmp_path / "images", tmp_path / "controls", resize=(8, 8))
-    for args, message in [
-            (["--adapter=t2i"], "the model of '" + str(tmp_path / "pre" / "ckpt.pt") + "' is DiT-Ti/8, which has none"),
-            (["--adapter=controlnet", "--image_size=32"], "input_size: 16 in"),
-            (["--adapter=controlnet", "--init", str(tmp_path / "nope.pt")], "no such checkpoint"),
-            (["--adapter=controlnet", f"--data_path={tmp_path}/images", f"--control={tmp_path}/controls"],
-             "is 8x8 but its image"),
-            (["--adapter=controlnet", "--control=mask", f"--data_path={tmp_path}/images"], "control=mask"),
-            (["--adapter=controlnet", f"--control={tmp_path}/controls"], "beside data_path's images")]:
-        result = train(tmp_path / "run", *init, *args, check=False)
-        assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-2000:])
-        assert not os.path.exists(tmp_path / "run" / "log.txt")
-    result = train(tmp_path / "run", f"--control_cache={tmp_path}/cache", check=False)
-    assert result.returncode != 0 and "caches an adaptation's controls: it needs adapter and init" in result.stderr
-
-
-def test_distillation_freezes_the_teacher_trains_the_student_and_resumes_exactly(tmp_path):
-    train(tmp_path / "pre", "--max_steps=2")
-    teacher = str(tmp_path / "pre" / "ckpt.pt")
-    lcm = ["--teacher", teacher, "--cep", "--ema_decay=0.95", "--w_min=1", "--w_max=3"]
-    straight, halves = tmp_path / "straight", tmp_path / "halves"
-    # in one process, as `python train.py` runs it, to look at the teacher in memory after the last step
-    code = ("import runpy, sys, torch\nsys.argv = sys.argv[1:]\ng = runpy.run_path('train.py', run_name='__main__')\n"
-            "ema = torch.load(g['teacher'], weights_only=True)['ema']\n"
-            "teacher = g['teacher_net'].state_dict()\n"
-            "print('teacher unchanged:', teacher.keys() == ema.keys() and all(torch.equal(teacher[k], v) "
-            "for k, v in ema.items()), all(not p.requires_grad for p in g['teacher_net'].parameters()))")
-    result = run([sys.executable, "-c", code, *train_args(straight, *lcm, "--max_steps=4", "--ckpt_every=2")[1:]])
-    assert "teacher unchanged: True True" in result.stdout
-    train(halves, *lcm, "--max_steps=2")
-    train(halves, *lcm, "--max_steps=4", "--resume")
-    assert logged_losses(straight) == logged_losses(halves) and len(logged_losses(halves)) == 4
-    a, b = (torch.load(p / "ckpt.pt", weights_only=True) for p in (straight, halves))
-    for key in ("model", "ema"):
-        assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key])
-    pre = torch.load(teacher, weights_only=True)["ema"]
-    assert set(a["model"]) - set(pre) == {"w_embedder.cond_proj.weight"} and a["model"]["w_embedder.cond_proj.weight"].any()
-    assert not all(torch.equal(a["model"][k], v) for k, v in pre.items())  # the student learnt
-    assert a["consistency"] == dict(teacher=teacher, w_min=1.0, w_max=3.0, skip_interval=20)
-    assert a["model_args"]["guidance_embed"] and a["model_args"]["class_dropout_prob"] == 0.0
-    log = (straight / "log.txt").read_text()
-    assert "distilling" in log and "CEP: uniform" in log and "4 lcm steps" in log
-    model, info = load_model(str(halves / "ckpt.pt"))
-    y = torch.tensor([0, 3])
-    for n in (1, 2):
-        x = sample(model, y, sampler="lcm", num_steps=n, generator=torch.Generator().manual_seed(0), size=16,
-                   prediction=info["prediction"], skip_interval=info["consistency"]["skip_interval"])
-        assert x.shape == (2, 3, 16, 16) and x.abs().max() <= 1
-    with pytest.raises(ValueError, match="sampler=lcm"):
-        sample(model, y, size=16)
-
-
-def test_a_stable_diffusion_folder_is_a_teacher_and_its_student_samples_with_lcm(tmp_path):
-    """LCM-v1.5's setting in miniature: a Stable Diffusion folder distilled on captions (swapped, and CEP); the
-    folder gives the model, VAE, text encoder, schedule and resolution (TINY's --model and --image_size give way)."""
-    sd_pipeline(tmp_path / "sd")
-    train(tmp_path / "lcm", "--teacher", str(tmp_path / "sd"), "--max_steps=2", "--w_min=1", "--w_max=3",
-          "--corrupt=0.25", "--corrupt_type=swap", "--cep")
-    state = torch.load(tmp_path / "lcm" / "ckpt.pt", weights_only=True)
-    args, teacher = state["model_args"], load_model(str(tmp_path / "sd"))[1]["model_args"]
-    assert args == dict(teacher, class_dropout_prob=0.0, guidance_embed=True) and args["text_pad"] == 49407
-    assert (state["config"]["model"], state["config"]["image_size"], state["config"]["text_encoder"], state["schedule"],
-            state["first_stage"]) == ("SD-1.5", 16, "clip", "sd", dict(vae=str(tmp_path / "sd" / "vae"), scale=0.18215))
-    assert len(json.loads((tmp_path / "lcm" / "corruption.json").read_text())["indices"]) == 16
-    log = (tmp_path / "lcm" / "log.txt").read_text()
-    assert "distilling" in log and "captions, text encoder: CLIP" in log and "4 lcm steps" in log
-    (tmp_path / "prompts.txt").write_text("a large blue star on a red background\n")
-    run([sys.executable, "sample.py", f"--ckpt={tmp_path / 'lcm' / 'ckpt.pt'}", "--sampler=lcm", "--num_steps=2",
-         "--grid_per_class=2", f"--prompts={tmp_path / 'prompts.txt'}", f"--out={tmp_path / 'grid.png'}"])
-    assert Image.open(tmp_path / "grid.png").size[0] > 2 * 16
-    sd_pipeline(tmp_path / "lcm_sd", lcm=True)
-    (tmp_path / "empty").mkdir()
-    for folder, message in [("lcm_sd", "is not a pre-trained checkpoint of train.py (it is adapted, or a student)"),
-                            ("empty", "or of a diffusers pipeline folder (model_index.json)")]:
-        result = train(tmp_path / f"run_{folder}", "--teacher", str(tmp_path / folder), check=False)
-        assert result.returncode != 0 and message in result.stderr and not (tmp_path / f"run_{folder}").exists()
-
-
-def test_distillation_errors_come_before_any_work(tmp_path):
-    train(tmp_path / "pre", "--max_steps=1")
-    teacher = ["--teacher", str(tmp_path / "pre" / "ckpt.pt")]
-    cases = [(["--w_min=3", "--w_max=2"], "the guidance range needs 0 <= w_min <= w_max"),
-             (["--w_min=-1"], "the guidance range"), (["--skip_interval=30"], "does not divide the 1000 timesteps"),
-             (["--teacher", str(tmp_path / "nope.pt")], "no such checkpoint"),
-             (["--out_dir", str(tmp_path / "pre")], "would be overwritten by this run's checkpoints"),
-             (["--model=DiT-Ti/4"], "(model, learn_sigma, prediction) ('DiT-Ti/8', True, 'v'), not ('DiT-Ti/4'"),
-             (["--image_size=32"], "input_size: 16 in"),
-             (["--init", str(tmp_path / "pre" / "ckpt.pt"), "--adapter=controlnet"], "two kinds of run")]
-    errors = train_errors([train_args(tmp_path / str(i), *teacher, *args)[1:] for i, (args, _) in enumerate(cases)])
-    for i, (error, (args, message)) in enumerate(zip(errors, cases)):
-        assert message in error and not os.path.exists(tmp_path / str(i) / "log.txt"), (args, error)
 
 
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, start_train):
@@ -395,6 +235,30 @@ def test_sigterm_under_torchrun_saves_and_stops_every_rank_then_resumes_on_one_p
     assert "1 process(es)" in log and f"step {stop + 2} |" in log and read(tmp_path / "corruption.json") == record
     resumed = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert resumed["step"] == stop + 2 and resumed["corruption"] == state["corruption"]
+
+
+def test_ctrl_c_saves_says_how_to_resume_and_the_run_continues_exactly_with_its_time(tmp_path, start_train):
+    args = ["--log_every=1", "--num_workers=1"]
+    proc = start_train(tmp_path / "run", *args, "--max_steps=100000")
+    wait_until(lambda: "step 3 |" in read(tmp_path / "run" / "log.txt"), proc)
+    for pid in [proc.pid] + children(proc.pid):  # a terminal's Ctrl-C reaches every foreground process
+        os.kill(pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 0, read(f"{tmp_path / 'run'}.out")[-3000:]
+    log = read(tmp_path / "run" / "log.txt")
+    stop = int(re.search(r"Ctrl-C: saved \S+ at step (\d+) and stopped; continue with the same command and --resume",
+                         log)[1])
+    saved = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert saved["step"] == stop and saved["elapsed"] > 0
+    assert "Traceback" not in read(f"{tmp_path / 'run'}.out")
+    train(tmp_path / "run", *args, f"--max_steps={stop + 3}", "--resume")
+    train(tmp_path / "straight", *args, f"--max_steps={stop + 3}")
+    assert logged_losses(tmp_path / "run") == logged_losses(tmp_path / "straight")
+    log = read(tmp_path / "run" / "log.txt")
+    assert f"resumed from {tmp_path / 'run' / 'ckpt.pt'} at step {stop}" in log
+    elapsed = {int(s): float(e) for s, e in re.findall(r"step (\d+) \|.* elapsed (\d+)s", log)}
+    assert elapsed[stop + 1] >= int(saved["elapsed"])  # the time counts on from the checkpoint's
+    records = [json.loads(line) for line in read(tmp_path / "run" / "log.jsonl").splitlines()]
+    assert [r["step"] for r in records] == list(range(1, stop + 4)) and os.path.isfile(tmp_path / "run" / "loss.png")
 
 
 def test_a_rank_killed_under_torchrun_brings_the_others_down(tmp_path, start_train):
