@@ -391,3 +391,24 @@ def top_pr(real, fake, alpha=0.1, repeats=10, device=None, block=None):
     recall = ((significant_real & (fake_at_real > band_fake)).double().sum() / significant_real.sum()).item()
     f1 = 2 / (1 / precision + 1 / recall) if precision > 1e-4 and recall > 1e-4 else 0.0
     return precision, recall, f1
+
+
+def embedding_shift(clean, perturbed, n=None, squared=True):
+    """How far training moved the condition embeddings from the clean ones (Chen et al. 2024, App. E.2: the x axis
+    of Fig. 8a, "Cond. Emb. L2 Diff."). For fixed corruption, Eq. 42, with theta* the weights of a clean run:
+        (1/N) sum_{i=1}^{N} || c_theta*(y_i^c) - c_theta*(y_i) ||_2^2
+    for CEP, Eq. 43, "the L2 norm of sampled noise": sum_{i=1}^{N} || sigma_i ||_2^2, printed without Eq. 42's 1/N;
+    the paper calls both an average, so both are averaged here.
+    clean, perturbed: [M, ...] arrays or tensors, the embeddings of M samples (a class table's row, or a caption's
+    token embeddings, which count as one vector). n: the N to average over when the M rows are only the samples
+    whose condition changed (corruption.json's; every other sample adds 0); default M. squared=False averages the
+    norm itself: the equations square it, the figure's axis reads "L2" (which of the two it plots is not stated)."""
+    clean, perturbed = (torch.as_tensor(e).detach().cpu().double() for e in (clean, perturbed))
+    if clean.shape != perturbed.shape:
+        raise ValueError(f"clean and perturbed embeddings differ in shape: {tuple(clean.shape)}, "
+                         f"{tuple(perturbed.shape)}")
+    n = len(clean) if n is None else n
+    if n < len(clean) or n == 0:
+        raise ValueError(f"n={n}: the average is over N >= {max(len(clean), 1)} samples")
+    d2 = (perturbed - clean).flatten(1).pow(2).sum(1)
+    return float((d2 if squared else d2.sqrt()).sum() / n)

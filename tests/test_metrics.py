@@ -108,3 +108,31 @@ def test_clip_score_matches_a_direct_computation(tmp_path):
     cos = np.array(cos)
     assert (cos < 0).any() and (cos > 0).any()  # the clamp at 0 matters here
     assert score == pytest.approx(np.mean(np.maximum(100 * cos, 0)), rel=1e-5)
+
+
+def test_embedding_shift_is_eq_42_and_43_literally():
+    import cep
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(10, 16))  # a clean run's class embeddings
+    labels = rng.integers(0, 10, 300)
+    corrupted = labels.copy()
+    flipped = rng.choice(300, 30, replace=False)
+    corrupted[flipped] = (labels[flipped] + rng.integers(1, 10, 30)) % 10
+    # Eq. 42 over all N samples, one at a time; the unchanged ones add 0
+    eq42 = sum(np.sum((table[c] - table[y]) ** 2) for c, y in zip(corrupted, labels)) / len(labels)
+    assert metrics.embedding_shift(table[labels], table[corrupted]) == pytest.approx(eq42, rel=1e-12)
+    # only the changed rows (what corruption.json records), averaged over N
+    only = metrics.embedding_shift(table[labels[flipped]], table[corrupted[flipped]], n=len(labels))
+    assert only == pytest.approx(eq42, rel=1e-12)
+    norms = [np.linalg.norm(table[c] - table[y]) for c, y in zip(corrupted, labels)]
+    assert metrics.embedding_shift(table[labels], table[corrupted], squared=False) == pytest.approx(np.mean(norms))
+    # Eq. 43 on token embeddings [N, tokens, d]: a sample's deltas are one vector; E|delta|^2 = tokens * gamma^2
+    # (CEP-G), tokens * gamma^2 / 3 (CEP-U), whatever d
+    emb = torch.randn(4000, 3, 64)
+    for kind, expected in (("gaussian", 3 * 4.0), ("uniform", 3 * 4.0 / 3)):
+        perturbed = cep.CEP(kind, 2.0).train()(emb)
+        delta = (perturbed - emb).double()
+        assert metrics.embedding_shift(emb, perturbed) == pytest.approx(delta.pow(2).sum((1, 2)).mean().item())
+        assert metrics.embedding_shift(emb, perturbed) == pytest.approx(expected, rel=0.03)
+    with pytest.raises(ValueError, match="N >= 30"):
+        metrics.embedding_shift(table[labels[flipped]], table[corrupted[flipped]], n=10)
