@@ -14,23 +14,21 @@ the base frozen and the adapter's control images as a second input.
 """
 import os
 import sys
-from contextlib import nullcontext
-from copy import deepcopy
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
 from control import cached_controls, control_image
-from data import CaptionPairs, StepBatches
+from data import CaptionPairs
 from diffusion import GaussianDiffusion
 from model import UNet_models
 from pipeline import build, control_grid
-from training import (Log, Steps, Stop, check_out_dir, first_stage_for, init_distributed, load_pretrained,
-                      open_dataset, perturbation, refuse_settings, resume_from, update_ema)
+from training import (
+    Log, Steps, Stop, check_out_dir, check_training, cpu_layout, describe_cep, describe_size, first_stage_for,
+    init_distributed, load_pretrained, open_dataset, optimizer_and_ema, perturbation, refuse_settings, seed_step, start
+)
 
 # -----------------------------------------------------------------------------
 # the pre-trained model and the adapter
@@ -88,15 +86,8 @@ def check_config():
                                 "data_path's images")
     if data_path and not os.path.exists(data_path):
         raise FileNotFoundError(f"data_path {data_path!r} does not exist")
-    if not 0 <= ema_decay < 1:
-        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-    if global_batch_size % world_size:
-        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the {world_size} processes")
-    for key in ("max_steps", "log_every", "ckpt_every", "global_batch_size", "synthetic_size", "synthetic_scale"):
-        if globals()[key] <= 0:
-            raise ValueError(f"{key} must be > 0, got {globals()[key]}")
-    if resume and not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"resume=True but there is no checkpoint {ckpt_path!r}")
+    positive = ("max_steps", "log_every", "ckpt_every", "global_batch_size", "synthetic_size", "synthetic_scale")
+    check_training(config, world_size, ckpt_path, positive)
 
 
 def hints(index, images, controls):
@@ -107,12 +98,19 @@ def hints(index, images, controls):
     return control_image(control, images, *[c.to(device) for c in controls])
 
 
+def write_grid(path):
+    """The EMA's samples: at the end, and every sample_every steps."""
+    images, _, *controls = torch.utils.data.default_collate([dataset[i] for i in grid_index])
+    control_grid(ema, path, grid_conditions, hints(grid_index, images.to(device), controls), seed=seed,
+                 cfg_scale=grid_cfg_scale, num_steps=grid_steps, size=input_size, vae=first_stage,
+                 prediction=prediction, schedule=schedule, progress=True)
+    log(f"sample grid (EMA, cfg {grid_cfg_scale}, {grid_steps} DPM-Solver++ steps): {path}")
+
+
 refuse_settings(sys.argv[1:], PRETRAINED, "adapt.py", "the pre-trained checkpoint (--init)")
 config = configure(globals(), sys.argv[1:])
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 rank, world_size, device = init_distributed()
-master = rank == 0
-cuda = device.startswith("cuda")
 check_config()
 pretrained = load_pretrained("init", init, ckpt_path)
 check_out_dir(out_dir, rank)  # after the checkpoint's checks: a bad one leaves no folder
@@ -123,7 +121,7 @@ if adapter == "t2i" and pretrained["model_args"]["name"] not in UNet_models:
 config.update({k: base[k] for k in PRETRAINED if k in base})  # the run's whole config, in its checkpoint
 text = bool(base["text_encoder"])
 prediction, schedule = pretrained["prediction"], pretrained.get("schedule", "linear")
-log = Log(out_dir, master, wandb_project, wandb_run_name, config)
+log = Log(out_dir, rank == 0, wandb_project, wandb_run_name, config)
 diffusion = GaussianDiffusion(learn_sigma=pretrained["model_args"]["learn_sigma"], prediction=prediction,
                               schedule=schedule, min_snr_gamma=base.get("min_snr_gamma", 0.0))
 stop = Stop()
@@ -137,10 +135,10 @@ dataset = open_dataset("", data_path, text, base["image_size"], flip, controls=f
 first_stage, _, in_channels, input_size = first_stage_for(base["vae"], dataset, "", base["image_size"], device)
 cache = None
 if control_cache:  # rank 0 computes the cache while the others wait, then they read it
-    if not master:
+    if rank > 0:
         dist.barrier()
     cache = cached_controls(dataset, control, control_cache, num_workers=num_workers)
-    if master and world_size > 1:
+    if rank == 0 and world_size > 1:
         dist.barrier()
     dataset.masks, dataset.controls = False, None  # the items' own controls are no longer read
 grid_index = np.linspace(0, len(dataset) - 1, 8).round().astype(np.int64)  # the controls of 8 training images
@@ -157,52 +155,26 @@ net = build(model_args).to(device)
 net.base.load_state_dict(pretrained["ema"])
 first_stage_args = pretrained["first_stage"]
 del pretrained
+# what each checkpoint holds beside the weights: what sample.py, adapt.py and distill.py read back
+record = dict(config=config, corruption=None, model_args=model_args, prediction=prediction, schedule=schedule,
+              first_stage=first_stage_args, consistency=None)
 if text:
     dataset = CaptionPairs(dataset, net.y_embedder.tokenizer)
-if model_args["name"] in UNet_models and not cuda:  # as train.py
-    net = net.to(memory_format=torch.channels_last)
+net = cpu_layout(net, model_args["name"], device)
 net.y_embedder.perturb = perturbation(cep, cep_type, cep_scale, 0.0, seed)
-ema = deepcopy(net).requires_grad_(False).eval()
-opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay,
-                        fused=True)
-step, elapsed = 0, 0.0
-if resume:
-    step, elapsed = resume_from(ckpt_path, device, model_args, None, net, ema, opt, lr, weight_decay)
-    log(f"resumed from {ckpt_path} at step {step}")
-    if step >= max_steps:
-        log(f"{ckpt_path} is at step {step}, max_steps={max_steps}: nothing to train")
-        if world_size > 1:
-            dist.destroy_process_group()
-        sys.exit()
-train_net = net
-if compile:
-    train_net = torch.compile(net, mode=compile_mode)
-if world_size > 1:
-    train_net = DDP(train_net, device_ids=[device] if cuda else None)
-autocast = nullcontext()
-if cuda and dtype != "float32":
-    autocast = torch.autocast("cuda", dtype=getattr(torch, dtype))
-batches = StepBatches(len(dataset), global_batch_size, rank, world_size, seed, step)
-loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=cuda,
-                                     persistent_workers=num_workers > 0, worker_init_fn=stop.worker_init)
-parameters = sum(p.numel() for p in net.parameters()) / 1e6
-trained = sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6
-perturbed = "off"
-if cep:
-    perturbed = f"{cep_type} gamma={cep_scale}"
-log("config: " + " ".join(f"{k}={v!r}" for k, v in config.items()))
-log(f"adapting {init} (frozen, {model_args['name']}) with {adapter}, control: {control}; {parameters:.2f}M "
-    f"parameters, {trained:.2f}M trained; {len(dataset)} images; CEP: {perturbed}; {world_size} process(es) on "
-    f"{device}")
+opt, ema = optimizer_and_ema(net, lr, weight_decay)  # ema: what sample.py samples
+step, elapsed, train_net, autocast, loader, batches = start(config, net, opt, ema, dataset, model_args,
+                                                             None, rank, world_size, device, log, stop)
+log.config(config)
+log(f"adapting {init} (frozen, {model_args['name']}) with {adapter}, control: {control}; {describe_size(net)}; "
+    f"{len(dataset)} images; CEP: {describe_cep(cep, cep_type, cep_scale)}; {world_size} process(es) on {device}")
 
 # -----------------------------------------------------------------------------
 # the training loop
 net.train()
-steps = Steps(step, max_steps, log_every, ckpt_every, global_batch_size, elapsed, device, log, stop, ckpt_path)
+steps = Steps(step, elapsed, config, device, log, stop, ckpt_path, record, write_grid)
 for (x, y, *controls), index in zip(loader, batches):
-    if steps.step >= max_steps:
-        break
-    torch.manual_seed((seed * 1_000_003 + steps.step) * 4096 + rank)
+    seed_step(seed, steps.step, rank)
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     hint = hints(index, x, controls)  # from the images: before they are encoded
     if first_stage is not None:
@@ -214,25 +186,7 @@ for (x, y, *controls), index in zip(loader, batches):
     with autocast:
         out = train_net(x_t, t, y, hint)
     loss = diffusion.training_loss(out, x, x_t, t, noise).mean()
-    opt.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = nn.utils.clip_grad_norm_(net.parameters(), grad_clip or float("inf"))
-    opt.step()
-    update_ema(ema, net, ema_decay)
-    if steps.update(loss, grad_norm, net):
-        steps.save(master, model=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), config=config,
-                   corruption=None, model_args=model_args, prediction=prediction, schedule=schedule,
-                   first_stage=first_stage_args, consistency=None)
-    if steps.stopping:
+    if steps.update(loss, net, opt, ema):
         break
-    if master and (steps.step == max_steps or (sample_every and steps.step % sample_every == 0)):
-        grid = os.path.join(out_dir, f"samples_{steps.step:07d}.png")
-        images, _, *controls = torch.utils.data.default_collate([dataset[i] for i in grid_index])
-        control_grid(ema, grid, grid_conditions, hints(grid_index, images.to(device), controls), seed=seed,
-                     cfg_scale=grid_cfg_scale, num_steps=grid_steps, size=input_size, vae=first_stage,
-                     prediction=prediction, schedule=schedule, progress=True)
-        log(f"sample grid (EMA, cfg {grid_cfg_scale}, {grid_steps} DPM-Solver++ steps): {grid}")
-steps.close()
-if world_size > 1:
-    dist.barrier()
-    dist.destroy_process_group()
+steps.finish()

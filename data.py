@@ -447,11 +447,13 @@ def extract_latents(dataset, vae, vae_path, out, flip, shard_size, batch_size, n
 
 
 class StepBatches(torch.utils.data.Sampler):
-    """The indices of this rank's share of every global batch, from `start_step` on, forever. Epoch e is the
-    permutation seeded by (seed, e): the order depends on the step alone, so a resume picks up the same batches."""
+    """The indices of this rank's share of every global batch, from `start_step` up to `end_step` (None: forever).
+    Epoch e is the permutation seeded by (seed, e): the order depends on the step alone, so a resume picks up the
+    same batches."""
 
-    def __init__(self, n, global_batch, rank, world_size, seed, start_step):
+    def __init__(self, n, global_batch, rank, world_size, seed, start_step, end_step=None):
         self.n, self.global_batch, self.rank, self.seed, self.start_step = n, global_batch, rank, seed, start_step
+        self.end_step = end_step
         self.local = global_batch // world_size
         self.steps_per_epoch = n // global_batch
         if self.steps_per_epoch == 0:
@@ -459,7 +461,7 @@ class StepBatches(torch.utils.data.Sampler):
 
     def __iter__(self):
         step, epoch, perm = self.start_step, -1, None
-        while True:
+        while self.end_step is None or step < self.end_step:
             if step // self.steps_per_epoch != epoch:
                 epoch = step // self.steps_per_epoch
                 perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))

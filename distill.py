@@ -17,22 +17,18 @@ the student's consistency function at t_{n+k} pulled towards the EMA target's at
 """
 import os
 import sys
-from contextlib import nullcontext
-from copy import deepcopy
 
 import torch
-import torch.distributed as dist
-import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
 from corrupt import check_corruption, corrupt_batch
-from data import CaptionPairs, StepBatches
+from data import CaptionPairs
 from diffusion import GaussianDiffusion
-from model import UNet_models
 from pipeline import build, class_rows, sample_grid
-from training import (Log, Steps, Stop, check_out_dir, corrupted_dataset, first_stage_for, init_distributed,
-                      load_pretrained, open_dataset, perturbation, refuse_settings, resume_from, update_ema)
+from training import (
+    Log, Steps, Stop, check_out_dir, check_training, corrupted_dataset, cpu_layout, describe_cep, first_stage_for,
+    init_distributed, load_pretrained, open_dataset, optimizer_and_ema, perturbation, refuse_settings, seed_step, start
+)
 
 # -----------------------------------------------------------------------------
 # the teacher and the consistency student
@@ -92,23 +88,22 @@ def check_config():
         raise ValueError(f"latents={latents!r} and data_path={data_path!r} are both set: the cache holds its dataset")
     if data_path and not os.path.exists(data_path):
         raise FileNotFoundError(f"data_path {data_path!r} does not exist")
-    if not 0 <= ema_decay < 1:
-        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-    if global_batch_size % world_size:
-        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the {world_size} processes")
-    for key in ("max_steps", "log_every", "ckpt_every", "global_batch_size", "synthetic_size", "synthetic_scale"):
-        if globals()[key] <= 0:
-            raise ValueError(f"{key} must be > 0, got {globals()[key]}")
-    if resume and not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"resume=True but there is no checkpoint {ckpt_path!r}")
+    positive = ("max_steps", "log_every", "ckpt_every", "global_batch_size", "synthetic_size", "synthetic_scale")
+    check_training(config, world_size, ckpt_path, positive)
+
+
+def write_grid(path):
+    """The EMA's samples: at the end, and every sample_every steps."""
+    sample_grid(ema, path, grid_rows, seed=seed, cfg_scale=grid_cfg_scale, sampler="lcm", num_steps=4,
+                skip_interval=skip_interval, size=input_size, vae=first_stage, prediction=prediction,
+                schedule=schedule, progress=True)
+    log(f"sample grid (EMA, w {grid_cfg_scale - 1}, 4 LCM steps): {path}")
 
 
 refuse_settings(sys.argv[1:], PRETRAINED, "distill.py", "the teacher (--teacher)")
 config = configure(globals(), sys.argv[1:])
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 rank, world_size, device = init_distributed()
-master = rank == 0
-cuda = device.startswith("cuda")
 check_config()
 pretrained = load_pretrained("teacher", teacher, ckpt_path)
 check_out_dir(out_dir, rank)  # after the checkpoint's checks: a bad one leaves no folder
@@ -120,7 +115,7 @@ if corrupt > 0 and caption_corruption != text:
                      "rewrite, classes sym or asym")
 config.update({k: base[k] for k in PRETRAINED if k in base})  # the run's whole config, in its checkpoint
 prediction, schedule = pretrained["prediction"], pretrained.get("schedule", "linear")
-log = Log(out_dir, master, wandb_project, wandb_run_name, config)
+log = Log(out_dir, rank == 0, wandb_project, wandb_run_name, config)
 diffusion = GaussianDiffusion(learn_sigma=pretrained["model_args"]["learn_sigma"], prediction=prediction,
                               schedule=schedule)
 perturb = perturbation(cep, cep_type, cep_scale, 0.0, seed)
@@ -138,7 +133,7 @@ grid_rows = class_rows(pretrained["model_args"]["num_classes"])
 if text:
     grid_rows = dataset.captions[:8]
 dataset, corruption, prior = corrupted_dataset(dataset, text, corrupt, corrupt_type, corrupt_mode, seed,
-                                               corrupt_subset, corrupt_rewrites, out_dir, master, world_size)
+                                               corrupt_subset, corrupt_rewrites, out_dir, rank == 0, world_size)
 
 # the teacher, frozen; the student starts as the teacher: all its weights, and a guidance embedding of zeros
 teacher_net = build(pretrained["model_args"]).to(device).eval().requires_grad_(False)
@@ -150,51 +145,29 @@ net.load_state_dict({**net.state_dict(), **pretrained["ema"]})
 first_stage_args = pretrained["first_stage"]
 del pretrained
 consistency = dict(teacher=teacher, w_min=w_min, w_max=w_max, skip_interval=skip_interval)
+# what each checkpoint holds beside the weights: what sample.py, adapt.py and distill.py read back
+record = dict(config=config, corruption=corruption, model_args=model_args, prediction=prediction, schedule=schedule,
+              first_stage=first_stage_args, consistency=consistency)
 if text:
     dataset = CaptionPairs(dataset, net.y_embedder.tokenizer)
-if model_args["name"] in UNet_models and not cuda:  # as train.py
-    net = net.to(memory_format=torch.channels_last)
+net = cpu_layout(net, model_args["name"], device)
 net.y_embedder.perturb = perturb
-ema = deepcopy(net).requires_grad_(False).eval()  # the target network
-opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay,
-                        fused=True)
-step, elapsed = 0, 0.0
-if resume:
-    step, elapsed = resume_from(ckpt_path, device, model_args, corruption, net, ema, opt, lr, weight_decay)
-    log(f"resumed from {ckpt_path} at step {step}")
-    if step >= max_steps:
-        log(f"{ckpt_path} is at step {step}, max_steps={max_steps}: nothing to train")
-        if world_size > 1:
-            dist.destroy_process_group()
-        sys.exit()
-train_net = net
-if compile:
-    train_net = torch.compile(net, mode=compile_mode)
-if world_size > 1:
-    train_net = DDP(train_net, device_ids=[device] if cuda else None)
-autocast = nullcontext()
-if cuda and dtype != "float32":
-    autocast = torch.autocast("cuda", dtype=getattr(torch, dtype))
-batches = StepBatches(len(dataset), global_batch_size, rank, world_size, seed, step)
-loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=cuda,
-                                     persistent_workers=num_workers > 0, worker_init_fn=stop.worker_init)
+opt, ema = optimizer_and_ema(net, lr, weight_decay)  # ema: the target network
+step, elapsed, train_net, autocast, loader, batches = start(config, net, opt, ema, dataset, model_args,
+                                                             corruption, rank, world_size, device, log, stop)
 if prior is not None:
     prior = prior.to(device)
-perturbed = "off"
-if cep:
-    perturbed = f"{cep_type} gamma={cep_scale}"
-log("config: " + " ".join(f"{k}={v!r}" for k, v in config.items()))
+log.config(config)
 log(f"distilling {teacher} (frozen, {model_args['name']}), w in [{w_min}, {w_max}], k={skip_interval}; "
-    f"{len(dataset)} images; corruption: {corruption}; CEP: {perturbed}; {world_size} process(es) on {device}")
+    f"{len(dataset)} images; corruption: {corruption}; CEP: {describe_cep(cep, cep_type, cep_scale)}; "
+    f"{world_size} process(es) on {device}")
 
 # -----------------------------------------------------------------------------
 # the training loop
 net.train()
-steps = Steps(step, max_steps, log_every, ckpt_every, global_batch_size, elapsed, device, log, stop, ckpt_path)
+steps = Steps(step, elapsed, config, device, log, stop, ckpt_path, record, write_grid)
 for x, y in loader:
-    if steps.step >= max_steps:
-        break
-    torch.manual_seed((seed * 1_000_003 + steps.step) * 4096 + rank)
+    seed_step(seed, steps.step, rank)
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     if first_stage is not None and not latents:
         with torch.no_grad():
@@ -215,24 +188,7 @@ for x, y in loader:
     with autocast:
         out = train_net(x_t, t, y, w=w)
         loss = diffusion.consistency_loss(out, x_t, t, guided_teacher, target, skip_interval).mean()
-    opt.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = nn.utils.clip_grad_norm_(net.parameters(), grad_clip or float("inf"))
-    opt.step()
-    update_ema(ema, net, ema_decay)
-    if steps.update(loss, grad_norm, net):
-        steps.save(master, model=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), config=config,
-                   corruption=corruption, model_args=model_args, prediction=prediction, schedule=schedule,
-                   first_stage=first_stage_args, consistency=consistency)
-    if steps.stopping:
+    if steps.update(loss, net, opt, ema):
         break
-    if master and (steps.step == max_steps or (sample_every and steps.step % sample_every == 0)):
-        grid = os.path.join(out_dir, f"samples_{steps.step:07d}.png")
-        sample_grid(ema, grid, grid_rows, seed=seed, cfg_scale=grid_cfg_scale, sampler="lcm", num_steps=4,
-                    skip_interval=skip_interval, size=input_size, vae=first_stage, prediction=prediction,
-                    schedule=schedule, progress=True)
-        log(f"sample grid (EMA, w {grid_cfg_scale - 1}, 4 LCM steps): {grid}")
-steps.close()
-if world_size > 1:
-    dist.barrier()
-    dist.destroy_process_group()
+steps.finish()

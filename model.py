@@ -201,7 +201,7 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
-        # a consistency student's (train.py --teacher): after the init, which would overwrite its zeros
+        # a consistency student's (distill.py): after the init, which would overwrite its zeros
         self.w_embedder = GuidanceEmbedder(self.t_embedder.frequency_embedding_size) if guidance_embed else None
 
     def initialize_weights(self):

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from configurator import atomic_write
 from control import adapt
 from diffusion import GaussianDiffusion
-from configurator import atomic_write
 from model import DiT, DiT_sizes, UNet_models, build_model
 from text import TextEmbedder, TextEncoder, load_bert_text_encoder, load_clip_text_encoder
 from vae import read_diffusers_weights
@@ -151,7 +151,7 @@ def diffusers_to_dit(sd):
 def read_pipeline(folder):
     """A diffusers pipeline folder as the dict of a checkpoint of train.py: `ema` its weights under our names,
     model_args, prediction, schedule, first_stage, consistency (an LCM's), and `config`, the settings of train.py
-    that make this model (train.py --teacher <folder> takes them). unet/ (unet_args), scheduler/, and either
+    that make this model (distill.py --teacher <folder> takes them). unet/ (unet_args), scheduler/, and either
     - text_encoder/, tokenizer/ (text.load_clip_text_encoder) and vae/ (KL-f8, scaled by its scaling_factor):
       Stable Diffusion v1 and LCM-SD, or
     - class_embedder/ (one nn.Embedding whose last row is the null class) and vqvae/ (VQ-f4, latents unscaled): the
@@ -284,8 +284,8 @@ def sample(model, labels, cfg_scale=4.0, sampler="dpm++", num_steps=50, ddim_eta
     (control.py) takes its control images `hint` [N, 3, H, W], one per label. A consistency student (train.py
     --teacher) samples with sampler "lcm" on the skipping grid of its distillation (`skip_interval`)."""
     if (getattr(model, "w_embedder", None) is not None) != (sampler == "lcm"):
-        raise ValueError("a consistency student (train.py --teacher) samples with sampler=lcm, 1 to 8 steps" if
-                         sampler != "lcm" else "sampler=lcm takes a consistency student (train.py --teacher)")
+        raise ValueError("a consistency student (distill.py) samples with sampler=lcm, 1 to 8 steps" if
+                         sampler != "lcm" else "sampler=lcm takes a consistency student (distill.py)")
     diffusion = GaussianDiffusion(learn_sigma=model.learn_sigma, prediction=prediction, schedule=schedule)
     size = size or model.x_embedder.proj.kernel_size[0] * int(model.pos_embed.shape[1] ** 0.5)
     x = torch.randn(len(labels), model.in_channels, size, size, device=labels.device, generator=generator)

@@ -1,6 +1,6 @@
 """
 Sample from a trained model: DPM-Solver++, DDPM (ancestral, with the learned variance) or DDIM, with
-classifier-free guidance; a consistency student (train.py --teacher) in 1 to 8 steps with --sampler lcm.
+classifier-free guidance; a consistency student (distill.py) in 1 to 8 steps with --sampler lcm.
 
   python sample.py --ckpt out/ckpt.pt                           # a grid PNG, one row per class
   torchrun --nproc_per_node=8 sample.py --ckpt out/ckpt.pt --num_samples 50000 --cfg_scale 1.5
@@ -9,7 +9,7 @@ classifier-free guidance; a consistency student (train.py --teacher) in 1 to 8 s
   torchrun --nproc_per_node=8 sample.py --ckpt out/ckpt.pt --prompts captions_val2014.json --num_samples 30000
       # the .npz, and its prompts one per line beside it in <name>_prompts.txt
   python sample.py --ckpt out_lcm/ckpt.pt --sampler lcm --num_steps 4   # a consistency student, w = cfg_scale - 1
-  python sample.py --ckpt out_canny/ckpt.pt --num_samples 1000  # an adapted model (train.py --adapter): samples for
+  python sample.py --ckpt out_canny/ckpt.pt --num_samples 1000  # an adapted model (adapt.py): samples for
       # the controls and conditions of held-out images (--data_path; default the built-in shapes' held-out split)
 
 Checkpoints: ours (EMA weights by default; DiT or U-Net, in pixel or latent space), a bare DiT state dict
@@ -49,7 +49,7 @@ out = ""                # default: beside the checkpoint
 vae = ""                # a folder of diffusers VAE weights, to decode latents; default: the one the checkpoint records
 dtype = "float32"       # autocast of the denoiser and the VAE: float32 | bfloat16 (faster on GPU)
 compile = False         # torch.compile the guided denoiser step; on GPU replayed as a CUDA graph (docs/speed.md)
-# adapted models (train.py --adapter): held-out images give the controls and the conditions (labels or captions)
+# adapted models (adapt.py): held-out images give the controls and the conditions (labels or captions)
 data_path = ""          # a class folder (an image-caption set for text models) of held-out images; "": the built-in
                         # shapes' held-out split, seed 1 (evaluate.py's "synthetic" reference, synthetic_ref_size=N)
 control = ""            # "": the one the model was adapted with (canny, mask); or the held-out images' control folder

@@ -19,25 +19,22 @@ corruption are a function of the step: that is what makes --resume continue exac
 import multiprocessing
 import os
 import sys
-from contextlib import nullcontext
-from copy import deepcopy
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cep import input_perturbation
 from configurator import configure
 from corrupt import check_corruption, corrupt_batch
-from data import CaptionPairs, StepBatches
+from data import CaptionPairs
 from diffusion import GaussianDiffusion
 from model import DiT_models, UNet_models
 from pipeline import build, class_rows, sample_grid, text_args
 from text import load_bert_text_encoder, load_clip_text_encoder
-from training import (Log, Steps, Stop, check_out_dir, corrupted_dataset, first_stage_for, init_distributed,
-                      open_dataset, perturbation, resume_from, update_ema)
+from training import (
+    Log, Steps, Stop, check_out_dir, check_training, corrupted_dataset, cpu_layout, describe_cep, describe_size,
+    first_stage_for, init_distributed, open_dataset, optimizer_and_ema, perturbation, seed_step, start
+)
 
 # -----------------------------------------------------------------------------
 # data and model
@@ -144,14 +141,9 @@ def check_config():
     for key in ("ip", "emb_dropout", "lr", "weight_decay", "grad_clip", "class_dropout", "min_snr_gamma"):
         if globals()[key] < 0:
             raise ValueError(f"{key} must be >= 0, got {globals()[key]}")
-    if not 0 <= ema_decay < 1:
-        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-    if global_batch_size % world_size:
-        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the {world_size} processes")
-    for key in ("max_steps", "log_every", "ckpt_every", "global_batch_size", "image_size", "synthetic_size",
-                "synthetic_scale"):
-        if globals()[key] <= 0:
-            raise ValueError(f"{key} must be > 0, got {globals()[key]}")
+    positive = ("max_steps", "log_every", "ckpt_every", "global_batch_size", "image_size", "synthetic_size",
+                "synthetic_scale")
+    check_training(config, world_size, ckpt_path, positive)
     if grid_steps < 2:
         raise ValueError(f"grid_steps must be >= 2, got {grid_steps}")
     if compile_mode not in ("default", "reduce-overhead", "max-autotune"):
@@ -161,22 +153,30 @@ def check_config():
     if data_path and not os.path.exists(data_path):
         raise FileNotFoundError(f"data_path {data_path!r} does not exist (expected a folder root/<class>/<image>, or "
                                 "with a text encoder images with .txt captions or a .tsv/.csv manifest)")
-    if resume and not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"resume=True but there is no checkpoint {ckpt_path!r}")
     check_out_dir(out_dir, rank)
 
 
-for arg in sys.argv[1:]:
-    key = arg[2:].split("=")[0]
-    if arg.startswith("--") and key in MOVED:
-        sys.exit(f"error: --{key} is {MOVED[key]}'s now: python {MOVED[key]} --{key} ... (train.py pre-trains)")
+def write_grid(path):
+    """The EMA's samples: at the end, and every sample_every steps."""
+    sample_grid(ema, path, grid_rows, seed=seed, cfg_scale=grid_cfg_scale, num_steps=grid_steps, size=input_size,
+                vae=first_stage, prediction=prediction, schedule=schedule, progress=True)
+    log(f"sample grid (EMA, cfg {grid_cfg_scale}, {grid_steps} DPM-Solver++ steps): {path}")
+
+
+def refuse_moved(argv):
+    """The flags of adaptation and distillation, which train.py had, name the script that has them now."""
+    for arg in argv:
+        key = arg[2:].split("=")[0]
+        if arg.startswith("--") and key in MOVED:
+            sys.exit(f"error: --{key} is {MOVED[key]}'s now: python {MOVED[key]} --{key} ... (train.py pre-trains)")
+
+
+refuse_moved(sys.argv[1:])
 config = configure(globals(), sys.argv[1:])
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 rank, world_size, device = init_distributed()
-master = rank == 0
-cuda = device.startswith("cuda")
 check_config()
-log = Log(out_dir, master, wandb_project, wandb_run_name, config)
+log = Log(out_dir, rank == 0, wandb_project, wandb_run_name, config)
 # built before the data is read: their constructors check cep_type, cep_scale, prediction and schedule
 perturb = perturbation(cep, cep_type, cep_scale, cep_fixed, seed, emb_dropout)
 diffusion = GaussianDiffusion(learn_sigma=learn_sigma, prediction=prediction, schedule=schedule,
@@ -196,7 +196,7 @@ else:
     num_classes = len(dataset.classes)
     grid_rows = class_rows(num_classes)
 dataset, corruption, prior = corrupted_dataset(dataset, bool(text_encoder), corrupt, corrupt_type, corrupt_mode, seed,
-                                               corrupt_subset, corrupt_rewrites, out_dir, master, world_size)
+                                               corrupt_subset, corrupt_rewrites, out_dir, rank == 0, world_size)
 
 # model, EMA, optimiser
 # what sample.py needs to rebuild the model and decode its samples, in the checkpoint (plain types: weights_only loads)
@@ -210,6 +210,9 @@ elif text_encoder == "small":
 elif text_encoder == "bert":
     bert, _ = load_bert_text_encoder(bert_path)  # the pre-trained weights; build() makes the architecture
     model_args.update(bert=os.path.abspath(bert_path), context_dim=bert.width)
+# what each checkpoint holds beside the weights: what sample.py, adapt.py and distill.py read back
+record = dict(config=config, corruption=corruption, model_args=model_args, prediction=prediction, schedule=schedule,
+              first_stage=first_stage_args, consistency=None)
 torch.manual_seed(seed)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
 net = build(model_args).to(device)
 if text_encoder == "clip":
@@ -221,40 +224,16 @@ elif text_encoder == "bert":
     del bert
 if text_encoder:  # the images and their (corrupted) captions' tokens
     dataset = CaptionPairs(dataset, net.y_embedder.tokenizer)
-if model in UNet_models and not cuda:  # NHWC convolutions and group norms of oneDNN are faster on CPU; PyTorch's
-    net = net.to(memory_format=torch.channels_last)  # eager CUDA group norm would convert back to NCHW at each norm
+net = cpu_layout(net, model, device)
 net.y_embedder.perturb = perturb
 if label_smoothing:
     net.y_embedder.smoothing = label_smoothing
-ema = deepcopy(net).requires_grad_(False).eval()
-# fused: one kernel over all parameters, on GPU and on CPU (there far faster than the foreach implementation)
-opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay,
-                        fused=True)
-step, elapsed = 0, 0.0
-if resume:
-    step, elapsed = resume_from(ckpt_path, device, model_args, corruption, net, ema, opt, lr, weight_decay)
-    log(f"resumed from {ckpt_path} at step {step}")
-    if step >= max_steps:  # a finished run: no data loader, no grid, checkpoint untouched (study.py resumes every run)
-        log(f"{ckpt_path} is at step {step}, max_steps={max_steps}: nothing to train")
-        if world_size > 1:
-            dist.destroy_process_group()
-        sys.exit()
-train_net = net
-if compile:
-    train_net = torch.compile(net, mode=compile_mode)
-if world_size > 1:
-    train_net = DDP(train_net, device_ids=[device] if cuda else None)
-autocast = nullcontext()
-if cuda and dtype != "float32":
-    autocast = torch.autocast("cuda", dtype=getattr(torch, dtype))
-batches = StepBatches(len(dataset), global_batch_size, rank, world_size, seed, step)
-loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=cuda,
-                                     persistent_workers=num_workers > 0, worker_init_fn=stop.worker_init)
+opt, ema = optimizer_and_ema(net, lr, weight_decay)  # ema: what sample.py samples
+step, elapsed, train_net, autocast, loader, batches = start(config, net, opt, ema, dataset, model_args,
+                                                             corruption, rank, world_size, device, log, stop)
 if prior is not None:
     prior = prior.to(device)
 
-parameters = sum(p.numel() for p in net.parameters()) / 1e6
-trained = sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6
 space = "pixel space"
 if latents:
     space = f"latents {in_channels}x{input_size}x{input_size} from {latents}"
@@ -265,25 +244,20 @@ if text_encoder == "clip":
     conditions = f"captions, text encoder: CLIP {clip_model}, frozen"
 elif text_encoder:
     conditions = f"captions, text encoder: {text_encoder}, trained"
-perturbed = "off"
-if cep:
-    perturbed = f"{cep_type} gamma={cep_scale}" + (f", fixed for {cep_fixed:.1%}" if cep_fixed else "")
-log("config: " + " ".join(f"{k}={v!r}" for k, v in config.items()))
-log(f"{model} ({parameters:.2f}M parameters, {trained:.2f}M trained), {len(dataset)} images, {space}, {conditions}, "
-    f"{world_size} process(es) on {device}; corruption: {corruption}; CEP: {perturbed}; IP: {ip}; embedding "
-    f"dropout: {emb_dropout}; label smoothing: {label_smoothing}")
+log.config(config)
+log(f"{model} ({describe_size(net)}), {len(dataset)} images, {space}, {conditions}, "
+    f"{world_size} process(es) on {device}; corruption: {corruption}; "
+    f"CEP: {describe_cep(cep, cep_type, cep_scale, cep_fixed)}; IP: {ip}; embedding dropout: {emb_dropout}; "
+    f"label smoothing: {label_smoothing}")
 
 # -----------------------------------------------------------------------------
 # the training loop
 net.train()
-steps = Steps(step, max_steps, log_every, ckpt_every, global_batch_size, elapsed, device, log, stop, ckpt_path,
-              skipped_images)
+steps = Steps(step, elapsed, config, device, log, stop, ckpt_path, record, write_grid, skipped_images)
 for (x, y), index in zip(loader, batches):  # a second pass of the sampler: the dataset indices, for Fixed CEP
-    if steps.step >= max_steps:
-        break
     if cep_fixed:
         perturb.index = torch.tensor(index)
-    torch.manual_seed((seed * 1_000_003 + steps.step) * 4096 + rank)
+    seed_step(seed, steps.step, rank)
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     if first_stage is not None and not latents:
         with torch.no_grad():  # in float32 outside autocast: the posterior mean, as data.py caches it
@@ -296,23 +270,7 @@ for (x, y), index in zip(loader, batches):  # a second pass of the sampler: the 
     with autocast:
         out = train_net(x_t, t, y)
     loss = diffusion.training_loss(out, x, x_t, t, noise).mean()
-    opt.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = nn.utils.clip_grad_norm_(net.parameters(), grad_clip or float("inf"))  # the norm, for the NaN check
-    opt.step()
-    update_ema(ema, net, ema_decay)
-    if steps.update(loss, grad_norm, net):
-        steps.save(master, model=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), config=config,
-                   corruption=corruption, model_args=model_args, prediction=prediction, schedule=schedule,
-                   first_stage=first_stage_args, consistency=None)
-    if steps.stopping:
+    if steps.update(loss, net, opt, ema):
         break
-    if master and (steps.step == max_steps or (sample_every and steps.step % sample_every == 0)):
-        grid = os.path.join(out_dir, f"samples_{steps.step:07d}.png")
-        sample_grid(ema, grid, grid_rows, seed=seed, cfg_scale=grid_cfg_scale, num_steps=grid_steps, size=input_size,
-                    vae=first_stage, prediction=prediction, schedule=schedule, progress=True)
-        log(f"sample grid (EMA, cfg {grid_cfg_scale}, {grid_steps} DPM-Solver++ steps): {grid}")
-steps.close()
-if world_size > 1:
-    dist.barrier()
-    dist.destroy_process_group()
+steps.finish()

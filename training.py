@@ -13,17 +13,21 @@ import signal
 import sys
 import threading
 import time
+from contextlib import nullcontext
+from copy import deepcopy
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from cep import CEP, FixedCEP
 from configurator import atomic_write, one_line_errors
 from corrupt import corrupt_conditions
-from data import ImageCaptions, ImageFolder, LatentDataset, SyntheticShapes
+from data import ImageCaptions, ImageFolder, LatentDataset, StepBatches, SyntheticShapes
+from model import UNet_models
 from pipeline import load_checkpoint
 from vae import load_first_stage
 
@@ -93,6 +97,10 @@ class Log:
             self.wandb = wandb
             wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
 
+    def config(self, config):
+        """The run's whole configuration, once, in one line."""
+        self(" ".join(["config:"] + [f"{k}={v!r}" for k, v in config.items()]))
+
     def __call__(self, message):
         if self.master:
             tqdm.write(message)
@@ -126,6 +134,21 @@ class Log:
         with atomic_write(os.path.join(self.out_dir, "loss.png")) as f:
             fig.savefig(f, format="png", dpi=100)
         plt.close(fig)
+
+
+def check_training(config, world_size, ckpt_path, positive):
+    """The checks every training script makes of its settings (config), before any work: the keys in `positive`
+    above 0, the EMA's decay, the batch across the processes, the checkpoint a resume needs."""
+    for key in positive:
+        if config[key] <= 0:
+            raise ValueError(f"{key} must be > 0, got {config[key]}")
+    if not 0 <= config["ema_decay"] < 1:
+        raise ValueError(f"ema_decay must be in [0, 1), got {config['ema_decay']}")
+    if config["global_batch_size"] % world_size:
+        raise ValueError(f"global_batch_size={config['global_batch_size']} is not divisible by the {world_size} "
+                         "processes")
+    if config["resume"] and not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"resume=True but there is no checkpoint {ckpt_path!r}")
 
 
 def check_out_dir(out_dir, rank):
@@ -207,6 +230,14 @@ def corrupted_dataset(dataset, text, corrupt, corrupt_type, corrupt_mode, seed, 
     return dataset, corruption, prior
 
 
+def describe_cep(cep, cep_type, cep_scale, cep_fixed=0.0):
+    if not cep:
+        return "off"
+    if cep_fixed:
+        return f"{cep_type} gamma={cep_scale}, fixed for {cep_fixed:.1%}"
+    return f"{cep_type} gamma={cep_scale}"
+
+
 def perturbation(cep, cep_type, cep_scale, cep_fixed, seed, emb_dropout=0.0):
     """What perturbs the condition embedding in training: CEP (cep.py), Fixed CEP, dropout (a baseline), or None."""
     if cep_fixed:
@@ -249,9 +280,14 @@ def update_ema(ema, model, decay):
     torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1 - decay)
 
 
-def resume_from(ckpt_path, device, model_args, corruption, net, ema, opt, lr, weight_decay):
-    """The state of ckpt_path loaded into net, ema and opt, once it is this run's model and corruption; the lr and
-    weight decay are this run's (a resume may lower them). Returns (step, elapsed seconds)."""
+def resume_or_start(resume, ckpt_path, device, model_args, corruption, net, ema, opt, lr, weight_decay, max_steps,
+                    log):
+    """(step, elapsed seconds): 0 for a new run; for --resume, the state of ckpt_path loaded into net, ema and opt,
+    once it is this run's model and corruption, with this run's lr and weight decay (a resume may lower them). A run
+    already at max_steps ends the script here: no data loader, no grid, its checkpoint untouched (study.py resumes
+    every run)."""
+    if not resume:
+        return 0, 0.0
     state = load_checkpoint(ckpt_path, map_location=device)
     if "opt" not in state:
         raise ValueError(f"{ckpt_path!r} holds weights only (a bare state dict): sample.py can sample it, but a resume "
@@ -270,29 +306,111 @@ def resume_from(ckpt_path, device, model_args, corruption, net, ema, opt, lr, we
     opt.load_state_dict(state["opt"])
     for group in opt.param_groups:
         group.update(lr=lr, weight_decay=weight_decay)
+    log(f"resumed from {ckpt_path} at step {state['step']}")
+    if state["step"] >= max_steps:
+        log(f"{ckpt_path} is at step {state['step']}, max_steps={max_steps}: nothing to train")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit()
     return state["step"], state.get("elapsed", 0.0)
 
 
-class Steps:
-    """The bookkeeping after each optimiser step: the loss summed on the device, and every 10 steps at most one
-    host-device sync that checks for NaN (loss, gradients; the weights before a checkpoint), gathers the stop request
-    of every rank and writes the log line. Every rank sees the same result, so they save and stop together."""
+def cpu_layout(net, name, device):
+    """A U-Net on CPU in channels-last: oneDNN's NHWC convolutions and group norms are faster there; on GPU, PyTorch's
+    eager group norm would convert back to NCHW at each norm."""
+    if name in UNet_models and not device.startswith("cuda"):
+        return net.to(memory_format=torch.channels_last)
+    return net
 
-    def __init__(self, step, max_steps, log_every, ckpt_every, global_batch_size, elapsed, device, log, stop,
-                 ckpt_path, skipped=None):
-        self.step, self.max_steps, self.log_every, self.ckpt_every = step, max_steps, log_every, ckpt_every
-        self.global_batch_size, self.elapsed, self.device, self.log, self.stop = global_batch_size, elapsed, device, \
-            log, stop
-        self.ckpt_path, self.skipped = ckpt_path, skipped
+
+def describe_size(net):
+    total = sum(p.numel() for p in net.parameters()) / 1e6
+    trained = sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6
+    return f"{total:.2f}M parameters, {trained:.2f}M trained"
+
+
+def optimizer_and_ema(net, lr, weight_decay):
+    """AdamW over the trained parameters (fused: one kernel for all of them, on GPU and on CPU, where it is far
+    faster than the foreach implementation) and the EMA, a frozen copy of net."""
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay,
+                            fused=True)
+    return opt, deepcopy(net).requires_grad_(False).eval()
+
+
+def seed_step(seed, step, rank):
+    """The RNG re-seeded at every step from (seed, step, rank): timesteps, noise, label dropout, CEP and random-mode
+    corruption are a function of the step, which is what makes a resume continue exactly, with no RNG state saved."""
+    torch.manual_seed((seed * 1_000_003 + step) * 4096 + rank)
+
+
+def for_training(net, compile, compile_mode, device, dtype):
+    """(the module the loop calls, its autocast): net compiled (torch.compile's mode) and wrapped in DDP under
+    torchrun (checkpoints save net itself, whose names are the model's); bf16 autocast on GPU (float16 would need a
+    gradient scaler), none on CPU or with dtype float32."""
+    train_net = net
+    if compile:
+        train_net = torch.compile(net, mode=compile_mode)
+    if dist.is_initialized():
+        train_net = DDP(train_net, device_ids=[device] if device.startswith("cuda") else None)
+    autocast = nullcontext()
+    if device.startswith("cuda") and dtype != "float32":
+        autocast = torch.autocast("cuda", dtype=getattr(torch, dtype))
+    return train_net, autocast
+
+
+def step_loader(dataset, global_batch_size, rank, world_size, seed, step, max_steps, num_workers, device, stop):
+    """(loader, batches): the batches of the steps from `step` to max_steps, each from (seed, step), this rank's share
+    of it (data.StepBatches), so a resumed run reads what an uninterrupted one would. Iterating `batches` again gives
+    the dataset indices."""
+    batches = StepBatches(len(dataset), global_batch_size, rank, world_size, seed, step, max_steps)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                                         pin_memory=device.startswith("cuda"), persistent_workers=num_workers > 0,
+                                         worker_init_fn=stop.worker_init)
+    return loader, batches
+
+
+def start(config, net, opt, ema, dataset, model_args, corruption, rank, world_size, device, log, stop):
+    """What a training loop starts from: (step, elapsed, train_net, autocast, loader, batches), the state resumed
+    when config["resume"] (resume_or_start), the module the loop calls and its autocast (for_training), and the
+    batches of the steps left (step_loader)."""
+    ckpt_path = os.path.join(config["out_dir"], "ckpt.pt")
+    step, elapsed = resume_or_start(config["resume"], ckpt_path, device, model_args, corruption, net, ema, opt,
+                                    config["lr"], config["weight_decay"], config["max_steps"], log)
+    train_net, autocast = for_training(net, config["compile"], config["compile_mode"], device, config["dtype"])
+    loader, batches = step_loader(dataset, config["global_batch_size"], rank, world_size, config["seed"], step,
+                                  config["max_steps"], config["num_workers"], device, stop)
+    return step, elapsed, train_net, autocast, loader, batches
+
+
+class Steps:
+    """What follows the backward pass of each step: the gradient clipped, the optimiser's step and the EMA's, the loss
+    summed on the device, and every 10 steps at most one host-device sync that checks for NaN (loss, gradients; the
+    weights before a checkpoint), gathers the stop request of every rank and writes the log line. Every rank sees the
+    same result, so they save and stop together. Then the checkpoint when due, and rank 0's sample grid."""
+
+    def __init__(self, step, elapsed, config, device, log, stop, ckpt_path, record, grid, skipped=None):
+        """config: the run's settings (max_steps, log_every, ckpt_every, sample_every, global_batch_size, grad_clip,
+        ema_decay, out_dir); record: what each checkpoint holds beside the weights, the optimiser, the step and the
+        time (config, model_args, prediction...: what sample.py, adapt.py and distill.py read back); grid(path):
+        writes the sample grid, at the end and every sample_every steps; skipped: the count of unreadable images."""
+        self.step, self.elapsed, self.device, self.config = step, elapsed, device, config
+        self.max_steps, self.log_every, self.ckpt_every = config["max_steps"], config["log_every"], config["ckpt_every"]
+        self.log, self.stop, self.ckpt_path, self.record, self.grid = log, stop, ckpt_path, record, grid
+        self.skipped = skipped
         self.ddp = dist.is_initialized()
         self.loss_sum = torch.zeros((), device=device)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.stopping = False
         self.last_step, self.last_time = step, time.time()
-        self.progress = tqdm(total=max_steps, initial=step, disable=not log.master, dynamic_ncols=True)
+        self.progress = tqdm(total=self.max_steps, initial=step, disable=not log.master, dynamic_ncols=True)
 
-    def update(self, loss, grad_norm, net):
-        """After an optimiser step: True when this step ends with a checkpoint (a scheduled one, the last, a stop)."""
+    def update(self, loss, net, opt, ema):
+        """After loss.backward(): the step of the optimiser and of the EMA, the checks, the log, the checkpoint and
+        the grid when due. True when the run is to stop (SIGTERM or Ctrl-C: the checkpoint is saved)."""
+        grad_norm = nn.utils.clip_grad_norm_(net.parameters(), self.config["grad_clip"] or float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        update_ema(ema, net, self.config["ema_decay"])
         self.loss_sum += loss.detach()
         self.nonfinite |= ~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)  # NaN gradients: NaN weights
         self.step += 1
@@ -303,18 +421,30 @@ class Steps:
             self.check(at_ckpt, net)
         if at_log:
             self.log_line()
-        return at_ckpt or self.stopping
+        if at_ckpt or self.stopping:
+            self.save(net, ema, opt)
+        if self.stopping:
+            return True
+        sample_every = self.config["sample_every"]
+        if self.log.master and (self.step == self.max_steps or (sample_every and self.step % sample_every == 0)):
+            self.grid(os.path.join(self.config["out_dir"], f"samples_{self.step:07d}.png"))
+        return False
 
     def check(self, at_ckpt, net):
         if at_ckpt or self.stop.requested.is_set():  # finite gradients can still overflow the weights
             self.nonfinite |= ~torch.stack([torch.isfinite(p).all() for p in net.parameters()]).all()
         skipped = self.skipped.value if self.skipped is not None else 0
-        host = torch.tensor([self.stop.requested.is_set(), skipped], device=self.device)
+        sigterm = self.stop.signal_name == "SIGTERM"
+        interrupt = self.stop.signal_name == "Ctrl-C"
+        host = torch.tensor([sigterm, interrupt, skipped], device=self.device)
         stats = torch.cat([torch.stack([self.loss_sum, self.nonfinite.float()]), host])
         if self.ddp:
             dist.all_reduce(stats)
-        self.loss_total, nonfinite_ranks, stopping, self.skipped_total = stats.tolist()  # sums over the ranks
-        self.stopping = bool(stopping)
+        # sums over the ranks: a rank that got no signal stops with the others, and names theirs
+        self.loss_total, nonfinite_ranks, sigterms, interrupts, self.skipped_total = stats.tolist()
+        self.stopping = bool(sigterms or interrupts)
+        if self.stopping and not self.stop.signal_name:
+            self.stop.signal_name = "SIGTERM" if sigterms else "Ctrl-C"
         if nonfinite_ranks:
             kept = "no checkpoint was written"
             if os.path.isfile(self.ckpt_path):
@@ -327,7 +457,7 @@ class Steps:
         world_size = dist.get_world_size() if self.ddp else 1
         steps = self.step - self.last_step
         loss = self.loss_total / world_size / steps
-        images_per_second = steps * self.global_batch_size / (now - self.last_time)
+        images_per_second = steps * self.config["global_batch_size"] / (now - self.last_time)
         self.elapsed += now - self.last_time
         line = f"step {self.step} | loss {loss:.4f} | {images_per_second:.1f} img/s | elapsed {self.elapsed:.0f}s"
         if self.skipped_total:
@@ -337,17 +467,22 @@ class Steps:
         self.loss_sum.zero_()
         self.last_step, self.last_time = self.step, now
 
-    def save(self, master, **state):
-        """The checkpoint, written whole (a kill or a full disk mid-write leaves the previous one), with the step and
-        the elapsed time; then the loss curve."""
-        if master:
+    def save(self, net, ema, opt):
+        """The checkpoint (rank 0's), written whole: a kill or a full disk mid-write leaves the previous one; then the
+        loss curve."""
+        if self.log.master:
             elapsed = self.elapsed + time.time() - self.last_time
+            state = dict(self.record, model=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                         step=self.step, elapsed=elapsed)
             with atomic_write(self.ckpt_path) as f:
-                torch.save(dict(state, step=self.step, elapsed=elapsed), f)
+                torch.save(state, f)
             self.log.plot()
         if self.stopping:
             self.log(f"{self.stop.signal_name}: saved {self.ckpt_path} at step {self.step} and stopped; continue "
                      "with the same command and --resume")
 
-    def close(self):
+    def finish(self):
         self.progress.close()
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()

@@ -135,7 +135,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert result.returncode != 0 and "NaN or infinite between steps 1 and 2" in result.stderr
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "log.txt"]  # no temporary file left, no sample grid
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "log.jsonl", "log.txt", "loss.png"]  # no temporary file, no grid
 
 
 def test_torchrun_design_card_command(tmp_path):
