@@ -1,7 +1,9 @@
 """
 Evaluate generated samples against a reference set: FID, sFID, IS, precision and recall (fid.py), TopP&R, and the
-paper's diversity / memorisation metrics (diversity.py); for text-to-image samples, the CLIP score. Definitions,
-feature spaces and references of every metric: docs/metrics.md.
+paper's diversity / memorisation metrics (metrics.py); for text-to-image samples, the CLIP score. Definitions,
+feature spaces and references of every metric: docs/metrics.md. main() delegates, one function per metric family:
+feature_space_metrics (FID, sFID, IS, precision/recall), diversity_and_memorisation (TopP&R, RMD, memorisation,
+sample entropy), clip_score_metrics.
 
   python evaluate.py --samples out/samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # Inception features
   python evaluate.py --samples out/samples.npz --train synthetic   # built-in dataset, classifier features
@@ -23,12 +25,23 @@ dataset, or a class folder's training split (--train, or --classifier_data; held
 10% of it held out for the accuracy in the report), never the reference ("--ref digits/heldout --train digits/train
 --features classifier"). The top-1% RMD and the memorisation metrics are in the paper's CLIP ViT-B/16 image
 features (--diversity_features); in the classifier space its features stand in; on small datasets, pixels. The report
-always names each space: numbers from different spaces are not comparable.
+always names each space: numbers from different spaces are not comparable. A classifier that cannot tell its
+classes apart is refused before any metric (our rule, at MIN_CLASSIFIER_ACCURACY below: right on half its held-out
+images at least, and beating chance by a binomial test at p < 0.001); the report gives its held-out accuracy, how
+many images measured it, and chance.
+
+A reference's statistics, made once (as pytorch-fid's --save-stats), in ADM's reference-batch layout: mu, sigma,
+mu_s, sigma_s over every image, and arr_0, 10K of the images (--save_ref_images) for precision/recall; later
+evaluations read the stored statistics, and the images' features only for precision/recall:
+
+  python evaluate.py --ref imagenet/val --save_ref ref_in256.npz --save_ref_crop 256   # ADM's centre crop first
+  python evaluate.py --samples out/samples.npz --ref ref_in256.npz
 
 CLIP score, when the samples have prompts (sample.py writes them beside the .npz, <name>_prompts.txt, one per line;
-or --prompts): 100 * max(cos(CLIP image embedding, CLIP text embedding), 0), averaged over the samples. That is
-torchmetrics' convention, clamped at 0 per sample (Hessel et al.'s CLIPScore is 2.5 * max(cos, 0)); the CLIP is
-ViT-L/14 (torchmetrics' default) unless --clip_model says otherwise, from ~/.cache/clip or a local file:
+or --prompts; read as sample.py reads prompts, data.read_prompts): 100 * max(cos(CLIP image embedding, CLIP text
+embedding), 0), averaged over the samples. That is torchmetrics' convention, clamped at 0 per sample (Hessel et al.'s
+CLIPScore is 2.5 * max(cos, 0)); the CLIP is ViT-L/14 (torchmetrics' default) unless --clip_model says otherwise,
+from ~/.cache/clip or a local file:
 
   python evaluate.py --samples out/samples.npz --ref coco_val2014_256.npz --clip_model ViT-L-14.pt
 """
@@ -40,11 +53,13 @@ import time
 import zipfile
 
 import numpy as np
+import scipy.stats
 import torch
 
 import fid
 import metrics
 from configurator import atomic_write, read_cache
+from data import prompts_path, read_prompts
 from metrics import ClassifierSpace, ClipSpace, InceptionSpace, PixelSpace, clip_path, file_key, folder_files
 from text import load_clip
 from vae import VQModel, load_first_stage
@@ -86,6 +101,11 @@ classifier_epochs = 6
 classifier_path = ""          # "": cache_dir/synthetic_classifier_<settings>.pt, folder_classifier_<content>_<...>.pt
 cache_dir = ""                # "": ~/.cache/cep-eval
 out = ""                      # the JSON; "": beside the samples, <samples>_metrics.json
+save_ref = ""                 # a path: write the statistics of --ref there (a reference .npz, ADM's layout) and stop
+save_ref_images = 10000       # the images it keeps for precision/recall (arr_0), evenly spread over --ref: ADM's 10K;
+                              # 0: statistics only, as pytorch-fid's --save-stats
+save_ref_crop = 0             # --save_ref of a folder of images of many sizes: ADM's centre crop of each to this size
+                              # first (data.center_crop_arr; 256 for ImageNet at 256x256); 0: the images as they are
 device = ""                   # "": cuda when available
 progress = True
 # -----------------------------------------------------------------------------
@@ -143,9 +163,11 @@ class _Sized:
         return self.n
 
 
-def open_images(path, limit=0, what="images"):
+def open_images(path, limit=0, what="images", crop=0):
+    """The images of an .npz (arr_0, labels arr_1) or a folder (labels from class subfolders); a folder's images are
+    first centre-cropped to crop x crop, ADM's way, when crop is set."""
     if os.path.isdir(path):
-        return _folder_images(path, limit)
+        return _folder_images(path, limit, crop)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path!r}: no such file or folder")
     with np.load(path) as z:
@@ -170,21 +192,29 @@ def open_images(path, limit=0, what="images"):
     return Images(n, limited, labels, f"{file_key(path)}:{n}", shape[1])
 
 
-def _folder_images(path, limit):
-    from data import load_image
+def _folder_images(path, limit, crop=0):
+    from data import center_crop_arr, load_image
+
+    def read(f):
+        if crop:
+            return center_crop_arr(load_image(f), crop)
+        return np.asarray(load_image(f))
     files, labels, _ = folder_files(path, limit)
-    first = np.asarray(load_image(files[0]))
+    first = read(files[0])
 
     def batches(bs):
         for i in range(0, len(files), bs):
-            arrs = [np.asarray(load_image(f)) for f in files[i:i + bs]]
+            arrs = [read(f) for f in files[i:i + bs]]
             bad = [f for f, a in zip(files[i:i + bs], arrs) if a.shape != first.shape]
             if bad:
                 raise ValueError(f"{bad[0]} is {arrs[files.index(bad[0]) - i].shape[:2]}, {files[0]} is "
-                                 f"{first.shape[:2]}: all images of a folder must have one size")
+                                 f"{first.shape[:2]}: all images of a folder must have one size (--save_ref_crop "
+                                 "crops a reference folder's images to one)")
             yield np.stack(arrs)
-    key = hashlib.sha1("\n".join(file_key(f) for f in files).encode()).hexdigest()
-    return Images(len(files), batches, labels, f"{os.path.abspath(path)}:{key}", first.shape[0])
+    key = f"{os.path.abspath(path)}:" + hashlib.sha1("\n".join(file_key(f) for f in files).encode()).hexdigest()
+    if crop:
+        key += f":crop{crop}"
+    return Images(len(files), batches, labels, key, first.shape[0])
 
 
 def synthetic_images(size, seed, resolution, scale=1.0):
@@ -228,6 +258,8 @@ def cached_features(images, space, bs, cache):
     if images.labels is not None:
         d["labels"] = images.labels
     d["feature_space"] = np.array(space.name)
+    if space.name == fid.FEATURE_SPACE:  # so that, given as --ref, the file says how its statistics were made
+        d["resize"] = np.array(space.model.resize)
     os.makedirs(cache, exist_ok=True)
     with atomic_write(path) as f:
         np.savez(f, **d)
@@ -274,12 +306,17 @@ def reference(spec, space, bs, cache, resolution, synthetic_size, synthetic_seed
     if "arr_0" not in keys:
         return stored, "statistics file", spec
     d, how, path = cached_features(open_images(spec, what=what), space, bs, cache)
-    stats = {k: stored[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in stored}
+    stats = {k: stored[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "num_images", "resize") if k in stored}
     return {**d, **stats, "stored": True}, f"stored statistics, image features {how}", path
 
 
 def statistics_provenance(r, spec):
     """(how the reference statistics were made, over how many images or None when the file does not say)."""
+    if "num_images" in r:  # written by --save_ref
+        how = f"stored in {spec} by evaluate.py --save_ref, over {int(r['num_images'])} reference images"
+        if r.get("stored"):
+            how += f"; its {len(r['features'])} images give precision/recall"
+        return how, int(r["num_images"])
     if r.get("stored"):
         return (f"stored in {spec} (ADM's reference batch: mu, sigma, mu_s, sigma_s over its whole reference set "
                 "by ADM's TensorFlow pipeline; the file does not record how many images); its "
@@ -309,6 +346,17 @@ def memorisation(sample_feats, train_feats, threshold, dev):
 # -----------------------------------------------------------------------------
 
 
+# -----------------------------------------------------------------------------
+# the classifier space: its classifier, and whether it tells the classes apart
+
+# Ours: numbers in the classifier space mean something only where its classifier tells the classes apart. On its
+# held-out images it must be right half the time at least (an absolute floor), and right more often than a classifier
+# blind to the image (chance: 1 / classes, or the share of its commonest training class when larger) by a margin that
+# a one-sided binomial test on the held-out count confirms at p < 0.001.
+MIN_CLASSIFIER_ACCURACY = 0.5
+CHANCE_P_VALUE = 1e-3
+
+
 def classifier_source(resolution, cache):
     """(the classifier's path, what it learns, a function giving its training images, labels and class count) of the
     classifier space; a class folder is checked here, before any work: it has class subfolders, 10 images of each
@@ -334,15 +382,54 @@ def classifier_source(resolution, cache):
     return classifier_path or os.path.join(cache, name), source, training_set
 
 
-def main(argv=None):
-    from configurator import configure
-    globals().update(_DEFAULTS)  # main() may run more than once in a process (tests): start from the defaults
-    config = configure(globals(), sys.argv[1:] if argv is None else argv)
-    if not samples:
-        raise ValueError("--samples is required: an .npz (arr_0 uint8 NHWC, optional arr_1 labels) or a folder")
-    dev = torch.device(device) if device else fid.default_device()
-    cache = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "cep-eval")
-    space_kind = features if features != "auto" else ("classifier" if ref == "synthetic" else "inception")
+def correct_needed(num_val, chance):
+    """The fewest held-out images of num_val the classifier must get right to pass our rule; None: no count can."""
+    counts = np.arange(num_val + 1)
+    passes = (counts >= MIN_CLASSIFIER_ACCURACY * num_val) & (scipy.stats.binom.sf(counts - 1, num_val, chance)
+                                                               < CHANCE_P_VALUE)
+    if not passes.any():
+        return None
+    return int(counts[passes][0])
+
+
+def classifier_refusal(space, path):
+    """Why the classifier space must not be used, in one line that says what to do; None when it may."""
+    if space.num_val is None:
+        return (f"the classifier {path} does not record how many held-out images measured its accuracy (an older "
+                "evaluate.py cached it): delete it, and it is trained again")
+    correct = round(space.val_accuracy * space.num_val)
+    needed = correct_needed(space.num_val, space.chance)
+    if needed is not None and correct >= needed:
+        return None
+    bar = f"{needed} of them right"
+    if needed is None:
+        bar = f"more than {space.num_val} held-out images (no count of so few can show it beats chance)"
+    more = "--classifier_size"
+    if space.source != "synthetic":
+        more = f"more images in {space.source}"
+    kept = ""
+    if classifier_path:
+        kept = f" (--classifier_path {path} is loaded as it is: delete it, or name another, to train anew)"
+    return (f"the classifier space cannot tell the classes apart, so its FID, precision and recall would be noise: "
+            f"its classifier ({space.source}) is right on {correct} of its {space.num_val} held-out images "
+            f"({space.val_accuracy:.0%}; chance {space.chance:.0%}), and evaluate.py needs {bar} (at least "
+            f"{MIN_CLASSIFIER_ACCURACY:.0%}, and beating chance at p < {CHANCE_P_VALUE:g} by a binomial test). Train "
+            f"it on more images ({more}), for more epochs (--classifier_epochs, now {classifier_epochs}), or use "
+            f"--features inception{kept}")
+
+
+# -----------------------------------------------------------------------------
+# settings and networks, checked and loaded before any work
+
+
+def check_settings():
+    """One clear line for a bad setting, before any work; the feature space's kind: inception or classifier."""
+    if not samples and not save_ref:
+        raise ValueError("--samples is required: an .npz (arr_0 uint8 NHWC, optional arr_1 labels) or a folder "
+                         "(or --save_ref, to write the statistics of --ref)")
+    space_kind = features
+    if features == "auto":
+        space_kind = "classifier" if ref == "synthetic" else "inception"
     if space_kind not in ("inception", "classifier"):
         raise ValueError(f"--features must be inception, classifier or auto, got {features!r}")
     if fd_method not in ("sqrtm", "eigh"):
@@ -353,145 +440,360 @@ def main(argv=None):
         raise ValueError(f"--diversity_features must be auto, clip, pixels or none, got {diversity_features!r}")
     if resize not in ("auto", "pytorch-fid", "tf1"):
         raise ValueError(f"--resize must be auto, pytorch-fid or tf1, got {resize!r}")
+    if train and os.path.isfile(train) and not {"arr_0", "features"} & set(_npz_keys(train)):
+        raise ValueError(f"train {train!r}: memorisation metrics need images or features, not just statistics")
+    if save_ref:
+        check_save_ref()
+    return space_kind
 
-    s_images = open_images(samples, max_samples, "samples")
-    if space_kind == "inception" and is_split_size and len(s_images) < is_split_size:
-        raise ValueError(f"{len(s_images)} samples are fewer than one Inception Score chunk (is_split_size="
+
+def check_save_ref():
+    if samples:
+        raise ValueError("--save_ref writes the statistics of --ref and evaluates no samples: drop --samples")
+    if save_ref_images < 0 or save_ref_crop < 0:
+        raise ValueError("--save_ref_images and --save_ref_crop must be >= 0")
+    if os.path.isdir(ref):
+        return
+    if not os.path.isfile(ref):
+        raise ValueError(f"--save_ref needs --ref, a folder or an .npz of the reference images; got {ref!r}")
+    if "mu" in _npz_keys(ref):
+        raise ValueError(f"--ref {ref!r} holds statistics already: --save_ref computes them from images")
+    if save_ref_crop:
+        raise ValueError(f"--save_ref_crop crops the images of a folder; --ref {ref!r} is an .npz")
+
+
+def check_sample_count(space_kind, num_samples):
+    if space_kind == "inception" and is_split_size and num_samples < is_split_size:
+        raise ValueError(f"{num_samples} samples are fewer than one Inception Score chunk (is_split_size="
                          f"{is_split_size}, ADM's rule, the paper's): generate more, or pass --is_split_size 0 for "
                          f"{is_splits} equal splits (torch-fidelity's rule)")
-    # the space of RMD and memorisation: the paper's CLIP, or the classifier standing in on the built-in dataset;
-    # CLIP and the VQ load first, so that a missing file stops the run before any work
-    skipped, warnings = {}, []
-    dkind = diversity_features
-    if dkind == "auto" and space_kind == "classifier":
-        dkind = "classifier"
-    elif dkind == "auto":
-        dkind = "clip" if os.path.isfile(clip_path(diversity_clip) or "") else "none"
-    own_space = ClipSpace(diversity_clip, dev) if dkind == "clip" else \
-        PixelSpace(s_images.resolution) if dkind == "pixels" else None
-    vq = load_first_stage(entropy_vq).eval().to(dev) if entropy_vq else None
-    if vq is not None and not isinstance(vq, VQModel):
+
+
+def stored_resize(spec):
+    """The resize that made the Inception statistics stored in the file spec: recorded there (by this script), TF1's
+    for ADM's reference batch (images beside statistics), or None (images, or a file that does not say)."""
+    if not os.path.isfile(spec):
+        return None
+    with np.load(spec) as z:
+        if "resize" in z.files:
+            return str(z["resize"])
+        if {"arr_0", "mu"} <= set(z.files):
+            return "tf1"
+    return None
+
+
+def inception_resize():
+    """--resize; under auto, the resize of the reference's stored statistics, else pytorch-fid's."""
+    if resize != "auto":
+        return resize
+    return stored_resize(ref) or "pytorch-fid"
+
+
+def open_feature_space(space_kind, resolution, dev, cache):
+    """The space of FID and its family: the Inception, or the classifier (trained and cached on a miss), refused here,
+    before any metric, when it cannot tell its classes apart."""
+    if space_kind == "inception":
+        return InceptionSpace(inception_weights, inception_resize(), dev, progress)
+    path, source, training_set = classifier_source(resolution, cache)
+    space = ClassifierSpace(path, dev, lambda: metrics.train_classifier(
+        path, *training_set(), classifier_epochs, classifier_seed, dev, source))
+    refusal = classifier_refusal(space, path)
+    if refusal is not None:
+        raise ValueError(refusal)
+    return space
+
+
+def open_diversity_space(space_kind, resolution, dev):
+    """(the kind of the space of RMD and memorisation, that space; None where the feature space stands in or there is
+    none): the paper's CLIP, pixels, or the classifier standing in on the built-in dataset."""
+    kind = diversity_features
+    if kind == "auto" and space_kind == "classifier":
+        kind = "classifier"
+    elif kind == "auto":
+        kind = "clip" if os.path.isfile(clip_path(diversity_clip) or "") else "none"
+    if kind == "clip":
+        return kind, ClipSpace(diversity_clip, dev)
+    if kind == "pixels":
+        return kind, PixelSpace(resolution)
+    return kind, None
+
+
+def load_entropy_vq(dev):
+    if not entropy_vq:
+        return None
+    vq = load_first_stage(entropy_vq).eval().to(dev)
+    if not isinstance(vq, VQModel):
         raise ValueError(f"--entropy_vq {entropy_vq!r} is a {type(vq).__name__}: sample entropy needs the VQ-f4 "
                          "first stage (a VQModel: its codebook)")
-    adm_batch = os.path.isfile(ref) and {"arr_0", "mu"} <= set(_npz_keys(ref))
-    if space_kind == "inception":
-        space = InceptionSpace(inception_weights, resize if resize != "auto" else "tf1" if adm_batch else "pytorch-fid",
-                               dev, progress)
+    return vq
+
+
+def read_sample_prompts(num_samples):
+    """(the samples' prompts, their file): --prompts, else data.prompts_path beside the samples when it exists (None,
+    none), read as sample.py reads prompts (data.read_prompts); fewer than the samples is an error."""
+    path = prompts or prompts_path(samples.rstrip("/"))
+    if not prompts and not os.path.isfile(path):
+        return None, path
+    found = read_prompts(path)
+    if len(found) < num_samples:
+        raise ValueError(f"prompts {path!r}: {num_samples} samples need as many prompts, it holds {len(found)}")
+    return found[:num_samples], path
+
+# -----------------------------------------------------------------------------
+# the metric families
+
+
+def feature_space_metrics(space, s, r, labels, dev):
+    """FID, sFID, IS, precision and recall in the feature space (Inception's; in the classifier space standing in,
+    no sFID, its IS formula as "IS (classifier)", is_classifier, and the class accuracy of labelled samples), each
+    measured only where the images are enough: (results, skipped)."""
+    inception = space.name == fid.FEATURE_SPACE
+    is_key = "is" if inception else "is_classifier"
+    chunk = is_split_size if inception else 0  # IS (classifier): equal splits
+    num_samples = len(s["pool"])
+    num_ref_images = len(r["features"]) if "features" in r else None
+    # FID and sFID compare with the reference's statistics: stored ones count whatever number of images the file
+    # holds (ADM's are over its whole reference set); what is computed from images needs enough of them
+    num_ref_statistics_images = None if r.get("stored") else num_ref_images
+    dims = {m: s[f].shape[1] for m, f in (("fid", "pool"), ("sfid", "spatial")) if f in s}
+    skipped = fid.unmeasurable(num_samples, num_ref_statistics_images, dims, is_splits, chunk or None, pr_k)
+    skipped = {m: why for m, why in skipped.items() if m in dims}
+    for m, why in fid.unmeasurable(num_samples, num_ref_images, {}, is_splits, chunk or None, pr_k).items():
+        skipped[is_key if m == "is" else m] = why
+    res = {"fid": None, "sfid": None, "is": None, "is_std": None, is_key: None, is_key + "_std": None,
+           "precision": None, "recall": None}
+    if "fid" not in skipped:
+        res["fid"] = fid.frechet_distance(*fid.statistics(s["pool"]), r["mu"], r["sigma"], method=fd_method)
+    if "spatial" in s and "mu_s" in r and "sfid" not in skipped:
+        res["sfid"] = fid.frechet_distance(*fid.statistics(s["spatial"]), r["mu_s"], r["sigma_s"], method=fd_method)
+    # the IS formula on the space's own classifier: Inception's, or in the classifier space an analogue under its
+    # own name ("IS (classifier)", at most the 10 classes), so that nobody takes one for the other
+    if is_key not in skipped:
+        res[is_key], res[is_key + "_std"] = fid.inception_score(s["logits"], is_splits, chunk or None)
+    res["is_splits"] = f"chunks of {chunk} (ADM)" if chunk else f"{is_splits} equal splits"
+    if "features" not in r:
+        skipped["precision"] = "the reference has statistics but no features"
+    elif "precision" not in skipped:
+        res["precision"], res["recall"] = fid.precision_recall(r["features"], s["pool"], pr_k, device=dev)
+    if not inception and labels is not None:
+        res["class_accuracy"] = float((s["logits"].argmax(1) == labels).mean())
+    return res, skipped
+
+
+def topological_precision_recall(space, s, r, dev):
+    """TopP&R in the feature space, against the reference's image features: (results, skipped)."""
+    res = {"toppr_precision": None, "toppr_recall": None, "toppr_f1": None}
+    if "features" not in r:
+        return res, {"toppr_f1": "the reference has statistics but no features"}
+    need = 5 * min(s["pool"].shape[1], 32) + 2
+    if min(len(r["features"]), len(s["pool"])) < need:
+        return res, {"toppr_f1": f"TopP&R needs {need} samples and reference images in {space.name}"}
+    res["toppr_precision"], res["toppr_recall"], res["toppr_f1"] = metrics.top_pr(r["features"], s["pool"], device=dev)
+    return res, {}
+
+
+def relative_mahalanobis_metrics(g, labels, report_path):
+    """The top-1% RMD of the samples under their own labels: (results, skipped, the per-sample RMD for its histogram,
+    drawn after the report is written)."""
+    if labels is None:
+        return {}, {"rmd_top1": "the samples have no class labels (arr_1 or class folders)"}, None
+    if np.bincount(labels).max() < 2:  # every within-class deviation 0: no covariance to invert
+        return {}, {"rmd_top1": f"{len(g)} samples: RMD needs 2 of a class at least"}, None
+    rmd = metrics.relative_mahalanobis(g, labels)
+    return {"rmd_top1": metrics.top_mean(rmd), "rmd_plot": os.path.splitext(report_path)[0] + "_rmd.png"}, {}, rmd
+
+
+def memorisation_metrics(g, dspace, resolution, cache, dev):
+    """The memorisation ratio and the mean L2 to the 5 nearest training images: (results, skipped)."""
+    if not train:
+        return {}, {"memorisation_ratio": "no --train (the training images)"}
+    t, train_cache, _ = reference(train, dspace, batch_size, cache, resolution, synthetic_train_size,
+                                  synthetic_train_seed, "train")
+    return {"train_cache": train_cache, **memorisation(g, t["features"], memorisation_threshold, dev)}, {}
+
+
+def sample_entropy_metrics(vq, s_images, dev):
+    """The sample entropy of the samples' VQ latents over its codebook: (results, skipped)."""
+    if vq is None:
+        return {}, {"sample_entropy": "no --entropy_vq (the VQ-f4 first stage whose codebook it is measured over)"}
+    codebook = vq.quantize.embedding.weight
+    tau = entropy_tau or metrics.codebook_tau(codebook)
+    latents = (vq.encode(torch.from_numpy(b).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1)
+               for b in s_images.batches(batch_size))
+    return {"entropy_tau": tau, "sample_entropy": metrics.sample_entropy(latents, codebook, tau),
+            "entropy_vq": os.path.abspath(entropy_vq)}, {}
+
+
+def diversity_and_memorisation(space, dkind, dspace, s, r, s_images, vq, dev, cache, report_path):
+    """TopP&R (in the feature space), the top-1% RMD and memorisation (in the diversity space), the sample entropy
+    (in the VQ's latents): (results, skipped, the per-sample RMD or None)."""
+    res, skipped = topological_precision_recall(space, s, r, dev)
+    res["diversity_space"] = None
+    rmd = None
+    if dkind == "none":
+        why = "--diversity_features none"
+        if diversity_features != "none":
+            why = (f"no CLIP {diversity_clip} weights on this machine ({clip_path(diversity_clip)}): put them there, "
+                   "or pass --diversity_features clip to have them downloaded")
+        skipped["rmd_top1"] = skipped["memorisation_ratio"] = why
     else:
-        path, source, training_set = classifier_source(s_images.resolution, cache)
-        space = ClassifierSpace(path, dev, lambda: metrics.train_classifier(
-            path, *training_set(), classifier_epochs, classifier_seed, dev, source))
+        res["diversity_space"], res["diversity_space_detail"] = dspace.name, dspace.description
+        g = s["pool"] if dspace is space else dspace.extract(s_images, batch_size)["pool"]
+        found, why, rmd = relative_mahalanobis_metrics(g, s_images.labels, report_path)
+        res.update(found)
+        skipped.update(why)
+        found, why = memorisation_metrics(g, dspace, s_images.resolution, cache, dev)
+        res.update(found)
+        skipped.update(why)
+    found, why = sample_entropy_metrics(vq, s_images, dev)
+    res.update(found)
+    skipped.update(why)
+    return res, skipped, rmd
+
+
+def clip_score_metrics(s_images, sample_prompts, prompts_file, clip, dev):
+    """The CLIP score of text-to-image samples with their prompts; nothing without prompts."""
+    if sample_prompts is None:
+        return {}
+    model, preprocess = clip
+    return {"clip_score": metrics.clip_score(s_images, sample_prompts, model, preprocess, batch_size, dev),
+            "clip_model": clip_model, "prompts": os.path.abspath(prompts_file)}
+
+# -----------------------------------------------------------------------------
+# the report
+
+
+def report_header(space, r, ref_cache, ref_path, num_samples):
+    """What was measured against what: spaces, files, counts, and where the reference's statistics came from."""
+    ref_statistics, num_ref_statistics = statistics_provenance(r, os.path.abspath(ref))
+    res = {"feature_space": space.name, "feature_space_detail": space.description,
+           "samples": os.path.abspath(samples), "ref": ref if ref == "synthetic" else os.path.abspath(ref),
+           "num_samples": num_samples, "num_ref": None, "ref_statistics": ref_statistics,
+           "num_ref_statistics": num_ref_statistics, "ref_cache": ref_cache, "ref_cache_path": ref_path}
+    if "features" in r:
+        res["num_ref"] = int(len(r["features"]))
+    if isinstance(space, ClassifierSpace):
+        res.update(classifier_data=space.source, classifier_val_accuracy=space.val_accuracy,
+                   classifier_val_images=space.num_val, classifier_chance=space.chance)
+    return res
+
+
+def reference_warnings(space, num_ref_statistics):
+    warnings = []
+    if num_ref_statistics is not None and num_ref_statistics < 50000:
+        warnings.append(f"FID against {num_ref_statistics} < 50000 reference images is biased upward: the paper's "
+                        "reference is the 50K ImageNet validation images (or ADM's stored statistics)")
+    made_with = stored_resize(ref)
+    if space.name == fid.FEATURE_SPACE and made_with is not None and made_with != space.model.resize:
+        how = f"the statistics stored in {ref} were made with --resize {made_with}"
+        if "resize" not in _npz_keys(ref):
+            how = "ADM made the stored statistics with TF1's resize (--resize tf1)"
+        warnings.append(f"{how}; the samples went through --resize {space.model.resize}, so FID and sFID mix two "
+                        "pipelines")
+    return warnings
+
+
+def write_report(res, path, rmd, diversity_space):
+    print(f"{'metric':<22}{'value':>12}   ({res['feature_space']}; RMD, memorisation: {res['diversity_space']})")
+    for k in ("fid", "sfid", "is", "is_classifier", "precision", "recall", "toppr_f1", "class_accuracy",
+              "memorisation_ratio", "avg_l2_top5", "rmd_top1", "sample_entropy", "clip_score"):
+        if k not in res:
+            continue
+        value = "-" if res[k] is None else f"{res[k]:.4f}"
+        why = ""
+        if k in res["skipped"]:
+            why = f"   not measured: {res['skipped'][k]}"
+        print(f"{k:<22}{value:>12}{why}")
+    for w in res["warnings"]:
+        print(f"warning: {w}")
+    with atomic_write(path, "w") as f:  # study.py reuses it: never half-written
+        json.dump(res, f, indent=2)
+    if rmd is not None:
+        metrics.plot_histogram(rmd, res["rmd_plot"], f"RMD ({diversity_space})")
+    print(f"wrote {path}")
+
+# -----------------------------------------------------------------------------
+# the two commands: evaluate samples, or write a reference's statistics
+
+
+def evaluate_samples(space_kind, dev, cache, config):
+    s_images = open_images(samples, max_samples, "samples")
+    check_sample_count(space_kind, len(s_images))
+    sample_prompts, prompts_file = read_sample_prompts(len(s_images))
+    # every network loads before any work, so that a missing file stops the run at once
+    dkind, own_space = open_diversity_space(space_kind, s_images.resolution, dev)
+    vq = load_entropy_vq(dev)
+    clip = None
+    if sample_prompts is not None:
+        model, preprocess = load_clip(clip_model)
+        clip = model.to(dev), preprocess
+    space = open_feature_space(space_kind, s_images.resolution, dev, cache)
     print(f"feature space: {space.description}")
-    dspace = own_space or space
 
     t0 = time.time()
     r, ref_cache, ref_path = reference(ref, space, batch_size, cache, s_images.resolution, synthetic_ref_size,
                                        synthetic_ref_seed, "ref", synthetic_ref_scale)
     print(f"reference: {ref_cache} ({ref_path})")
     s = space.extract(s_images, batch_size)
-    ref_statistics, num_ref_statistics = statistics_provenance(r, os.path.abspath(ref))
-    res = {"feature_space": space.name, "feature_space_detail": space.description,
-           "samples": os.path.abspath(samples), "ref": ref if ref == "synthetic" else os.path.abspath(ref),
-           "num_samples": len(s["pool"]), "num_ref": int(len(r["features"])) if "features" in r else None,
-           "ref_statistics": ref_statistics, "num_ref_statistics": num_ref_statistics,
-           "ref_cache": ref_cache, "ref_cache_path": ref_path}
-    is_key = "is" if space.name == fid.FEATURE_SPACE else "is_classifier"
-    chunk = is_split_size if space.name == fid.FEATURE_SPACE else 0  # IS (classifier): equal splits
-    dims = {m: s[f].shape[1] for m, f in (("fid", "pool"), ("sfid", "spatial")) if f in s}
-    skipped.update({is_key if m == "is" else m: why for m, why in fid.unmeasurable(
-        len(s["pool"]), res["num_ref"], dims, is_splits, chunk or None, pr_k).items()})
-    if num_ref_statistics is not None and num_ref_statistics < 50000:
-        warnings.append(f"FID against {num_ref_statistics} < 50000 reference images is biased upward: the paper's "
-                        "reference is the 50K ImageNet validation images (or ADM's stored statistics)")
-    if r.get("stored") and space.name == fid.FEATURE_SPACE and space.model.resize != "tf1":
-        warnings.append("ADM made the stored statistics with TF1's resize (--resize tf1); the samples went through "
-                        f"--resize {space.model.resize}, so FID and sFID mix two pipelines")
-    res["fid"] = None if "fid" in skipped else \
-        fid.frechet_distance(*fid.statistics(s["pool"]), r["mu"], r["sigma"], method=fd_method)
-    res["sfid"] = (fid.frechet_distance(*fid.statistics(s["spatial"]), r["mu_s"], r["sigma_s"], method=fd_method)
-                   if "spatial" in s and "mu_s" in r and "sfid" not in skipped else None)
-    # the IS formula on the space's own classifier: Inception's, or in the classifier space an analogue under its
-    # own name ("IS (classifier)", at most the 10 classes), so that nobody takes one for the other
-    res["is"] = res["is_std"] = None
-    res[is_key], res[is_key + "_std"] = (None, None) if is_key in skipped else \
-        fid.inception_score(s["logits"], is_splits, chunk or None)
-    res["is_splits"] = f"chunks of {chunk} (ADM)" if chunk else f"{is_splits} equal splits"
-    res["precision"] = res["recall"] = res["toppr_precision"] = res["toppr_recall"] = res["toppr_f1"] = None
-    if "features" not in r:
-        skipped["precision"] = skipped["toppr_f1"] = "the reference has statistics but no features"
-    elif "precision" not in skipped:
-        res["precision"], res["recall"] = fid.precision_recall(r["features"], s["pool"], pr_k, device=dev)
-        need = 5 * min(s["pool"].shape[1], 32) + 2
-        if min(len(r["features"]), len(s["pool"])) >= need:
-            res["toppr_precision"], res["toppr_recall"], res["toppr_f1"] = metrics.top_pr(r["features"], s["pool"],
-                                                                                          device=dev)
-        else:
-            skipped["toppr_f1"] = f"TopP&R needs {need} samples and reference images in {space.name}"
-    if isinstance(space, ClassifierSpace):
-        res["classifier_data"], res["classifier_val_accuracy"] = space.source, space.val_accuracy
-        if s_images.labels is not None:
-            res["class_accuracy"] = float((s["logits"].argmax(1) == s_images.labels).mean())
-
-    path = out or os.path.splitext(samples.rstrip("/"))[0] + "_metrics.json"
-    res["diversity_space"] = None if dkind == "none" else dspace.name
-    if dkind == "none":
-        skipped["rmd_top1"] = skipped["memorisation_ratio"] = "--diversity_features none" if diversity_features == \
-            "none" else (f"no CLIP {diversity_clip} weights on this machine ({clip_path(diversity_clip)}): put them "
-                         "there, or pass --diversity_features clip to have them downloaded")
-    else:
-        res["diversity_space_detail"] = dspace.description
-        g = s["pool"] if dspace is space else dspace.extract(s_images, batch_size)["pool"]
-        if s_images.labels is None:
-            skipped["rmd_top1"] = "the samples have no class labels (arr_1 or class folders)"
-        elif np.bincount(s_images.labels).max() < 2:  # every within-class deviation 0: no covariance to invert
-            skipped["rmd_top1"] = f"{len(g)} samples: RMD needs 2 of a class at least"
-        else:
-            rmd = metrics.relative_mahalanobis(g, s_images.labels)  # its histogram is drawn after the report
-            res["rmd_top1"], res["rmd_plot"] = metrics.top_mean(rmd), os.path.splitext(path)[0] + "_rmd.png"
-        if train:
-            t, res["train_cache"], _ = reference(train, dspace, batch_size, cache, s_images.resolution,
-                                                 synthetic_train_size, synthetic_train_seed, "train")
-            if "features" not in t:
-                raise ValueError(f"train {train!r}: memorisation metrics need features, not just statistics")
-            res.update(memorisation(g, t["features"], memorisation_threshold, dev))
-        else:
-            skipped["memorisation_ratio"] = "no --train (the training images)"
-    if vq is None:
-        skipped["sample_entropy"] = "no --entropy_vq (the VQ-f4 first stage whose codebook it is measured over)"
-    else:
-        codebook = vq.quantize.embedding.weight
-        res["entropy_tau"] = entropy_tau or metrics.codebook_tau(codebook)
-        latents = (vq.encode(torch.from_numpy(b).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1)
-                   for b in s_images.batches(batch_size))
-        res["sample_entropy"], res["entropy_vq"] = metrics.sample_entropy(latents, codebook, res["entropy_tau"]), \
-            os.path.abspath(entropy_vq)
-    prompts_file = prompts or os.path.splitext(samples.rstrip("/"))[0] + "_prompts.txt"  # sample.prompts_path
-    if prompts or os.path.isfile(prompts_file):
-        with open(prompts_file, encoding="utf-8") as f:
-            sample_prompts = f.read().split("\n")[:len(s_images)]
-        if len(sample_prompts) < len(s_images) or "" in sample_prompts:
-            raise ValueError(f"prompts {prompts_file!r}: {len(s_images)} samples need as many non-empty lines")
-        model, preprocess = load_clip(clip_model)
-        res["clip_score"] = metrics.clip_score(s_images, sample_prompts, model.to(dev), preprocess, batch_size, dev)
-        res["clip_model"], res["prompts"] = clip_model, os.path.abspath(prompts_file)
-    res["skipped"], res["warnings"] = skipped, warnings
+    report_path = out or os.path.splitext(samples.rstrip("/"))[0] + "_metrics.json"
+    res = report_header(space, r, ref_cache, ref_path, len(s["pool"]))
+    found, skipped = feature_space_metrics(space, s, r, s_images.labels, dev)
+    res.update(found)
+    found, why, rmd = diversity_and_memorisation(space, dkind, own_space or space, s, r, s_images, vq, dev, cache,
+                                                 report_path)
+    res.update(found)
+    skipped.update(why)
+    res.update(clip_score_metrics(s_images, sample_prompts, prompts_file, clip, dev))
+    res["skipped"], res["warnings"] = skipped, reference_warnings(space, res["num_ref_statistics"])
     res["seconds"] = round(time.time() - t0, 1)
     res["config"] = config
-
-    print(f"{'metric':<22}{'value':>12}   ({space.name}; RMD, memorisation: {res['diversity_space']})")
-    for k in ("fid", "sfid", "is", "is_classifier", "precision", "recall", "toppr_f1", "class_accuracy",
-              "memorisation_ratio", "avg_l2_top5", "rmd_top1", "sample_entropy", "clip_score"):
-        if k in res:
-            print(f"{k:<22}{'-' if res[k] is None else f'{res[k]:.4f}':>12}"
-                  + (f"   not measured: {skipped[k]}" if k in skipped else ""))
-    for w in warnings:
-        print(f"warning: {w}")
-    with atomic_write(path, "w") as f:  # study.py reuses it: never half-written
-        json.dump(res, f, indent=2)
-    if "rmd_plot" in res:
-        metrics.plot_histogram(rmd, res["rmd_plot"], f"RMD ({dspace.name})")
-    print(f"wrote {path}")
+    write_report(res, report_path, rmd, res["diversity_space"])
     return res
+
+
+def save_reference(space, images):
+    """--save_ref: the statistics of every reference image in the feature space, in ADM's reference-batch layout
+    (mu, sigma, mu_s, sigma_s; arr_0: save_ref_images of the images, evenly spread, for precision and recall), with
+    what a later evaluation reads back (ours): the feature space, its resize, the number of images. Written whole."""
+    keep = np.unique(np.linspace(0, len(images) - 1, min(save_ref_images, len(images))).round().astype(np.int64))
+    kept = []
+
+    def batches(bs):  # the kept images are taken on the way through: the reference is read once
+        start = 0
+        for b in images.batches(bs):
+            kept.append(b[keep[(keep >= start) & (keep < start + len(b))] - start])
+            start += len(b)
+            yield b
+    f = space.extract(Images(len(images), batches, None, images.key, images.resolution), batch_size)
+    d = {"feature_space": np.array(space.name), "num_images": np.array(len(images))}
+    if len(keep):
+        d["arr_0"] = np.concatenate(kept)
+    d["mu"], d["sigma"] = fid.statistics(f["pool"])
+    if "spatial" in f:
+        d["mu_s"], d["sigma_s"] = fid.statistics(f["spatial"])
+    if space.name == fid.FEATURE_SPACE:
+        d["resize"] = np.array(space.model.resize)
+    os.makedirs(os.path.dirname(os.path.abspath(save_ref)), exist_ok=True)
+    with atomic_write(save_ref) as out_file:
+        np.savez(out_file, **d)
+    print(f"wrote {save_ref}: the {space.name} statistics of {len(images)} images of {ref}, and {len(keep)} of them")
+    return {"save_ref": os.path.abspath(save_ref), "num_images": len(images), "num_kept": len(keep),
+            "feature_space": space.name, "feature_space_detail": space.description}
+
+
+def main(argv=None):
+    from configurator import configure
+    globals().update(_DEFAULTS)  # main() may run more than once in a process (tests): start from the defaults
+    config = configure(globals(), sys.argv[1:] if argv is None else argv)
+    space_kind = check_settings()
+    dev = torch.device(device) if device else fid.default_device()
+    cache = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "cep-eval")
+    if save_ref:
+        images = open_images(ref, what="ref", crop=save_ref_crop)
+        space = open_feature_space(space_kind, images.resolution, dev, cache)
+        print(f"feature space: {space.description}")
+        return save_reference(space, images)
+    return evaluate_samples(space_kind, dev, cache, config)
 
 
 if __name__ == "__main__":

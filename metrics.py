@@ -145,12 +145,15 @@ def train_classifier(path, x, y, num_classes, epochs, seed, dev, source):
     model.eval()
     with torch.no_grad():
         acc = (model(xv.to(dev))[1].argmax(1).cpu() == yv).float().mean().item()
+    # the accuracy of a classifier blind to the image: it answers the commonest class of its training images
+    chance = max(1 / num_classes, torch.bincount(yt, minlength=num_classes).max().item() / max(len(yt), 1))
     print(f"trained the classifier on {source} in {time.time() - t0:.0f}s: accuracy {acc:.3f} on {n_val} of its images "
           "held out")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_write(path) as f:  # whole or not at all: a later run loads it
         torch.save({"model": model.state_dict(), "resolution": x.shape[1], "num_classes": num_classes,
-                    "val_accuracy": acc, "num_val": n_val, "epochs": epochs, "seed": seed, "source": source}, f)
+                    "val_accuracy": acc, "num_val": n_val, "chance": chance, "epochs": epochs, "seed": seed,
+                    "source": source}, f)
 
 
 class ClassifierSpace:
@@ -164,6 +167,10 @@ class ClassifierSpace:
         self.model.load_state_dict(ck["model"])
         self.model.eval().to(dev)
         self.dev, self.val_accuracy = dev, ck["val_accuracy"]
+        # how many held-out images measured that accuracy (None: a classifier cached before it was recorded), and the
+        # accuracy of answering without looking (before it was recorded: one class in num_classes)
+        self.num_val = ck.get("num_val")
+        self.chance = ck.get("chance", 1 / ck["num_classes"])
         self.source = ck.get("source", "synthetic")  # classifiers cached before class folders: the built-in dataset
         self.name = "synthetic-classifier" if self.source == "synthetic" else "folder-classifier"
         self.dims = {"mu": self.model.head.in_features}

@@ -27,11 +27,39 @@ import study
 from vae import VQModel
 
 
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """A classifier of the built-in shapes at 16x16 that tells them apart (80% of its 200 held-out images), trained
+    once for the tests that use the classifier space but do not test its training."""
+    from data import SyntheticShapes
+    path = str(tmp_path_factory.mktemp("classifier") / "shapes16.pt")
+    ds = SyntheticShapes(size=2000, resolution=16, seed=2)
+    metrics.train_classifier(path, ds.images_uint8(), ds.labels, 10, 3, 2, torch.device("cpu"), "synthetic")
+    return path
+
+
+def untrained_classifier(path, val_accuracy, num_val=100, resolution=16):
+    """A random SmallCNN saved as train_classifier saves one, said to be right on val_accuracy of num_val held-out
+    images (None: not said, as in classifiers cached before it was recorded)."""
+    torch.manual_seed(0)
+    ck = {"model": metrics.SmallCNN(10, resolution).state_dict(), "resolution": resolution, "num_classes": 10,
+          "val_accuracy": val_accuracy, "source": "synthetic"}
+    if num_val is not None:
+        ck["num_val"] = num_val
+    torch.save(ck, path)
+    return str(path)
+
+
+def as_images(arr):
+    return evaluate.Images(len(arr), lambda bs: (arr[i:i + bs] for i in range(0, len(arr), bs)), None, "", arr.shape[1])
+
+
 def test_evaluate_unknown_key():
     with pytest.raises(ValueError, match="bogus"):
         evaluate.main(["--samples", "x.npz", "--bogus", "1"])
 
 
+@pytest.mark.slow
 def test_evaluate_end_to_end_inception_with_cache(tmp_path, weights, monkeypatch):
     _, path = weights
     rng = np.random.default_rng(0)
@@ -84,6 +112,7 @@ def test_evaluate_end_to_end_inception_with_cache(tmp_path, weights, monkeypatch
         evaluate.reference(str(tmp_path / "stats.npz"), space, 8, "", 32, 0, 0, "ref")
 
 
+@pytest.mark.slow
 def test_evaluate_against_an_adm_reference_batch_uses_its_stored_statistics(tmp_path, weights, monkeypatch):
     _, path = weights
     monkeypatch.setattr(fid, "unmeasurable", lambda *a, **k: {})  # which statistics FID uses, not how many samples
@@ -143,6 +172,7 @@ def test_evaluate_bad_input_fails_before_any_work(tmp_path, weights, monkeypatch
     assert calls == [] and not os.path.exists(tmp_path / "cache")
 
 
+@pytest.mark.slow
 def test_evaluate_synthetic_reports_every_metric_in_named_spaces(tmp_path):
     from data import SyntheticShapes
     ds = SyntheticShapes(size=170, resolution=16, seed=5)  # TopP&R in 32 projected dimensions needs 162
@@ -153,10 +183,12 @@ def test_evaluate_synthetic_reports_every_metric_in_named_spaces(tmp_path):
     (tmp_path / "vq" / "config.json").write_text(json.dumps(dict(_class_name="VQModel", latent_channels=3,
                                                                  num_vq_embeddings=16, **TINY_VAE)))
     base = ["--samples", str(tmp_path / "s.npz"), "--cache_dir", str(tmp_path / "cache"), "--progress=False",
-            "--device=cpu", "--classifier_size=400", "--classifier_epochs=3", "--synthetic_ref_size=170",
+            "--device=cpu", "--classifier_size=2000", "--classifier_epochs=3", "--synthetic_ref_size=170",
             "--out", str(tmp_path / "m.json")]
     res = evaluate.main(base + ["--train=synthetic", "--synthetic_train_size=50", f"--entropy_vq={tmp_path / 'vq'}"])
     assert res["feature_space"] == res["diversity_space"] == "synthetic-classifier" and res["skipped"] == {}
+    assert res["classifier_val_images"] == 200 and res["classifier_val_accuracy"] >= 0.5  # a tenth of 2000, held out
+    assert res["classifier_chance"] == pytest.approx(0.1, abs=0.01)
     assert res["is"] is None and res["sfid"] is None and res["is_splits"] == "10 equal splits"
     assert 0 <= res["class_accuracy"] <= 1 and 0 <= res["precision"] <= 1 and res["fid"] >= 0
     assert 0 <= res["memorisation_ratio"] <= 1 and res["avg_l2_top5"] > 0 and np.isfinite(res["rmd_top1"])
@@ -192,7 +224,8 @@ def test_classifier_is_is_the_is_formula_on_its_softmax(tmp_path):
     net = metrics.SmallCNN(10, 16)
     with torch.no_grad():
         net.head.weight.normal_(0, 300)  # the untrained features barely vary: large weights spread the softmax
-    torch.save({"model": net.state_dict(), "resolution": 16, "num_classes": 10, "val_accuracy": 0.5}, tmp_path / "c.pt")
+    torch.save({"model": net.state_dict(), "resolution": 16, "num_classes": 10, "val_accuracy": 0.5, "num_val": 100},
+               tmp_path / "c.pt")
     images = SyntheticShapes(size=40, resolution=16, seed=5).images_uint8()
     np.savez(tmp_path / "s.npz", images)
     res = evaluate.main(["--samples", str(tmp_path / "s.npz"), "--classifier_path", str(tmp_path / "c.pt"),
@@ -207,7 +240,8 @@ def test_classifier_is_is_the_is_formula_on_its_softmax(tmp_path):
     assert res["is"] is None and res["is_splits"] == "4 equal splits"  # never under the Inception IS's name
 
 
-def test_evaluate_cli_on_a_folder(tmp_path):
+@pytest.mark.slow
+def test_evaluate_cli_on_a_folder(tmp_path, classifier):
     import subprocess
     import sys
 
@@ -219,8 +253,8 @@ def test_evaluate_cli_on_a_folder(tmp_path):
     for i, img in enumerate(ds.images_uint8()):
         Image.fromarray(img).save(tmp_path / "imgs" / f"{i:03d}.png")
     cmd = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--samples", str(tmp_path / "imgs"),
-           "--cache_dir", str(tmp_path / "cache"), "--progress=False", "--device=cpu", "--classifier_size=100",
-           "--classifier_epochs=1", "--synthetic_ref_size=30", "--out", str(tmp_path / "r.json")]
+           "--cache_dir", str(tmp_path / "cache"), "--progress=False", "--device=cpu",
+           f"--classifier_path={classifier}", "--synthetic_ref_size=30", "--out", str(tmp_path / "r.json")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert p.returncode == 0, p.stderr
@@ -233,11 +267,11 @@ def test_evaluate_cli_on_a_folder(tmp_path):
     assert p.returncode != 0 and "bogus_key" in p.stderr
 
 
-def test_evaluate_skips_what_too_few_samples_cannot_measure(tmp_path):
+def test_evaluate_skips_what_too_few_samples_cannot_measure(tmp_path, classifier):
     from data import SyntheticShapes
     ds = SyntheticShapes(size=5, resolution=16, seed=5)
-    args = ["--cache_dir", str(tmp_path / "cache"), "--progress=False", "--device=cpu", "--classifier_size=100",
-            "--classifier_epochs=1", "--synthetic_ref_size=30"]
+    args = ["--cache_dir", str(tmp_path / "cache"), "--progress=False", "--device=cpu",
+            f"--classifier_path={classifier}", "--synthetic_ref_size=30"]
     for n in (1, 5):  # 1 sample crashed in scipy's sqrtm; 5 gave FID 0.087 and IS 1.0 (splits of one sample)
         np.savez(tmp_path / f"s{n}.npz", ds.images_uint8()[:n], ds.labels[:n])
         res = evaluate.main(["--samples", str(tmp_path / f"s{n}.npz"), *args])
@@ -253,14 +287,15 @@ def test_evaluate_skips_what_too_few_samples_cannot_measure(tmp_path):
     assert set(fid.unmeasurable(2047, 50000, {"fid": 2048, "sfid": 2023})) == {"fid"}
 
 
+@pytest.mark.slow
 def test_evaluate_caches_and_report_are_written_whole_and_unreadable_caches_made_again(tmp_path, capsys):
     from data import SyntheticShapes
     ds = SyntheticShapes(size=12, resolution=16, seed=5)
     np.savez(tmp_path / "s.npz", ds.images_uint8(), ds.labels)
     classifier, report = tmp_path / "classifier.pt", tmp_path / "report.json"
     args = ["--samples", str(tmp_path / "s.npz"), "--classifier_path", str(classifier), "--cache_dir",
-            str(tmp_path / "cache"), "--progress=False", "--device=cpu", "--classifier_size=100",
-            "--classifier_epochs=1", "--synthetic_ref_size=30", "--out", str(report)]
+            str(tmp_path / "cache"), "--progress=False", "--device=cpu", "--classifier_size=2000",
+            "--classifier_epochs=3", "--synthetic_ref_size=30", "--out", str(report)]
     # a kill while the classifier is written: torch.save blocks writing into a FIFO, so the kill lands mid-write
     os.mkfifo(f"{classifier}.tmp")
     proc = subprocess.Popen([sys.executable, "evaluate.py", *args], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
@@ -299,10 +334,11 @@ def test_evaluate_caches_and_report_are_written_whole_and_unreadable_caches_made
     assert "Traceback" not in result.stderr and report.read_text() == before and not os.path.exists(f"{report}.tmp")
 
 
+@pytest.mark.slow
 def test_classifier_space_of_a_class_folder_learns_the_train_split_and_never_reads_held_out_images(tmp_path,
                                                                                                       monkeypatch):
     import data
-    study.write_digits(tmp_path / "d", per_class=12, held_out=3)
+    study.write_digits(tmp_path / "d", per_class=40, held_out=3)
     train_dir, held = tmp_path / "d" / "train", tmp_path / "d" / "heldout"
     train_files = {str(p) for p in train_dir.glob("*/*.png")}
     held_files = {str(p) for p in held.glob("*/*.png")}
@@ -324,7 +360,7 @@ def test_classifier_space_of_a_class_folder_learns_the_train_split_and_never_rea
     monkeypatch.setattr(metrics.ClassifierSpace, "__init__", recorded(metrics.ClassifierSpace.__init__, "classifier"))
     monkeypatch.setattr(evaluate, "reference", recorded(evaluate.reference, "reference"))
     args = ["--samples", str(tmp_path / "s.npz"), "--ref", str(held), "--train", str(train_dir), "--features",
-            "classifier", "--classifier_epochs=2", "--diversity_features=pixels", "--cache_dir",
+            "classifier", "--classifier_epochs=6", "--diversity_features=pixels", "--cache_dir",
             str(tmp_path / "cache"), "--progress=False", "--device=cpu", "--out", str(tmp_path / "m.json")]
     res = evaluate.main(args)
     read = lambda name: {f for p, f in reads if p == name}
@@ -339,7 +375,7 @@ def test_classifier_space_of_a_class_folder_learns_the_train_split_and_never_rea
     assert res["memorisation_ratio"] == 0 and res["avg_l2_top5"] > 0.12
     cached = glob.glob(str(tmp_path / "cache" / "folder_classifier_*.pt"))
     ck = torch.load(cached[0], weights_only=True)
-    assert len(cached) == 1 and ck["num_val"] == 12 and ck["source"] == str(train_dir)  # a tenth of 120, held out
+    assert len(cached) == 1 and ck["num_val"] == 40 and ck["source"] == str(train_dir)  # a tenth of 400, held out
     # cached by content: a copy of the folder reuses it, reading no training image; a changed image trains anew
     shutil.copytree(train_dir, tmp_path / "copy")
     reads.clear()
@@ -363,3 +399,167 @@ def test_classifier_space_of_a_class_folder_learns_the_train_split_and_never_rea
                          (["--train", ""], "ref '" + str(held) + "' has the classes")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             evaluate.main(args + bad)
+
+
+def test_a_classifier_that_cannot_tell_the_classes_apart_is_refused_before_any_metric(tmp_path, monkeypatch):
+    from data import SyntheticShapes
+    ds = SyntheticShapes(size=20, resolution=16, seed=5)
+    np.savez(tmp_path / "s.npz", ds.images_uint8(), ds.labels)
+    calls = []
+    extract = metrics.ClassifierSpace.extract
+    monkeypatch.setattr(metrics.ClassifierSpace, "extract", lambda *a, **k: calls.append(1) or extract(*a, **k))
+    base = ["--samples", str(tmp_path / "s.npz"), "--cache_dir", str(tmp_path / "cache"), "--progress=False",
+            "--device=cpu", "--synthetic_ref_size=30", "--classifier_path"]
+    # our rule: right on half the held-out images at least, and beating chance (1 in 10) at p < 0.001
+    at_chance = ("the classifier space cannot tell the classes apart, so its FID, precision and recall would be noise: "
+                 "its classifier (synthetic) is right on 2 of its 20 held-out images (10%; chance 10%), and "
+                 "evaluate.py needs 10 of them right (at least 50%, and beating chance at p < 0.001 by a binomial "
+                 "test). Train it on more images (--classifier_size), for more epochs (--classifier_epochs, now 6), "
+                 "or use --features inception (--classifier_path")
+    for accuracy, num_val, message in [
+            (0.1, 20, at_chance),
+            (0.45, 20, "right on 9 of its 20 held-out images (45%; chance 10%), and evaluate.py needs 10"),  # floor
+            (0.5, 10, "right on 5 of its 10 held-out images (50%; chance 10%), and evaluate.py needs 6"),  # p 0.0016
+            (1.0, 2, "needs more than 2 held-out images (no count of so few can show it beats chance)"),
+            (0.9, None, "does not record how many held-out images measured its accuracy")]:
+        path = untrained_classifier(tmp_path / "c.pt", accuracy, num_val)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            evaluate.main(base + [path])
+    assert calls == [] and not os.path.exists(tmp_path / "cache")  # refused before any image went through it
+    assert [evaluate.correct_needed(n, 0.1) for n in (2, 10, 20, 200)] == [None, 6, 10, 100]
+    # 6 of 10 pass; the report says how the classifier was measured
+    res = evaluate.main(base + [untrained_classifier(tmp_path / "c.pt", 0.6, 10), "--diversity_features=none"])
+    assert (res["classifier_val_accuracy"], res["classifier_val_images"], res["classifier_chance"]) == (0.6, 10, 0.1)
+    with open(os.path.splitext(tmp_path / "s.npz")[0] + "_metrics.json") as f:
+        assert json.load(f)["classifier_chance"] == 0.1
+
+
+@pytest.mark.slow
+def test_the_digits_classifier_of_too_few_images_is_refused_in_one_line(tmp_path):
+    # the issue's run: a class-folder classifier trained on too little, a quarter right where a tenth is chance
+    study.write_digits(tmp_path / "d", per_class=12, held_out=3)
+    result = run([sys.executable, "evaluate.py", "--samples", str(tmp_path / "d" / "heldout"), "--ref",
+                  str(tmp_path / "d" / "heldout"), "--train", str(tmp_path / "d" / "train"), "--features",
+                  "classifier", "--classifier_epochs=2", "--cache_dir", str(tmp_path / "cache"), "--progress=False",
+                  "--device=cpu", "--out", str(tmp_path / "m.json")], check=False)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("error: the classifier space cannot tell the classes apart")
+    assert f"its classifier ({tmp_path / 'd' / 'train'}) is right on 3 of its 12 held-out images" in result.stderr
+    assert f"more images in {tmp_path / 'd' / 'train'}" in result.stderr and "--features inception" in result.stderr
+    assert not os.path.exists(tmp_path / "m.json")
+
+
+def test_fid_against_stored_statistics_counts_only_the_samples(tmp_path):
+    # a reference batch in ADM's layout (in the classifier space: 96-d): statistics of its whole set, and 20 images
+    from data import SyntheticShapes
+    path = untrained_classifier(tmp_path / "c.pt", 0.9)
+    space = metrics.ClassifierSpace(path, "cpu")
+    images = SyntheticShapes(size=20, resolution=16, seed=7).images_uint8()
+    whole_set = space.extract(evaluate.synthetic_images(300, 8, 16), 100)["pool"]
+    mu, sigma = fid.statistics(whole_set)
+    np.savez(tmp_path / "ref.npz", images, mu=mu, sigma=sigma, feature_space=np.array(space.name))
+    base = ["--ref", str(tmp_path / "ref.npz"), "--classifier_path", path, "--features=classifier",
+            "--cache_dir", str(tmp_path / "cache"), "--progress=False", "--device=cpu", "--diversity_features=none"]
+    samples = SyntheticShapes(size=100, resolution=16, seed=9).images_uint8()
+    np.savez(tmp_path / "s.npz", samples)
+    res = evaluate.main(base + ["--samples", str(tmp_path / "s.npz")])
+    # 100 samples, more than the 96 dimensions: FID against the stored statistics, though the file holds 20 images
+    s = space.extract(as_images(samples), 100)["pool"]
+    assert res["fid"] == pytest.approx(fid.frechet_distance(*fid.statistics(s), mu, sigma), rel=1e-6)
+    assert "fid" not in res["skipped"] and res["num_ref"] == 20
+    # precision and recall come from the 20 images
+    r = space.extract(as_images(images), 100)["pool"]
+    assert (res["precision"], res["recall"]) == pytest.approx(fid.precision_recall(r, s))
+    # the samples' side still counts: 50 samples are too few for a 96-d covariance
+    np.savez(tmp_path / "s50.npz", samples[:50])
+    res = evaluate.main(base + ["--samples", str(tmp_path / "s50.npz")])
+    assert res["fid"] is None
+    assert res["skipped"]["fid"] == "50 samples, fewer than the 96 feature dimensions: each set needs as many"
+
+
+@pytest.mark.slow
+def test_save_ref_writes_a_reference_that_gives_the_fid_of_its_folder(tmp_path, weights, monkeypatch):
+    _, path = weights
+    monkeypatch.setattr(fid, "unmeasurable", lambda *a, **k: {})  # which statistics FID uses, not how many samples
+    rng = np.random.default_rng(3)
+    os.makedirs(tmp_path / "val")
+    images = rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / "val" / f"{i:02d}.png")
+    np.savez(tmp_path / "s.npz", rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
+    base = ["--device=cpu", f"--inception_weights={path}", "--cache_dir", str(tmp_path / "cache"), "--progress=False",
+            "--fd_method=eigh", "--is_split_size=0", "--is_splits=2", "--diversity_features=none"]
+    written = evaluate.main(base + ["--ref", str(tmp_path / "val"), "--save_ref", str(tmp_path / "ref.npz"),
+                                    "--save_ref_images=4"])
+    assert (written["num_images"], written["num_kept"]) == (10, 4)
+    with np.load(tmp_path / "ref.npz") as z:
+        assert {"arr_0", "mu", "sigma", "mu_s", "sigma_s"} <= set(z.files)  # ADM's layout
+        np.testing.assert_array_equal(z["arr_0"], images[[0, 3, 6, 9]])  # evenly spread over the folder
+        assert z["mu"].shape == (2048,) and z["sigma_s"].shape == (2023, 2023) and int(z["num_images"]) == 10
+        assert str(z["resize"]) == "pytorch-fid" and str(z["feature_space"]) == fid.FEATURE_SPACE
+    assert not os.path.exists(tmp_path / "ref.npz.tmp")
+    folder = evaluate.main(base + ["--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "val")])
+    stored = evaluate.main(base + ["--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz")])
+    assert stored["fid"] == pytest.approx(folder["fid"], rel=1e-9) and folder["fid"] > 0
+    assert stored["sfid"] == pytest.approx(folder["sfid"], rel=1e-9)
+    # the resize the statistics were made with (recorded), not ADM's tf1; the 4 images for precision/recall
+    assert "resize=pytorch-fid" in stored["feature_space_detail"] and stored["num_ref"] == 4
+    assert stored["num_ref_statistics"] == 10 and "10 < 50000 reference images" in stored["warnings"][0]
+    assert stored["ref_statistics"] == (f"stored in {tmp_path / 'ref.npz'} by evaluate.py --save_ref, over 10 "
+                                        "reference images; its 4 images give precision/recall")
+
+
+def test_save_ref_crops_a_folder_of_many_sizes_and_bad_input_fails_first(tmp_path, classifier):
+    from data import center_crop_arr, load_image
+    rng = np.random.default_rng(4)
+    os.makedirs(tmp_path / "val")
+    for i, size in enumerate([(40, 30), (16, 16), (64, 20), (33, 17), (20, 50)] * 4):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / "val" / f"{i}.png")
+    base = ["--features=classifier", f"--classifier_path={classifier}", "--cache_dir", str(tmp_path / "cache"),
+            "--progress=False", "--device=cpu", "--ref", str(tmp_path / "val")]
+    with pytest.raises(ValueError, match=re.escape("all images of a folder must have one size (--save_ref_crop")):
+        evaluate.main(base + ["--save_ref", str(tmp_path / "ref.npz")])
+    evaluate.main(base + ["--save_ref", str(tmp_path / "ref.npz"), "--save_ref_crop=16"])
+    files = sorted(glob.glob(str(tmp_path / "val" / "*.png")))
+    cropped = np.stack([center_crop_arr(load_image(f), 16) for f in files])
+    space = metrics.ClassifierSpace(classifier, "cpu")
+    with np.load(tmp_path / "ref.npz") as z:
+        np.testing.assert_array_equal(z["arr_0"], cropped)  # 20 images, fewer than 10K: every one
+        np.testing.assert_allclose(z["mu"], space.extract(as_images(cropped), 50)["pool"].mean(0), rtol=1e-5, atol=1e-6)
+        assert "resize" not in z.files and str(z["feature_space"]) == "synthetic-classifier"
+    # 0 images: statistics only, as pytorch-fid's --save-stats
+    evaluate.main(base + ["--save_ref", str(tmp_path / "stats.npz"), "--save_ref_crop=16", "--save_ref_images=0"])
+    with np.load(tmp_path / "stats.npz") as z:
+        assert "arr_0" not in z.files and int(z["num_images"]) == 20
+    np.savez(tmp_path / "s.npz", cropped)
+    for bad, message in [(["--samples", str(tmp_path / "s.npz")], "evaluates no samples: drop --samples"),
+                         (["--ref", str(tmp_path / "stats.npz")], "holds statistics already"),
+                         (["--ref", "synthetic"], "--save_ref needs --ref, a folder or an .npz"),
+                         (["--ref", str(tmp_path / "s.npz"), "--save_ref_crop=16"], "crops the images of a folder")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            evaluate.main(base + ["--save_ref", str(tmp_path / "x.npz")] + bad)
+    assert not os.path.exists(tmp_path / "x.npz")
+
+
+def test_clip_score_reads_the_prompts_as_sample_py_does(tmp_path, classifier):
+    from conftest import tiny_clip
+
+    import text
+    tiny_clip(tmp_path / "clip.pt", torchscript=False)
+    images = np.random.default_rng(5).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", images)
+    prompts = ["a red circle", "un cœur rouge", "a ring", "a blue star"]
+    # blank lines and runs of spaces: data.read_prompts drops and normalises them, as sample.py did on reading
+    (tmp_path / "s_prompts.txt").write_text("a red circle\n\n  un cœur   rouge \na ring\na blue star\n",
+                                            encoding="utf-8")
+    args = ["--samples", str(tmp_path / "s.npz"), f"--clip_model={tmp_path / 'clip.pt'}", f"--classifier_path="
+            f"{classifier}", "--cache_dir", str(tmp_path / "cache"), "--progress=False", "--device=cpu",
+            "--synthetic_ref_size=30", "--diversity_features=none"]
+    res = evaluate.main(args)
+    model, preprocess = text.load_clip(str(tmp_path / "clip.pt"))
+    direct = metrics.clip_score(evaluate.open_images(str(tmp_path / "s.npz")), prompts, model, preprocess, 3, "cpu")
+    assert res["clip_score"] == pytest.approx(direct) and res["prompts"] == str(tmp_path / "s_prompts.txt")
+    (tmp_path / "few.txt").write_text("a\nb\n")
+    with pytest.raises(ValueError, match=re.escape("4 samples need as many prompts, it holds 2")):
+        evaluate.main(args + ["--prompts", str(tmp_path / "few.txt"), "--cache_dir", str(tmp_path / "none")])
+    assert not os.path.exists(tmp_path / "none")
