@@ -528,30 +528,3 @@ if __name__ == "__main__":
     written, total = extract_latents(dataset, first_stage, vae, out, flip, shard_size, batch_size, num_workers, device,
                                      rank, world_size)
     print(f"rank {rank}: encoded {written} shards, {total - written} were already complete; cache: {out}")
-def read_prompts(path):
-    """Prompts from a text file, one per line, or a COCO-style captions JSON ({"annotations": [{"caption": ...}]}, in
-    the file's order); whitespace is normalised and empty prompts are dropped."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompts file {path!r} not found (one prompt per line, or a COCO captions JSON)")
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            if not path.endswith(".json"):
-                prompts = f.read().split("\n")
-            else:
-                try:
-                    prompts = [a["caption"] for a in json.load(f)["annotations"]]
-                except (KeyError, TypeError):
-                    raise ValueError(f"prompts {path!r} is not a COCO captions JSON: it needs "
-                                     '{"annotations": [{"caption": ...}, ...]}') from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"prompts file {path!r} is not UTF-8 ({e.reason} at byte {e.start}): save it as UTF-8") \
-            from None
-    prompts = [p for p in (" ".join(p.split()) for p in prompts) if p]
-    if not prompts:
-        raise ValueError(f"prompts file {path!r} holds no prompts")
-    return prompts
-
-
-def prompts_path(npz):
-    """Where the prompts of a text-to-image .npz are, one per line (evaluate.py reads them from there)."""
-    return os.path.splitext(npz)[0] + "_prompts.txt"
