@@ -3,6 +3,7 @@ import csv
 import re
 import sys
 
+import pytest
 import torch
 from conftest import TINY_UNET, tiny_dit
 
@@ -10,6 +11,7 @@ from model import UNet
 from vae import AutoencoderKL
 
 
+@pytest.mark.slow
 def test_forward_flops_match_the_flop_counter():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
@@ -28,6 +30,7 @@ def test_forward_flops_match_the_flop_counter():
         assert 1.9 < backward.get_total_flops() / forward.get_total_flops() <= 2
 
 
+@pytest.mark.slow
 def test_bench_table_rows_with_and_without_diffusers(tmp_path, monkeypatch, capsys):
     import bench
     args = ["--models=DiT-Ti/8,LDM-S", "--batch_size=2", "--sample_batch_size=1", "--sample_steps=2", "--steps=1",
@@ -53,6 +56,7 @@ def test_bench_table_rows_with_and_without_diffusers(tmp_path, monkeypatch, caps
     assert "diffusers is not installed: the diffusers row of DiT-Ti/8 is skipped" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_speedups_rows_before_and_after(tmp_path, monkeypatch, capsys):
     """The GPU suite on CPU, on tiny models (and a tiny first stage): every row and note, the CSV and markdown beside
     it, and the batch halved when the eager step runs out of memory. torch.compile runs with the aot_eager backend here, to take seconds (the

@@ -40,6 +40,7 @@ def test_config_file_errors_name_the_file_and_line(tmp_path):
             configure(dict(max_steps=1, lr=0.1), [str(tmp_path / name)])
 
 
+@pytest.mark.slow
 def test_expected_errors_end_in_one_line_unexpected_ones_keep_their_traceback(tmp_path):
     (tmp_path / "cfg.py").write_text("max_steps = 3\nlr = = 2\n")
     result = run([sys.executable, "train.py", str(tmp_path / "cfg.py")], check=False)

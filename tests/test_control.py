@@ -23,6 +23,7 @@ def decoded_test_images():
     return [photo, photo[:, :, :1], shapes]
 
 
+@pytest.mark.slow
 def test_canny_matches_opencv_on_decoded_images():
     cv2 = pytest.importorskip("cv2")
     for image in decoded_test_images():
@@ -45,6 +46,7 @@ def adapted_model(name, kind, downsample, size=8):
     return base, control.adapt(base, kind, downsample).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,kind,downsample", ADAPTED)
 def test_zero_initialised_adapter_leaves_the_frozen_model_unchanged_exactly(name, kind, downsample):
     base, model = adapted_model(name, kind, downsample)

@@ -91,6 +91,7 @@ def test_caption_swap_and_rewrite_counts():
         corrupt.rewrite_captions(captions, 0.5, seed=0, rewrites=rewrites)
 
 
+@pytest.mark.slow
 def test_asymmetric_corruption_in_training_reads_a_subset_file(tmp_path):
     (tmp_path / "subset.txt").write_text("circle\nstar 1\n")  # class names (folder names) or indices
     train(tmp_path / "run", "--corrupt=0.1", "--corrupt_type=asym", f"--corrupt_subset={tmp_path}/subset.txt",
@@ -104,6 +105,7 @@ def test_asymmetric_corruption_in_training_reads_a_subset_file(tmp_path):
     assert result.returncode != 0 and "'blob' is neither a class index nor a class name" in result.stderr
 
 
+@pytest.mark.slow
 def test_the_audit_record_of_a_class_folder_names_the_files_whose_labels_changed(tmp_path):
     make_folder(tmp_path / "images", sizes=[(20, 16)] * 5)
     (tmp_path / "subset.txt").write_text("# the classes that may change\nn01  # one\nn02\n")
@@ -115,6 +117,7 @@ def test_the_audit_record_of_a_class_folder_names_the_files_whose_labels_changed
     assert all(f"/{['n01', 'n02'][old]}/" in path for path, old in zip(record["files"], record["original"]))
 
 
+@pytest.mark.slow
 def test_caption_swap_and_rewrite_are_exact_in_training(tmp_path):
     captions = [f"caption {i}, ä" for i in range(30)]
     make_caption_folder(tmp_path / "folder", captions)

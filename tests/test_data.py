@@ -82,6 +82,7 @@ def test_bad_image_files_are_named_or_skipped_and_counted(tmp_path):
     assert torch.equal(x, skipping[1][0]) and y == 0 and skipping.skipped.value == 3
 
 
+@pytest.mark.slow
 def test_skipped_images_are_counted_in_the_log_across_loader_workers(tmp_path):
     make_folder(tmp_path / "images", sizes=[(20, 20)] * 8)
     for bad in ("n01/3.png", "n02/5.png"):
@@ -93,6 +94,7 @@ def test_skipped_images_are_counted_in_the_log_across_loader_workers(tmp_path):
     assert all(f"skipped: cannot read image {tmp_path}/images/{bad}" in result.stderr for bad in ("n01/3.png", "n02/5.png"))
 
 
+@pytest.mark.slow
 def test_a_bad_image_read_in_a_loader_worker_ends_the_run_in_one_line(tmp_path):
     make_folder(tmp_path / "images", sizes=[(20, 20)] * 8)
     (tmp_path / "images" / "n02" / "5.png").write_bytes(b"")

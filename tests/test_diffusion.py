@@ -116,6 +116,7 @@ def test_hybrid_loss_trains_only_the_variance_through_the_vb_term():
     assert torch.count_nonzero(out.grad[:, :1]) == 0 and torch.count_nonzero(out.grad[:, 1:]) > 0
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_a_batch():
     torch.manual_seed(0)
     model, d = tiny_dit(class_dropout_prob=0.0), GaussianDiffusion()

@@ -18,6 +18,7 @@ import text
 from vae import load_first_stage
 
 
+@pytest.mark.slow
 def test_cache_equals_encoding_on_the_fly_for_image_and_flip(tmp_path, cache):
     for c, name in enumerate(["b", "a"]):  # left-right asymmetric images, so that flips differ
         os.makedirs(tmp_path / "images" / name)
@@ -42,6 +43,7 @@ def test_cache_equals_encoding_on_the_fly_for_image_and_flip(tmp_path, cache):
     assert torch.equal(synthetic[5][0], synthetic.latent(5))
 
 
+@pytest.mark.slow
 def test_extraction_resumes_and_torchrun_gives_the_same_cache(tmp_path, cache):
     shards = [data.shard_path(str(cache / "cache"), k) for k in range(4)]
     reference = [np.load(p) for p in shards]
@@ -70,6 +72,7 @@ def test_extraction_resumes_and_torchrun_gives_the_same_cache(tmp_path, cache):
         np.testing.assert_allclose(np.load(data.shard_path(str(tmp_path / "two"), k)), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_latent_dit_from_the_cache_trains_like_on_the_fly_and_samples(tmp_path, cache):
     args = ["--model=DiT-Ti/4", "--max_steps=3", "--synthetic_size=64", "--image_size=16"]
     train(tmp_path / "cached", f"--latents={cache / 'cache'}", *args)
@@ -95,6 +98,7 @@ def sample_npz_script(run_dir):
     assert npz["arr_0"].shape == (5, 16, 16, 3) and npz["arr_0"].dtype == np.uint8 and npz["arr_0"].std() > 0
 
 
+@pytest.mark.slow
 def test_ldm_unet_trains_from_the_cache_with_cep_and_samples(tmp_path, cache):
     train(tmp_path / "unet", f"--latents={cache / 'cache'}", "--model=LDM-S", "--max_steps=2", "--cep")
     log = (tmp_path / "unet" / "log.txt").read_text()
@@ -116,6 +120,7 @@ def test_caption_latents_keep_the_captions(tmp_path, cache):
     assert latent.shape == (4, 8, 8) and caption == captions[4]
 
 
+@pytest.mark.slow
 def test_text_to_image_end_to_end_on_the_builtin_captions(tmp_path):
     """Train with a frozen CLIP text encoder (random weights in a local file) on the built-in captions, with CEP;
     sample a captioned grid and an .npz from prompts; CLIP score it."""
@@ -151,7 +156,7 @@ def test_text_to_image_end_to_end_on_the_builtin_captions(tmp_path):
     assert result.returncode != 0 and "--prompts" in result.stderr.splitlines()[-1]
     report = evaluate.main(["--samples", str(tmp_path / "s.npz"), f"--clip_model={tmp_path / 'clip.pt'}",
                             "--cache_dir", str(tmp_path / "cache"), "--progress=False", "--device=cpu",
-                            "--classifier_size=100", "--classifier_epochs=1", "--synthetic_ref_size=30"])
+                            "--classifier_size=2000", "--classifier_epochs=3", "--synthetic_ref_size=30"])
     model, preprocess = text.load_clip(str(tmp_path / "clip.pt"))
     direct = metrics.clip_score(evaluate.open_images(str(tmp_path / "s.npz")), prompts, model, preprocess, 3, "cpu")
     assert report["clip_score"] == pytest.approx(direct) and report["prompts"] == str(tmp_path / "s_prompts.txt")

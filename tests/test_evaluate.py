@@ -144,6 +144,7 @@ def test_evaluate_against_an_adm_reference_batch_uses_its_stored_statistics(tmp_
     assert "resize=pytorch-fid" in res["feature_space_detail"] and "mix two pipelines" in res["warnings"][0]
 
 
+@pytest.mark.slow
 def test_evaluate_bad_input_fails_before_any_work(tmp_path, weights, monkeypatch):
     import clip
     _, path = weights

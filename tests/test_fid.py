@@ -28,6 +28,7 @@ def test_inception_state_dict_matches_manifest():
     assert ours == manifest
 
 
+@pytest.mark.slow
 def test_inception_matches_pytorch_fid(weights, monkeypatch):
     sd, _ = weights
     ref = _pytorch_fid_model(sd, monkeypatch)
@@ -47,6 +48,7 @@ def test_inception_matches_pytorch_fid(weights, monkeypatch):
     assert out["pool"].shape == (3, 2048) and out["spatial"].shape == (3, 2023) and out["logits"].shape == (3, 1008)
 
 
+@pytest.mark.slow
 def test_inception_tf1_resize_matches_torch_fidelity(weights):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     sd, path = weights
@@ -64,6 +66,7 @@ def test_inception_tf1_resize_matches_torch_fidelity(weights):
     assert not torch.allclose(fid.InceptionV3("tf1").preprocess(x), fid.InceptionV3().preprocess(x), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_compute_features_input_formats(weights):
     _, path = weights
     model = fid.load_inception(path, "cpu")
@@ -153,6 +156,7 @@ def test_missing_weights_error(tmp_path, monkeypatch):
     assert "nope.pth" in str(e.value) and fid.FID_WEIGHTS_URL in str(e.value)
 
 
+@pytest.mark.slow
 def test_load_inception_from_hub_cache(tmp_path, monkeypatch, weights):
     sd, path = weights
     os.makedirs(tmp_path / "checkpoints")

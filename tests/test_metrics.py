@@ -54,6 +54,7 @@ def test_sample_entropy_against_a_direct_computation():
     assert metrics.sample_entropy([codebook[:4].T.reshape(1, 3, 2, 2)], codebook, 1e-4) < 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dim, n_real, n_fake", [(48, 400, 330), (16, 260, 300)])
 def test_top_pr_matches_the_top_pr_package(dim, n_real, n_fake):
     top_pr = pytest.importorskip("top_pr")
@@ -91,6 +92,7 @@ def test_clip_image_features_are_clips_encode_image(tmp_path):
     assert metrics.clip_path("ViT-B/16").endswith(os.path.join(".cache", "clip", "ViT-B-16.pt"))
 
 
+@pytest.mark.slow
 def test_clip_score_matches_a_direct_computation(tmp_path):
     import clip
     ref = tiny_clip(tmp_path / "clip.pt", torchscript=False)

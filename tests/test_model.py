@@ -218,6 +218,7 @@ def test_unet_loads_diffusers_unet2dconditionmodel_and_computes_the_same(layout)
         unet_args(dict(ref.config, time_cond_proj_dim=512))
 
 
+@pytest.mark.slow
 def test_a_pipeline_folder_as_the_paper_released_samples_with_the_checkpoint_script(tmp_path):
     """LDMClassToImagePipeline's layout (the authors' diffusers fork): unet/, class_embedder/, vqvae/, scheduler/."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
@@ -273,6 +274,7 @@ def test_stable_diffusion_v15_and_lcm_sd_at_full_size_map_onto_our_unet_and_text
     assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in encoder.state_dict().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lcm", [False, True])
 def test_a_stable_diffusion_folder_loads_and_computes_what_diffusers_does(tmp_path, lcm):
     pipe = sd_pipeline(tmp_path / "sd", lcm)

@@ -35,6 +35,7 @@ def test_guided_sampling_is_one_forward_a_step_on_both_halves():
     assert batches == [6] * 5
 
 
+@pytest.mark.slow
 def test_compiled_sampling_gives_the_eager_samples():
     """sample(compile=True) runs the guided denoiser step as one Inductor graph (on GPU a CUDA graph): the same seeds
     give the same images as eager, to float32 rounding, and one graph serves every step."""
@@ -49,11 +50,13 @@ def test_compiled_sampling_gives_the_eager_samples():
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)  # outputs ~1: float32 rounding
 
 
+@pytest.mark.slow
 def test_sample_script_rejects_a_bad_dtype(tmp_path):
     r = run([sys.executable, "sample.py", "--dtype=float16", f"--ckpt={tmp_path}/none.pt"], check=False)
     assert r.returncode != 0 and "dtype must be float32 or bfloat16, got 'float16'" in r.stderr
 
 
+@pytest.mark.slow
 def test_sample_script_grid_and_torchrun_npz(tmp_path):
     out = tmp_path / "run"
     train(out, "--max_steps=2")
@@ -74,6 +77,7 @@ def test_sample_script_grid_and_torchrun_npz(tmp_path):
     assert np.abs(compiled.astype(int) - one["arr_0"][:8]).max() <= 1
 
 
+@pytest.mark.slow
 def test_an_adapted_model_samples_for_the_controls_of_held_out_images(tmp_path):
     train(tmp_path / "pre", "--max_steps=1")
     adapt(tmp_path / "mask", "--init", str(tmp_path / "pre" / "ckpt.pt"), "--adapter=controlnet", "--control=mask",
@@ -101,6 +105,7 @@ def test_an_adapted_model_samples_for_the_controls_of_held_out_images(tmp_path):
     assert f"control folder '{tmp_path}/nope' does not exist" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_text_to_image_model_adapts_and_samples_for_held_out_captions(tmp_path):
     text_args = ["--model=LDM-S", "--text_encoder=small", "--image_size=8", "--learn_sigma=False"]
     train(tmp_path / "pre", *text_args, "--max_steps=1")

@@ -7,6 +7,7 @@ import pytest
 from conftest import ROOT, run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, use", [
     ("model", "model.build_model('DiT-Ti/8', 16, num_classes=3)(torch.zeros(1, 4, 16, 16), torch.zeros(1), "
               "torch.zeros(1, dtype=torch.long))"),

@@ -34,6 +34,7 @@ def tiny_study(tmp_path_factory):
     return args, out, rows
 
 
+@pytest.mark.slow
 def test_study_trains_each_run_and_writes_the_table_and_plots(tiny_study):
     _, out, rows = tiny_study
     with open(out / "results.csv") as f:
@@ -60,6 +61,7 @@ def test_study_trains_each_run_and_writes_the_table_and_plots(tiny_study):
             image.verify()
 
 
+@pytest.mark.slow
 def test_digits_export_splits_held_out_images_and_trains_through_image_folder(tmp_path):
     from sklearn.datasets import load_digits
     study.main([f"--export_digits={tmp_path / 'd3'}", "--digits_per_class=3", "--digits_held_out=2"])
@@ -104,6 +106,7 @@ def test_study_aggregates_seeds_and_marks_what_is_beyond_the_noise(tmp_path):
         markdown
 
 
+@pytest.mark.slow
 def test_study_digits_sweeps_n_against_the_held_out_images_in_one_classifier_space(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     rows = study.main([f"--out_dir={tmp_path}", "--digits=5,10", "--digits_held_out=10", "--runs=clean",
@@ -126,6 +129,7 @@ def test_study_digits_sweeps_n_against_the_held_out_images_in_one_classifier_spa
         assert image.format == "PNG"
 
 
+@pytest.mark.slow
 def test_study_reuses_what_exists_and_sweeps_guidance_scales(tiny_study, monkeypatch):
     args, out, _ = tiny_study
     done = [out / "clean" / name for name in ("ckpt.pt", "samples_0000002.png", "samples_dpm++3_cfg2.0_n100.npz",
@@ -141,6 +145,7 @@ def test_study_reuses_what_exists_and_sweeps_guidance_scales(tiny_study, monkeyp
         assert len(list(csv.DictReader(f))) == 2
 
 
+@pytest.mark.slow
 def test_study_sweeps_a_checkpoint_with_two_samplers_through_torchrun(tiny_study, monkeypatch):
     args, out, _ = tiny_study
     log = (out / "eta10" / "log.txt").read_text()
@@ -168,6 +173,7 @@ def test_study_runs_name_the_papers_baselines():
             study.run_flags(bad)
 
 
+@pytest.mark.slow
 def test_study_downstream_stage_adapts_each_run_and_tables_it(tiny_study, monkeypatch):
     args, out, _ = tiny_study
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -187,6 +193,7 @@ def test_study_downstream_stage_adapts_each_run_and_tables_it(tiny_study, monkey
         assert image.format == "PNG"
 
 
+@pytest.mark.slow
 def test_study_distils_each_run_and_tables_the_students_beside_the_teachers(tiny_study, monkeypatch):
     args, out, _ = tiny_study
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -80,6 +80,7 @@ def test_stable_diffusions_text_encoder_is_transformers_clip_text_model_with_its
         text.load_clip_text_encoder(str(old))
 
 
+@pytest.mark.slow
 def test_tokenizer_works_offline():
     code = ("import socket\n"
             "def refuse(*a, **k): raise OSError('no network in this test')\n"

@@ -18,6 +18,7 @@ import data
 from pipeline import load_model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--cep", "--corrupt=0.1", "--corrupt_mode=random"],
                                   ["--cep", "--cep_fixed=0.5", "--label_smoothing=0.1", "--schedule=scaled_linear"]])
 def test_exact_resume(tmp_path, args):
@@ -36,6 +37,7 @@ def test_exact_resume(tmp_path, args):
     assert load_model(str(halves / "ckpt.pt"))[1]["schedule"] == a["config"]["schedule"]  # sample.py follows it
 
 
+@pytest.mark.slow
 def test_resume_takes_this_runs_lr_not_the_checkpoints(tmp_path):
     train(tmp_path, "--max_steps=2")
     before = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
@@ -45,6 +47,7 @@ def test_resume_takes_this_runs_lr_not_the_checkpoints(tmp_path):
     assert all(torch.equal(before[k], after["model"][k]) for k in before)  # lr 0: two steps that change nothing
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, args", [
     ("dit", []),
     ("text", ["--model=LDM-S", "--text_encoder=small", "--image_size=8", "--corrupt_type=swap"])])
@@ -93,6 +96,7 @@ def bad_config_errors(tmp_path_factory):
     return [(error, os.path.exists(out / str(i) / "log.txt")) for i, error in enumerate(errors)]
 
 
+@pytest.mark.slow
 def test_presets_set_only_their_scripts_keys_and_the_papers_values(tmp_path):
     """config/*.py as `train.py config/X.py` (adapt.py for the adaptation's) reads them: every key known, then
     check_config's first failure (our --max_steps=0) proves the file was applied. The values the paper fixes are
@@ -118,18 +122,21 @@ def test_presets_set_only_their_scripts_keys_and_the_papers_values(tmp_path):
         (32, 5e-6, 1e-2, 1.0, False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", range(len(BAD_CONFIGS)), ids=[" ".join(args) for args, _ in BAD_CONFIGS])
 def test_bad_config_and_missing_files_fail_before_work(case, bad_config_errors):
     error, logged = bad_config_errors[case]
     assert BAD_CONFIGS[case][1] in error and not logged, error
 
 
+@pytest.mark.slow
 def test_global_batch_not_divisible_by_the_processes_under_torchrun(tmp_path):
     result = train(tmp_path, "--global_batch_size=7", torchrun=2, check=False)
     assert result.returncode != 0 and "global_batch_size=7 is not divisible by the 2 processes" in result.stderr
     assert not os.path.exists(tmp_path / "log.txt")
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     result = train(tmp_path, "--max_steps=5", "--ckpt_every=1", "--lr=1e30", check=False)  # weights blow up at once
     assert result.returncode != 0 and "NaN or infinite between steps 1 and 2" in result.stderr
@@ -138,6 +145,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "log.jsonl", "log.txt", "loss.png"]  # no temporary file, no grid
 
 
+@pytest.mark.slow
 def test_torchrun_design_card_command(tmp_path):
     """`torchrun --nproc_per_node=8 train.py --corrupt 0.05 --cep`, with 2 processes and a tiny config."""
     out = tmp_path / "run"
@@ -155,6 +163,7 @@ def test_torchrun_design_card_command(tmp_path):
     assert result.returncode == 0
 
 
+@pytest.mark.slow
 def test_damaged_foreign_or_other_model_checkpoints_are_named_on_resume_and_in_sample_py(tmp_path):
     train(tmp_path / "good", "--max_steps=2")
     good = (tmp_path / "good" / "ckpt.pt").read_bytes()
@@ -185,6 +194,7 @@ def test_damaged_foreign_or_other_model_checkpoints_are_named_on_resume_and_in_s
         result.stderr and len(result.stderr.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_save_names_the_file_removes_the_partial_one_and_keeps_the_previous(tmp_path):
     train(tmp_path, "--max_steps=2")
     before = (tmp_path / "ckpt.pt").read_bytes()
@@ -200,6 +210,7 @@ def test_a_full_disk_during_a_save_names_the_file_removes_the_partial_one_and_ke
     assert (tmp_path / "ckpt.pt").read_bytes() == before and not (tmp_path / "ckpt.pt.tmp").exists()
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, start_train):
     train(tmp_path, "--max_steps=2")
     tmp = tmp_path / "ckpt.pt.tmp"
@@ -218,6 +229,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, sta
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4 and not tmp.exists()
 
 
+@pytest.mark.slow
 def test_sigterm_under_torchrun_saves_and_stops_every_rank_then_resumes_on_one_process(tmp_path, start_train):
     args = ["--corrupt=0.1", "--log_every=1000", "--max_steps=100000"]
     proc = start_train(tmp_path, *args, "--num_workers=1", torchrun=2)
@@ -237,6 +249,7 @@ def test_sigterm_under_torchrun_saves_and_stops_every_rank_then_resumes_on_one_p
     assert resumed["step"] == stop + 2 and resumed["corruption"] == state["corruption"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_says_how_to_resume_and_the_run_continues_exactly_with_its_time(tmp_path, start_train):
     args = ["--log_every=1", "--num_workers=1"]
     proc = start_train(tmp_path / "run", *args, "--max_steps=100000")
@@ -261,6 +274,7 @@ def test_ctrl_c_saves_says_how_to_resume_and_the_run_continues_exactly_with_its_
     assert [r["step"] for r in records] == list(range(1, stop + 4)) and os.path.isfile(tmp_path / "run" / "loss.png")
 
 
+@pytest.mark.slow
 def test_a_rank_killed_under_torchrun_brings_the_others_down(tmp_path, start_train):
     proc = start_train(tmp_path, "--max_steps=100000", torchrun=2)
     wait_until(lambda: "step 2 |" in read(tmp_path / "log.txt"), proc)

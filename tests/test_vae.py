@@ -112,6 +112,7 @@ def test_load_first_stage_builds_the_architecture_of_config_json(tmp_path):
     assert torch.equal(loaded.quantize.embedding.weight, vq.quantize.embedding.weight)
 
 
+@pytest.mark.slow
 def test_missing_vae_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model"):
         load_first_stage(tmp_path / "nope")
