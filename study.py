@@ -9,7 +9,7 @@ sample.py and evaluate.py as subprocesses (through torchrun when nproc > 1) and 
   python study.py --runs clean --cfg_scales 1,1.5,2,3,4           # a guidance sweep of one run
   python study.py --ckpt out/ckpt.pt --cfg_scales 1,2,4           # ... of a checkpoint trained elsewhere
   python study.py --runs clean --samplers dpm++50,ddpm250         # DPM-Solver++ at 50 steps against DDPM at 250
-  python study.py --runs clean,eta5,cep-u --adapters controlnet-canny,controlnet-mask \
+  python study.py --runs clean,eta5,cep-u --adapters controlnet-canny,controlnet-mask \\
       --adapt_args="--synthetic_scale 0.6 --max_steps 1000"       # the downstream stage (docs/downstream.md)
   python study.py --runs clean,eta5,cep-u --distill_steps 1,2,4   # LCM rows: each run distilled (docs/lcm.md)
   python study.py --digits 20,0 --runs clean,cep-u --seeds 0,1,2 --train_args="--model DiT-Ti/4"  # small data
