@@ -16,6 +16,7 @@ import errno
 import io
 import os
 import re
+import secrets
 import shlex
 import sys
 import tokenize
@@ -216,21 +217,35 @@ def expected_error(error, tb):
     return message if ours and line.startswith("raise ") and message else None
 
 
+def temporary_path(path):
+    """A name beside `path` for one writer's temporary file: <name>.<pid>.<random>.tmp. The random part keeps two
+    writers apart in one process and on two machines that share the folder (a pid is unique on one machine only)."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f"{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
-    """Open `path`.tmp to write `path`: on success the file is flushed to disk and renamed over `path`, so a kill or a
-    full disk leaves the previous `path` (or none), never a half-written one. On failure the .tmp is removed, and a
-    failed write (a full disk) is an OSError that names `path`. A SIGKILL can leave the .tmp: never a good one."""
-    tmp = path + ".tmp"
+    """Open a temporary file of this writer's own beside `path` (temporary_path) to write `path`: on success the file
+    is flushed to disk and renamed over `path`, so a kill or a full disk leaves the previous `path` (or none), never a
+    half-written one, and two writers filling one cache each rename a whole file of their own. On failure the
+    temporary file is removed, and a failed write (a full disk) is an OSError that names `path`. A SIGKILL can leave
+    a <name>.<pid>.<random>.tmp: never a good one."""
+    path = os.fspath(path)
+    tmp = temporary_path(path)
+    created = False  # a name taken already (never, in practice) is another writer's file: not ours to remove
     try:
-        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+        # "x": created here or an error; unlike tempfile.mkstemp's 0600, the permissions follow the umask
+        with open(tmp, mode.replace("w", "x"), encoding=None if "b" in mode else "utf-8") as f:
+            created = True
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+        if created:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
         cause = next((c for c in (e, e.__context__, e.__cause__) if isinstance(c, OSError)), None)
         if cause is None:
             raise

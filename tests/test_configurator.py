@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import ENV, ROOT, run
 
-from configurator import configure
+from configurator import atomic_write, configure
 
 
 def test_configure_parses_files_flags_and_space_separated_values(tmp_path):
@@ -128,3 +128,36 @@ def test_every_script_answers_help_with_its_settings_and_their_comments(script):
             result.stdout
         assert "\n                            with a text encoder an image-caption set (data.ImageCaptions" in \
             result.stdout and "\noptimisation\n" in result.stdout
+
+
+def test_two_writers_of_one_file_each_write_a_temporary_file_of_their_own(tmp_path):
+    path = tmp_path / "cache.bin"
+    with atomic_write(path) as first:
+        first.write(b"first " * 1000)
+        with atomic_write(path) as second:  # a second writer while the first is in flight
+            second.write(b"second")
+            assert first.name != second.name and os.path.dirname(second.name) == str(tmp_path)
+            assert re.fullmatch(rf"cache\.bin\.{os.getpid()}\.\w+\.tmp", os.path.basename(second.name))
+        assert path.read_bytes() == b"second"
+        first.write(b"end")
+    assert path.read_bytes() == b"first " * 1000 + b"end"  # whole: nothing of the second's in it
+    assert os.listdir(tmp_path) == ["cache.bin"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # as open() makes it, not mkstemp's 0600
+    with pytest.raises(KeyError):  # a failing writer removes its temporary file and keeps the previous file
+        with atomic_write(path, "w") as f:
+            f.write("half")
+            raise KeyError
+    assert path.read_bytes() == b"first " * 1000 + b"end" and os.listdir(tmp_path) == ["cache.bin"]
+
+
+def test_concurrent_processes_filling_one_cache_leave_a_whole_file(tmp_path):
+    writer = ("import sys\nfrom configurator import atomic_write\nfor i in range(200):\n"
+              "    with atomic_write(sys.argv[1]) as f:\n        f.write(sys.argv[2].encode() * 20000)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", writer, str(tmp_path / "cache"), letter], cwd=ROOT, env=ENV,
+                              stderr=subprocess.PIPE, text=True) for letter in "ab"]
+    errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], errors
+    assert (tmp_path / "cache").read_bytes() in (b"a" * 20000, b"b" * 20000)
+    assert os.listdir(tmp_path) == ["cache"]
