@@ -17,7 +17,8 @@ sample.py and evaluate.py as subprocesses (through torchrun when nproc > 1) and 
 out_dir/<run>/ (<run>-seed<s>/ for seeds other than 0) holds train.py's output and, for each sampler and scale,
 samples_<sampler><steps>_cfg<scale>_n<N>.npz and its _metrics.json. Nothing is done twice: a run with a checkpoint
 is resumed, and a sample file or a report is made again only when it is missing or older than what it is made from.
-Results: out_dir/results.md/.csv (a row per run, sampler and scale: every metric, mean ± seed spread),
+Results: out_dir/results.md/.csv (a row per run, sampler and scale: every metric, mean ± seed spread; against clean
+the difference with its 95% interval, marked beyond the seed noise by Welch's t, Holm over the table's comparisons),
 metrics_vs_eta.png, guidance.png and grids.png. --adapters (the paper's Table 2): each run adapted in
 out_dir/<run>/<adapter>-<control>/, sampled for held-out controls, in downstream.md/.csv and downstream_vs_eta.png.
 --distill_steps: each run distilled into a consistency student in out_dir/<run>/lcm/, its rows (lcm<steps>) in the
@@ -33,7 +34,7 @@ import subprocess
 import sys
 
 import numpy as np
-import scipy.stats
+import scipy.special
 import torch
 
 import evaluate
@@ -88,6 +89,9 @@ METRICS = {"fid": "FID ↓", "sfid": "sFID ↓", "is": "IS (Inception) ↑", "is
            "class_accuracy": "class accuracy ↑",
            "memorisation_ratio": "memorisation ratio ↓", "avg_l2_top5": "L2 to 5 nearest train ↑",
            "rmd_top1": "top-1% RMD ↑", "sample_entropy": "sample entropy ↑"}
+# the metrics compared with clean's; the IS split stds are no metrics of their own
+COMPARED = [k for k in METRICS if not k.endswith("_std")]
+ALPHA = 0.05  # the family-wise error rate of the marks "beyond the seed noise"
 
 
 def write_digits(out, per_class=0, held_out=50, size=16, seed=0):
@@ -192,8 +196,8 @@ def last_grid(folder):
 
 def aggregate(rows):
     """One row per run, sampler and scale over its seeds: each metric's mean, its seed-to-seed standard deviation
-    (<metric>_seed_std, with 2 seeds or more) and `beyond_noise`, the metrics whose mean differs from clean's (same
-    sampler and scale) beyond the seed spread: Welch's t-test, p < 0.05, with 2 seeds or more on both sides."""
+    (<metric>_seed_std, with 2 seeds or more), and against clean's row of the same sampler and scale its difference
+    with a 95% interval and a test (welch), marked where beyond the seed noise (mark_beyond_noise)."""
     groups = {}
     for r in rows:
         groups.setdefault((r["run"], r["sampler"], r["cfg_scale"]), []).append(r)
@@ -206,52 +210,130 @@ def aggregate(rows):
             row[k] = float(np.mean(values)) if values else None
             row[k + "_seed_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
         clean = groups.get(("clean", sampler, scale), []) if run != "clean" else []
-        row["beyond_noise"] = ",".join(k for k in METRICS if not k.endswith("_std") and beyond_noise(
-            [r[k] for r in group if r[k] is not None], [r[k] for r in clean if r[k] is not None]))
+        no_test = {}
+        for k in COMPARED:
+            row.update(dict.fromkeys((k + "_diff", k + "_ci_low", k + "_ci_high", k + "_p")))
+            mine, theirs = [r[k] for r in group if r[k] is not None], [r[k] for r in clean if r[k] is not None]
+            if not mine or not theirs:
+                continue
+            comparison = welch(mine, theirs)
+            reason = comparison.pop("no_test")
+            if reason:
+                no_test.setdefault(reason, []).append(k)
+            row.update({k + "_" + name: value for name, value in comparison.items()})
+        row["no_test"] = "; ".join(f"{','.join(keys)}: {reason}" for reason, keys in no_test.items())
         out.append(row)
-    return out
+    return mark_beyond_noise(out)
 
 
-def beyond_noise(a, b):
-    """Whether two sets of seeds' values of a metric differ beyond their spread: Welch's t-test, p < 0.05."""
+def welch(a, b):
+    """Two sets of seeds' values of a metric compared: the difference of their means (a - b), its 95% interval and
+    the two-sided p of Welch's t-test; no interval and no test ("no_test" says why) with fewer than 2 seeds a side,
+    or with no spread on either side, where the t statistic is undefined and any difference would look certain."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    result = dict(diff=float(a.mean() - b.mean()), ci_low=None, ci_high=None, p=None, no_test="")
     if len(a) < 2 or len(b) < 2:
-        return False
-    if np.ptp(a) == np.ptp(b) == 0:  # no spread at all: the t statistic is undefined
-        return a[0] != b[0]
-    return scipy.stats.ttest_ind(a, b, equal_var=False).pvalue < 0.05
+        result["no_test"] = "no test, fewer than 2 seeds a side"
+        return result
+    # no spread: equal values, up to float rounding, whose variance need not be 0 ([0.998] * 3 has 1e-33)
+    if all(np.ptp(x) <= 1e-9 * np.abs(x).max() for x in (a, b)):
+        result["no_test"] = "no test, no spread on either side"
+        return result
+    var_a, var_b = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)  # the variances of the two means
+    se = np.sqrt(var_a + var_b)
+    df = (var_a + var_b) ** 2 / (var_a ** 2 / (len(a) - 1) + var_b ** 2 / (len(b) - 1))  # Welch-Satterthwaite
+    # Student's t distribution through scipy.special: scipy.stats.t's are 50 times slower, and the tests simulate
+    # thousands of studies
+    half_width = scipy.special.stdtrit(df, 0.975) * se
+    result.update(ci_low=result["diff"] - half_width, ci_high=result["diff"] + half_width,
+                  p=float(2 * scipy.special.stdtr(df, -abs(result["diff"]) / se)))
+    return result
+
+
+def holm(pvalues):
+    """Holm's step-down adjustment of a family of p-values: marking the adjusted p < alpha keeps the chance of any
+    false mark in the family at most alpha, whatever the dependence between the tests (a run's metrics move
+    together)."""
+    adjusted, running = [None] * len(pvalues), 0.0
+    for rank, i in enumerate(np.argsort(pvalues, kind="stable")):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def mark_beyond_noise(rows):
+    """The rows' marks, over one family: every tested run-vs-clean comparison of the rows (each metric of each run,
+    sampler and scale against clean's), Holm-adjusted (<metric>_p_holm); `beyond_noise` lists the metrics whose
+    adjusted p < ALPHA, `test_family` names the family. write_table calls it again on what it writes, so each table
+    is its own family, also one joined from several (results_vs_n)."""
+    tested = [(r, k) for r in rows for k in COMPARED if r.get(k + "_p") is not None]
+    for r in rows:
+        r.update({k + "_p_holm": None for k in COMPARED})
+    for (r, k), adjusted in zip(tested, holm([r[k + "_p"] for r, k in tested])):
+        r[k + "_p_holm"] = adjusted
+    family = f"Welch's t, Holm over the {len(tested)} run-vs-clean comparisons of this table, marked at p < {ALPHA}"
+    for r in rows:
+        r["beyond_noise"] = ",".join(k for k in COMPARED if r[k + "_p_holm"] is not None and r[k + "_p_holm"] < ALPHA)
+        r["test_family"] = family
+    return rows
 
 
 def write_table(rows, out, sampler_header="sampler"):
     """out.csv with every column, out.md with the metrics that were measured, labelled: mean ± the seed-to-seed
-    standard deviation, and * where the difference from clean is beyond the noise (see aggregate). The downstream
-    stage's rows name the adapter and control in "sampler"."""
+    standard deviation, and * where the difference from clean is beyond the noise; below, the differences from clean
+    with their 95% intervals. The rows are one family of tests (mark_beyond_noise). The downstream stage's rows name
+    the adapter and control in "sampler"."""
+    rows = mark_beyond_noise(rows)
     keys = ["run", "eta", "sampler", "cfg_scale", "num_samples", "feature_space", "seeds"]
     keys[1:1] = ["n"] if "n" in rows[0] else []  # the small-data study's training images per class
     lead = len(keys) - 2
     # the IS split stds stay in the CSV: beside the seed spread a column of them reads as one more metric
-    metrics = [k for k in METRICS if not k.endswith("_std") and any(r[k] is not None for r in rows)]
+    metrics = [k for k in COMPARED if any(r[k] is not None for r in rows)]
+    comparisons = [c for k in COMPARED for c in (k + "_diff", k + "_ci_low", k + "_ci_high", k + "_p", k + "_p_holm")]
     with atomic_write(out + ".csv", "w") as f:
-        writer = csv.DictWriter(f, keys + [c for k in METRICS for c in (k, k + "_seed_std")] + ["beyond_noise"])
+        writer = csv.DictWriter(f, keys + [c for k in METRICS for c in (k, k + "_seed_std")] + comparisons
+                                + ["beyond_noise", "no_test", "test_family"])
         writer.writeheader()
         writer.writerows(rows)
-    number = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
 
     def cell(r, k):
         if r[k] is None:
             return ""
         spread = f" ± {r[k + '_seed_std']:.2g}" if r.get(k + "_seed_std") is not None else ""
         return number(r[k]) + spread + (" *" if k in r["beyond_noise"].split(",") else "")
+    header = ["run"] + ["n per class"] * (lead == 6) + ["eta %", sampler_header, "cfg", "samples"]
+    header = "| " + " | ".join(header + [METRICS[k] for k in metrics]) + " |\n|" + "---|" * (lead + len(metrics))
     lines = [f"Feature space: {', '.join(sorted({r['feature_space'] for r in rows}))} (numbers from different spaces "
              "are not comparable; IS (classifier) is the IS formula on that space's classifier).",
              f"Seeds per run: {', '.join(sorted({str(r['seeds']) for r in rows}))}; mean ± seed-to-seed std; * "
-             "differs from clean beyond the seed spread (Welch's t-test, p < 0.05).", "",
-             "| " + " | ".join(["run"] + ["n per class"] * (lead == 6) + ["eta %", sampler_header, "cfg", "samples"]
-                               + [METRICS[k] for k in metrics]) + " |",
-             "|" + "---|" * (lead + len(metrics))]
+             f"differs from clean beyond the seed noise: {rows[0]['test_family']} (family-wise). No test, and no "
+             "mark, with fewer than 2 seeds a side or no spread on either side.", "", header]
     lines += ["| " + " | ".join([number(r[k]) for k in keys[:lead]] + [cell(r, k) for k in metrics]) + " |"
               for r in rows]
+    compared = [r for r in rows if any(r[k + "_diff"] is not None for k in metrics)]
+    if compared:
+        lines += ["", "Differences from clean (the run's mean minus clean's, same sampler and scale) with their 95% "
+                  "Welch intervals (each on its own, not adjusted); * as above.", "", header]
+        lines += ["| " + " | ".join([number(r[k]) for k in keys[:lead]] + [difference(r, k) for k in metrics]) + " |"
+                  for r in compared]
     with atomic_write(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def number(value):
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def difference(row, key):
+    """A table cell: a row's difference from clean in a metric, its interval, and its mark or why it has no test."""
+    if row[key + "_diff"] is None:
+        return ""
+    if row[key + "_p"] is None:
+        return f"{row[key + '_diff']:+.3g} (no test)"
+    mark = " *" if key in row["beyond_noise"].split(",") else ""
+    return f"{row[key + '_diff']:+.3g} ({row[key + '_ci_low']:+.3g} to {row[key + '_ci_high']:+.3g}){mark}"
 
 
 def plot_metrics_vs_eta(rows, path):
