@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -149,13 +150,37 @@ def passthrough(script, args):
 
 
 def launch(script, *args):
-    """Run a script to its end, through torchrun with nproc > 1 (evaluate.py is a single process)."""
+    """Run a script to its end, through torchrun with nproc > 1 (evaluate.py is a single process). A SIGTERM or a
+    Ctrl-C (SIGINT) to the study is passed on to the script as SIGTERM, on which train.py saves its checkpoint and
+    stops; the study waits for it, then exits (128 + the signal) saying how to continue."""
     cmd = [sys.executable]
     if nproc > 1 and script != "evaluate.py":
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd += [os.path.join(HERE, script), *args]
     print("$ " + shlex.join(cmd), flush=True)
-    if subprocess.run(cmd).returncode:
+    received, child = [], None
+
+    def pass_on(signum, frame):
+        received.append(signum)
+        print(f"{signal.Signals(signum).name}: passed on to {script}, waiting for it to save and stop", flush=True)
+        if child is not None:
+            child.send_signal(signal.SIGTERM)
+    previous = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        # a session of its own: a Ctrl-C at the terminal reaches the study alone, and reaches the script as the SIGTERM
+        # that train.py saves on, once (a SIGINT would stop it without saving)
+        child = subprocess.Popen(cmd, start_new_session=True)
+        if received:  # a signal before the child existed
+            child.send_signal(signal.SIGTERM)
+        returncode = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        print(f"study stopped by {signal.Signals(received[0]).name} ({script} exited with {returncode}); to continue, "
+              "run the same command again: it reuses what exists", file=sys.stderr, flush=True)
+        raise SystemExit(128 + received[0])
+    if returncode:
         raise RuntimeError(f"{script} failed (its output is above); rerun the study when it is fixed: "
                            "finished work is reused")
 

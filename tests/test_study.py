@@ -1,9 +1,13 @@
 """study.py: runs, tables, plots, seeds and marks, the digits export, downstream and distillation stages."""
+import contextlib
 import csv
 import glob
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +16,7 @@ import scipy.spatial
 import scipy.special
 import scipy.stats
 import torch
-from conftest import ROOT, TINY, train
+from conftest import ENV, ROOT, TINY, descendants, read, train, wait_until
 from PIL import Image
 
 import study
@@ -312,3 +316,29 @@ def test_study_plots_cep_and_ip_as_reference_lines(tmp_path):
         assert image.size == (4 * 4 * 80, int(3.2 * 80))  # a panel per measured metric, none for the stds
     with Image.open(tmp_path / "guidance.png") as image:
         assert image.format == "PNG"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_study_reaches_train_py_which_saves_and_nothing_is_left_running(tmp_path, signum):
+    args = [sys.executable, "study.py", f"--out_dir={tmp_path}", "--runs=clean",
+            "--train_args=" + " ".join(TINY + ["--max_steps=100000"])]
+    with open(tmp_path / "study.out", "w") as out:
+        proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.PIPE, text=True)
+    running = []
+    try:
+        wait_until(lambda: "step 1 |" in read(tmp_path / "clean" / "log.txt"), proc)  # train.py is training
+        running += descendants(proc.pid)
+        assert running
+        proc.send_signal(signum)
+        stderr = proc.communicate(timeout=120)[1]
+    finally:
+        for pid in [proc.pid] + descendants(proc.pid) + running:  # whatever a failure leaves, orphans included
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 128 + signum
+    assert stderr.splitlines()[-1] == f"study stopped by {signum.name} (train.py exited with 0); to continue, run the " \
+        "same command again: it reuses what exists"
+    assert not [pid for pid in running if os.path.exists(f"/proc/{pid}")]  # train.py and whatever it started
+    assert "SIGTERM: saved" in read(tmp_path / "clean" / "log.txt") and os.path.isfile(tmp_path / "clean" / "ckpt.pt")
