@@ -24,6 +24,7 @@ out_dir/<run>/<adapter>-<control>/, sampled for held-out controls, in downstream
 --distill_steps: each run distilled into a consistency student in out_dir/<run>/lcm/, its rows (lcm<steps>) in the
 table beside the teacher's. docs/study.md, docs/downstream.md and docs/lcm.md say more.
 """
+import contextlib
 import csv
 import glob
 import json
@@ -150,9 +151,9 @@ def passthrough(script, args):
 
 
 def launch(script, *args):
-    """Run a script to its end, through torchrun with nproc > 1 (evaluate.py is a single process). A SIGTERM or a
-    Ctrl-C (SIGINT) to the study is passed on to the script as SIGTERM, on which train.py saves its checkpoint and
-    stops; the study waits for it, then exits (128 + the signal) saying how to continue."""
+    """Run a script to its end, through torchrun with nproc > 1 (evaluate.py is a single process). A SIGTERM, a
+    Ctrl-C (SIGINT) or a SIGHUP to the study is passed on to the script as SIGTERM, on which train.py saves its
+    checkpoint and stops; the study waits for it, then exits (128 + the signal) saying how to continue."""
     cmd = [sys.executable]
     if nproc > 1 and script != "evaluate.py":
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
@@ -162,10 +163,12 @@ def launch(script, *args):
 
     def pass_on(signum, frame):
         received.append(signum)
-        print(f"{signal.Signals(signum).name}: passed on to {script}, waiting for it to save and stop", flush=True)
         if child is not None:
             child.send_signal(signal.SIGTERM)
-    previous = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGTERM, signal.SIGINT)}
+        with contextlib.suppress(OSError):  # a SIGHUP's terminal is gone
+            print(f"{signal.Signals(signum).name}: passed on to {script}, waiting for it to save and stop", flush=True)
+    # SIGHUP too: in a session of its own, the script no longer gets the hangup of a closed terminal
+    previous = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         # a session of its own: a Ctrl-C at the terminal reaches the study alone, and reaches the script as the SIGTERM
         # that train.py saves on, once (a SIGINT would stop it without saving)
@@ -177,8 +180,9 @@ def launch(script, *args):
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if received:
-        print(f"study stopped by {signal.Signals(received[0]).name} ({script} exited with {returncode}); to continue, "
-              "run the same command again: it reuses what exists", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):
+            print(f"study stopped by {signal.Signals(received[0]).name} ({script} exited with {returncode}); to "
+                  "continue, run the same command again: it reuses what exists", file=sys.stderr, flush=True)
         raise SystemExit(128 + received[0])
     if returncode:
         raise RuntimeError(f"{script} failed (its output is above); rerun the study when it is fixed: "

@@ -319,7 +319,7 @@ def test_study_plots_cep_and_ip_as_reference_lines(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_to_the_study_reaches_train_py_which_saves_and_nothing_is_left_running(tmp_path, signum):
     args = [sys.executable, "study.py", f"--out_dir={tmp_path}", "--runs=clean",
             "--train_args=" + " ".join(TINY + ["--max_steps=100000"])]
