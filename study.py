@@ -372,14 +372,14 @@ def plot_metrics_vs_eta(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    metrics = [k for k in METRICS if not k.endswith("_std") and any(r[k] is not None for r in rows)]
+    metrics = [k for k in COMPARED if k == "fid" or any(measured(r[k]) for r in rows)]  # FID's panel says it if not
     series = sorted({(r["sampler"], r["cfg_scale"]) for r in rows})
     colours = {run: f"C{i}" for i, run in enumerate(dict.fromkeys(r["run"] for r in rows if not on_eta_axis(r)))}
     n_rows, cols = -(-len(metrics) // 4), min(len(metrics), 4)
     fig, axes = plt.subplots(n_rows, cols, figsize=(4 * cols, 3.2 * n_rows), squeeze=False)
     for ax, key in zip(axes.flat, metrics):
         for (sampler, scale), ls in zip(series, ["-", "--", ":", "-."] * len(series)):
-            mine = [r for r in rows if (r["sampler"], r["cfg_scale"]) == (sampler, scale) and r[key] is not None]
+            mine = [r for r in rows if (r["sampler"], r["cfg_scale"]) == (sampler, scale) and measured(r[key])]
             suffix = "" if len(series) == 1 else f" ({sampler}, cfg {scale:g})"
             points = sorted((r["eta"], r[key], r[key + "_seed_std"] or 0) for r in mine if on_eta_axis(r))
             if points:
@@ -392,44 +392,47 @@ def plot_metrics_vs_eta(rows, path):
                         ax.axhspan(r[key] - r[key + "_seed_std"], r[key] + r[key + "_seed_std"],
                                    color=colours[r["run"]], alpha=0.12)
         ax.set(xlabel="eta (% of labels wrong)", title=METRICS[key])
-        ax.grid(alpha=0.3)
+        plain_axes(ax, any(measured(r[key]) for r in rows))
     for ax in axes.flat[len(metrics):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    legend(axes.flat)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+    return fig
 
 
 def plot_metrics_vs_n(rows, path):
-    """A panel per metric against n (images per class), a line per run, error bars: the seed spread (runs nudged)."""
+    """A panel per metric against n (images per class), a line per run, error bars: the seed spread (runs nudged).
+    The n are evenly spaced, in order, labelled with their values (5, 10, 20, 130: a log axis of a few uneven values
+    draws uneven grid lines, and one n drew its points at the panel's edges)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    metrics = [k for k in ("fid", "precision", "recall", "class_accuracy", "memorisation_ratio", "avg_l2_top5")
-               if any(r[k] is not None for r in rows)]
+    metrics = ["fid", "precision", "recall", "class_accuracy", "memorisation_ratio", "avg_l2_top5"]
     runs, ns = list(dict.fromkeys(r["run"] for r in rows)), sorted({r["n"] for r in rows})
     n_rows, cols = -(-len(metrics) // 3), min(len(metrics), 3)
     fig, axes = plt.subplots(n_rows, cols, figsize=(4 * cols, 3.2 * n_rows), squeeze=False)
     for ax, key in zip(axes.flat, metrics):
         for i, run in enumerate(runs):
-            points = sorted((r["n"], r[key], r[key + "_seed_std"] or 0) for r in rows
-                            if r["run"] == run and r[key] is not None)
+            points = sorted((ns.index(r["n"]), r[key], r[key + "_seed_std"] or 0) for r in rows
+                            if r["run"] == run and measured(r[key]))
             if points:
-                n, mean, std = zip(*points)
-                ax.errorbar([x * 1.04 ** (i - (len(runs) - 1) / 2) for x in n], mean, yerr=std, fmt="o-",
-                            color=f"C{i}", capsize=3, label=run)
-        ax.set(xscale="log", xlabel="training images per class", title=METRICS[key])
-        ax.set_xticks(ns, [f"{n:g}" for n in ns], minor=False)
-        ax.minorticks_off()
-        ax.grid(alpha=0.3)
+                x, mean, std = zip(*points)
+                nudge = 0.06 * (i - (len(runs) - 1) / 2)
+                ax.errorbar([position + nudge for position in x], mean, yerr=std, fmt="o-", color=f"C{i}", capsize=3,
+                            label=run)
+        ax.set(xlabel="training images per class", title=METRICS[key], xlim=(-0.5, len(ns) - 0.5))
+        ax.set_xticks(range(len(ns)), [f"{n:g}" for n in ns])
+        plain_axes(ax, any(measured(r[key]) for r in rows))
     for ax in axes.flat[len(metrics):]:
         ax.axis("off")
-    axes[0][0].legend(fontsize=7)
+    legend(axes.flat)
     fig.tight_layout()
     with atomic_write(path) as f:
         fig.savefig(f, format="png", dpi=80)
     plt.close(fig)
+    return fig
 
 
 def plot_guidance(rows, path):
@@ -438,26 +441,50 @@ def plot_guidance(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    is_key = "is" if any(r["is"] is not None for r in rows) else "is_classifier"
+    is_key = "is" if any(measured(r["is"]) for r in rows) else "is_classifier"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     curves = list(dict.fromkeys((r["run"], r["sampler"]) for r in rows))
     for i, (run, sampler) in enumerate(curves):
         mine = sorted((r for r in rows if (r["run"], r["sampler"]) == (run, sampler)), key=lambda r: r["cfg_scale"])
         label = run if len({c[1] for c in curves}) == 1 else f"{run}, {sampler}"
         for ax, (x, y) in zip(axes, ((is_key, "fid"), ("recall", "precision"))):
-            points = [(r[x], r[y], r["cfg_scale"]) for r in mine if r[x] is not None and r[y] is not None]
+            points = [(r[x], r[y], r["cfg_scale"]) for r in mine if measured(r[x]) and measured(r[y])]
             if points:
                 ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=f"C{i}", label=label)
             for px, py, scale in points:
                 ax.annotate(f"{scale:g}", (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7)
     axes[0].set(xlabel=METRICS[is_key], ylabel=METRICS["fid"], title="FID against IS (points: guidance scale)")
     axes[1].set(xlabel=METRICS["recall"], ylabel=METRICS["precision"], title="precision against recall")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    for ax, (x, y) in zip(axes, ((is_key, "fid"), ("recall", "precision"))):
+        plain_axes(ax, any(measured(r[x]) and measured(r[y]) for r in rows), axis="both")
+        legend([ax])
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+    return fig
+
+
+def measured(value):
+    """A metric's value that a plot can draw: evaluate.py reports a skipped metric as None."""
+    return value is not None and bool(np.isfinite(value))
+
+
+def plain_axes(ax, drawn, axis="y"):
+    """Plain numbers on the axes, neither an offset nor scientific notation (0.8312151, not 1e-7+8.31215e-1 beside
+    0 and 1), grid lines at the ticks, which are evenly spaced; and "not measured" in a panel where nothing was."""
+    ax.ticklabel_format(axis=axis, useOffset=False, style="plain")
+    ax.grid(alpha=0.3)
+    if not drawn:
+        ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", va="center", color="0.4")
+        ax.set(xticks=[], yticks=[])  # an empty axis's 0 to 1 would read as values
+
+
+def legend(axes):
+    """The legend, in the first panel that has one (an empty legend is a warning and a box)."""
+    for ax in axes:
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=7)
+            return
 
 
 def plot_grids(grids, path):

@@ -338,7 +338,30 @@ def test_a_signal_to_the_study_reaches_train_py_which_saves_and_nothing_is_left_
                 os.kill(pid, signal.SIGKILL)
         proc.wait()
     assert proc.returncode == 128 + signum
-    assert stderr.splitlines()[-1] == f"study stopped by {signum.name} (train.py exited with 0); to continue, run the " \
-        "same command again: it reuses what exists"
+    assert stderr.splitlines()[-1] == f"study stopped by {signum.name} (train.py exited with 0); to continue, run " \
+        "the same command again: it reuses what exists"
     assert not [pid for pid in running if os.path.exists(f"/proc/{pid}")]  # train.py and whatever it started
     assert "SIGTERM: saved" in read(tmp_path / "clean" / "log.txt") and os.path.isfile(tmp_path / "clean" / "ckpt.pt")
+
+
+def test_plots_of_one_n_and_one_seed_say_what_was_not_measured_and_label_their_axes_plainly(tmp_path):
+    """evaluate.py skipped FID (None), each run has one seed at one n, and precision differs in its 7th digit."""
+    rows = [dict(dict.fromkeys(study.METRICS), **dict.fromkeys([k + "_seed_std" for k in study.METRICS]), run=run,
+                 n=5.0, eta=eta, sampler="dpm++2", cfg_scale=2.0, num_samples=100, feature_space="x", seeds=1,
+                 precision=precision, recall=0.4, class_accuracy=0.9, memorisation_ratio=0.1, avg_l2_top5=3.0)
+            for run, eta, precision in [("clean", 0.0, 0.8312150), ("eta5", 5.0, 0.8312151), ("cep-u", 0.0, 0.8312150)]]
+    figures = [study.plot_metrics_vs_n(rows, tmp_path / "n.png"), study.plot_metrics_vs_eta(rows, tmp_path / "eta.png"),
+               study.plot_guidance(rows, tmp_path / "guidance.png")]
+    for fig in figures:
+        panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+        notes = [title for title, ax in panels.items() if "not measured" in [t.get_text() for t in ax.texts]]
+        assert len(notes) == 1 and notes[0].startswith("FID") and not panels[notes[0]].get_yticks().size
+        precision = panels.get("precision ↑") or panels["precision against recall"]
+        labels = [t.get_text() for t in precision.get_yticklabels()]
+        assert precision.yaxis.get_offset_text().get_text() == ""  # no "1e-7+8.31215e-1" above the axis
+        assert all(re.fullmatch(r"0\.83121\d+", label) for label in labels), labels
+        assert np.ptp(np.diff(precision.get_yticks())) < 1e-12  # evenly spaced, and so are their grid lines
+    rows = [dict(r, n=n) for n in (5.0, 10.0, 20.0, 130.0) for r in rows]
+    ax = study.plot_metrics_vs_n(rows, tmp_path / "n.png").axes[1]
+    assert list(ax.get_xticks()) == [0, 1, 2, 3] and [t.get_text() for t in ax.get_xticklabels()] == \
+        ["5", "10", "20", "130"]  # evenly spaced n, labelled with their values
