@@ -221,7 +221,7 @@ def temporary_path(path):
     """A name beside `path` for one writer's temporary file: <name>.<pid>.<random>.tmp. The random part keeps two
     writers apart in one process and on two machines that share the folder (a pid is unique on one machine only)."""
     folder, name = os.path.split(path)
-    return os.path.join(folder, f"{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    return os.path.join(folder, f"{name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
 
 
 @contextlib.contextmanager
@@ -232,20 +232,19 @@ def atomic_write(path, mode="wb"):
     temporary file is removed, and a failed write (a full disk) is an OSError that names `path`. A SIGKILL can leave
     a <name>.<pid>.<random>.tmp: never a good one."""
     path = os.fspath(path)
+    # opened as open() does (unlike tempfile.mkstemp's 0600, the permissions follow the umask), not exclusively: 64
+    # random bits do not collide, and a test can put a FIFO at the name (temporary_path replaced) to kill a write
+    # midway
     tmp = temporary_path(path)
-    created = False  # a name taken already (never, in practice) is another writer's file: not ours to remove
     try:
-        # "x": created here or an error; unlike tempfile.mkstemp's 0600, the permissions follow the umask
-        with open(tmp, mode.replace("w", "x"), encoding=None if "b" in mode else "utf-8") as f:
-            created = True
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        if created:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
         cause = next((c for c in (e, e.__context__, e.__cause__) if isinstance(c, OSError)), None)
         if cause is None:
             raise
