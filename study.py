@@ -9,7 +9,7 @@ sample.py and evaluate.py as subprocesses (through torchrun when nproc > 1) and 
   python study.py --runs clean --cfg_scales 1,1.5,2,3,4           # a guidance sweep of one run
   python study.py --ckpt out/ckpt.pt --cfg_scales 1,2,4           # ... of a checkpoint trained elsewhere
   python study.py --runs clean --samplers dpm++50,ddpm250         # DPM-Solver++ at 50 steps against DDPM at 250
-  python study.py --runs clean,eta5,cep-u --adapters controlnet-canny,controlnet-mask \
+  python study.py --runs clean,eta5,cep-u --adapters controlnet-canny,controlnet-mask \\
       --adapt_args="--synthetic_scale 0.6 --max_steps 1000"       # the downstream stage (docs/downstream.md)
   python study.py --runs clean,eta5,cep-u --distill_steps 1,2,4   # LCM rows: each run distilled (docs/lcm.md)
   python study.py --digits 20,0 --runs clean,cep-u --seeds 0,1,2 --train_args="--model DiT-Ti/4"  # small data
@@ -17,23 +17,26 @@ sample.py and evaluate.py as subprocesses (through torchrun when nproc > 1) and 
 out_dir/<run>/ (<run>-seed<s>/ for seeds other than 0) holds train.py's output and, for each sampler and scale,
 samples_<sampler><steps>_cfg<scale>_n<N>.npz and its _metrics.json. Nothing is done twice: a run with a checkpoint
 is resumed, and a sample file or a report is made again only when it is missing or older than what it is made from.
-Results: out_dir/results.md/.csv (a row per run, sampler and scale: every metric, mean ± seed spread),
+Results: out_dir/results.md/.csv (a row per run, sampler and scale: every metric, mean ± seed spread; against clean
+the difference with its 95% interval, marked beyond the seed noise by Welch's t, Holm over the table's comparisons),
 metrics_vs_eta.png, guidance.png and grids.png. --adapters (the paper's Table 2): each run adapted in
 out_dir/<run>/<adapter>-<control>/, sampled for held-out controls, in downstream.md/.csv and downstream_vs_eta.png.
 --distill_steps: each run distilled into a consistency student in out_dir/<run>/lcm/, its rows (lcm<steps>) in the
 table beside the teacher's. docs/study.md, docs/downstream.md and docs/lcm.md say more.
 """
+import contextlib
 import csv
 import glob
 import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 
 import numpy as np
-import scipy.stats
+import scipy.special
 import torch
 
 import evaluate
@@ -88,6 +91,9 @@ METRICS = {"fid": "FID ↓", "sfid": "sFID ↓", "is": "IS (Inception) ↑", "is
            "class_accuracy": "class accuracy ↑",
            "memorisation_ratio": "memorisation ratio ↓", "avg_l2_top5": "L2 to 5 nearest train ↑",
            "rmd_top1": "top-1% RMD ↑", "sample_entropy": "sample entropy ↑"}
+# the metrics compared with clean's; the IS split stds are no metrics of their own
+COMPARED = [k for k in METRICS if not k.endswith("_std")]
+ALPHA = 0.05  # the family-wise error rate of the marks "beyond the seed noise"
 
 
 def write_digits(out, per_class=0, held_out=50, size=16, seed=0):
@@ -145,13 +151,40 @@ def passthrough(script, args):
 
 
 def launch(script, *args):
-    """Run a script to its end, through torchrun with nproc > 1 (evaluate.py is a single process)."""
+    """Run a script to its end, through torchrun with nproc > 1 (evaluate.py is a single process). A SIGTERM, a
+    Ctrl-C (SIGINT) or a SIGHUP to the study is passed on to the script as SIGTERM, on which train.py saves its
+    checkpoint and stops; the study waits for it, then exits (128 + the signal) saying how to continue."""
     cmd = [sys.executable]
     if nproc > 1 and script != "evaluate.py":
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd += [os.path.join(HERE, script), *args]
     print("$ " + shlex.join(cmd), flush=True)
-    if subprocess.run(cmd).returncode:
+    received, child = [], None
+
+    def pass_on(signum, frame):
+        received.append(signum)
+        if child is not None:
+            child.send_signal(signal.SIGTERM)
+        with contextlib.suppress(OSError):  # a SIGHUP's terminal is gone
+            print(f"{signal.Signals(signum).name}: passed on to {script}, waiting for it to save and stop", flush=True)
+    # SIGHUP too: in a session of its own, the script no longer gets the hangup of a closed terminal
+    previous = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        # a session of its own: a Ctrl-C at the terminal reaches the study alone, and reaches the script as the SIGTERM
+        # that train.py saves on, once (a SIGINT would stop it without saving)
+        child = subprocess.Popen(cmd, start_new_session=True)
+        if received:  # a signal before the child existed
+            child.send_signal(signal.SIGTERM)
+        returncode = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        with contextlib.suppress(OSError):
+            print(f"study stopped by {signal.Signals(received[0]).name} ({script} exited with {returncode}); to "
+                  "continue, run the same command again: it reuses what exists", file=sys.stderr, flush=True)
+        raise SystemExit(128 + received[0])
+    if returncode:
         raise RuntimeError(f"{script} failed (its output is above); rerun the study when it is fixed: "
                            "finished work is reused")
 
@@ -192,8 +225,8 @@ def last_grid(folder):
 
 def aggregate(rows):
     """One row per run, sampler and scale over its seeds: each metric's mean, its seed-to-seed standard deviation
-    (<metric>_seed_std, with 2 seeds or more) and `beyond_noise`, the metrics whose mean differs from clean's (same
-    sampler and scale) beyond the seed spread: Welch's t-test, p < 0.05, with 2 seeds or more on both sides."""
+    (<metric>_seed_std, with 2 seeds or more), and against clean's row of the same sampler and scale its difference
+    with a 95% interval and a test (welch), marked where beyond the seed noise (mark_beyond_noise)."""
     groups = {}
     for r in rows:
         groups.setdefault((r["run"], r["sampler"], r["cfg_scale"]), []).append(r)
@@ -206,52 +239,130 @@ def aggregate(rows):
             row[k] = float(np.mean(values)) if values else None
             row[k + "_seed_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
         clean = groups.get(("clean", sampler, scale), []) if run != "clean" else []
-        row["beyond_noise"] = ",".join(k for k in METRICS if not k.endswith("_std") and beyond_noise(
-            [r[k] for r in group if r[k] is not None], [r[k] for r in clean if r[k] is not None]))
+        no_test = {}
+        for k in COMPARED:
+            row.update(dict.fromkeys((k + "_diff", k + "_ci_low", k + "_ci_high", k + "_p")))
+            mine, theirs = [r[k] for r in group if r[k] is not None], [r[k] for r in clean if r[k] is not None]
+            if not mine or not theirs:
+                continue
+            comparison = welch(mine, theirs)
+            reason = comparison.pop("no_test")
+            if reason:
+                no_test.setdefault(reason, []).append(k)
+            row.update({k + "_" + name: value for name, value in comparison.items()})
+        row["no_test"] = "; ".join(f"{','.join(keys)}: {reason}" for reason, keys in no_test.items())
         out.append(row)
-    return out
+    return mark_beyond_noise(out)
 
 
-def beyond_noise(a, b):
-    """Whether two sets of seeds' values of a metric differ beyond their spread: Welch's t-test, p < 0.05."""
+def welch(a, b):
+    """Two sets of seeds' values of a metric compared: the difference of their means (a - b), its 95% interval and
+    the two-sided p of Welch's t-test; no interval and no test ("no_test" says why) with fewer than 2 seeds a side,
+    or with no spread on either side, where the t statistic is undefined and any difference would look certain."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    result = dict(diff=float(a.mean() - b.mean()), ci_low=None, ci_high=None, p=None, no_test="")
     if len(a) < 2 or len(b) < 2:
-        return False
-    if np.ptp(a) == np.ptp(b) == 0:  # no spread at all: the t statistic is undefined
-        return a[0] != b[0]
-    return scipy.stats.ttest_ind(a, b, equal_var=False).pvalue < 0.05
+        result["no_test"] = "no test, fewer than 2 seeds a side"
+        return result
+    # no spread: equal values, up to float rounding, whose variance need not be 0 ([0.998] * 3 has 1e-33)
+    if all(np.ptp(x) <= 1e-9 * np.abs(x).max() for x in (a, b)):
+        result["no_test"] = "no test, no spread on either side"
+        return result
+    var_a, var_b = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)  # the variances of the two means
+    se = np.sqrt(var_a + var_b)
+    df = (var_a + var_b) ** 2 / (var_a ** 2 / (len(a) - 1) + var_b ** 2 / (len(b) - 1))  # Welch-Satterthwaite
+    # Student's t distribution through scipy.special: scipy.stats.t's are 50 times slower, and the tests simulate
+    # thousands of studies
+    half_width = scipy.special.stdtrit(df, 0.975) * se
+    result.update(ci_low=result["diff"] - half_width, ci_high=result["diff"] + half_width,
+                  p=float(2 * scipy.special.stdtr(df, -abs(result["diff"]) / se)))
+    return result
+
+
+def holm(pvalues):
+    """Holm's step-down adjustment of a family of p-values: marking the adjusted p < alpha keeps the chance of any
+    false mark in the family at most alpha, whatever the dependence between the tests (a run's metrics move
+    together)."""
+    adjusted, running = [None] * len(pvalues), 0.0
+    for rank, i in enumerate(np.argsort(pvalues, kind="stable")):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def mark_beyond_noise(rows):
+    """The rows' marks, over one family: every tested run-vs-clean comparison of the rows (each metric of each run,
+    sampler and scale against clean's), Holm-adjusted (<metric>_p_holm); `beyond_noise` lists the metrics whose
+    adjusted p < ALPHA, `test_family` names the family. write_table calls it again on what it writes, so each table
+    is its own family, also one joined from several (results_vs_n)."""
+    tested = [(r, k) for r in rows for k in COMPARED if r.get(k + "_p") is not None]
+    for r in rows:
+        r.update({k + "_p_holm": None for k in COMPARED})
+    for (r, k), adjusted in zip(tested, holm([r[k + "_p"] for r, k in tested])):
+        r[k + "_p_holm"] = adjusted
+    family = f"Welch's t, Holm over the {len(tested)} run-vs-clean comparisons of this table, marked at p < {ALPHA}"
+    for r in rows:
+        r["beyond_noise"] = ",".join(k for k in COMPARED if r[k + "_p_holm"] is not None and r[k + "_p_holm"] < ALPHA)
+        r["test_family"] = family
+    return rows
 
 
 def write_table(rows, out, sampler_header="sampler"):
     """out.csv with every column, out.md with the metrics that were measured, labelled: mean ± the seed-to-seed
-    standard deviation, and * where the difference from clean is beyond the noise (see aggregate). The downstream
-    stage's rows name the adapter and control in "sampler"."""
+    standard deviation, and * where the difference from clean is beyond the noise; below, the differences from clean
+    with their 95% intervals. The rows are one family of tests (mark_beyond_noise). The downstream stage's rows name
+    the adapter and control in "sampler"."""
+    rows = mark_beyond_noise(rows)
     keys = ["run", "eta", "sampler", "cfg_scale", "num_samples", "feature_space", "seeds"]
     keys[1:1] = ["n"] if "n" in rows[0] else []  # the small-data study's training images per class
     lead = len(keys) - 2
     # the IS split stds stay in the CSV: beside the seed spread a column of them reads as one more metric
-    metrics = [k for k in METRICS if not k.endswith("_std") and any(r[k] is not None for r in rows)]
+    metrics = [k for k in COMPARED if any(r[k] is not None for r in rows)]
+    comparisons = [c for k in COMPARED for c in (k + "_diff", k + "_ci_low", k + "_ci_high", k + "_p", k + "_p_holm")]
     with atomic_write(out + ".csv", "w") as f:
-        writer = csv.DictWriter(f, keys + [c for k in METRICS for c in (k, k + "_seed_std")] + ["beyond_noise"])
+        writer = csv.DictWriter(f, keys + [c for k in METRICS for c in (k, k + "_seed_std")] + comparisons
+                                + ["beyond_noise", "no_test", "test_family"])
         writer.writeheader()
         writer.writerows(rows)
-    number = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
 
     def cell(r, k):
         if r[k] is None:
             return ""
         spread = f" ± {r[k + '_seed_std']:.2g}" if r.get(k + "_seed_std") is not None else ""
         return number(r[k]) + spread + (" *" if k in r["beyond_noise"].split(",") else "")
+    header = ["run"] + ["n per class"] * (lead == 6) + ["eta %", sampler_header, "cfg", "samples"]
+    header = "| " + " | ".join(header + [METRICS[k] for k in metrics]) + " |\n|" + "---|" * (lead + len(metrics))
     lines = [f"Feature space: {', '.join(sorted({r['feature_space'] for r in rows}))} (numbers from different spaces "
              "are not comparable; IS (classifier) is the IS formula on that space's classifier).",
              f"Seeds per run: {', '.join(sorted({str(r['seeds']) for r in rows}))}; mean ± seed-to-seed std; * "
-             "differs from clean beyond the seed spread (Welch's t-test, p < 0.05).", "",
-             "| " + " | ".join(["run"] + ["n per class"] * (lead == 6) + ["eta %", sampler_header, "cfg", "samples"]
-                               + [METRICS[k] for k in metrics]) + " |",
-             "|" + "---|" * (lead + len(metrics))]
+             f"differs from clean beyond the seed noise: {rows[0]['test_family']} (family-wise). No test, and no "
+             "mark, with fewer than 2 seeds a side or no spread on either side.", "", header]
     lines += ["| " + " | ".join([number(r[k]) for k in keys[:lead]] + [cell(r, k) for k in metrics]) + " |"
               for r in rows]
+    compared = [r for r in rows if any(r[k + "_diff"] is not None for k in metrics)]
+    if compared:
+        lines += ["", "Differences from clean (the run's mean minus clean's, same sampler and scale) with their 95% "
+                  "Welch intervals (each on its own, not adjusted); * as above.", "", header]
+        lines += ["| " + " | ".join([number(r[k]) for k in keys[:lead]] + [difference(r, k) for k in metrics]) + " |"
+                  for r in compared]
     with atomic_write(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def number(value):
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def difference(row, key):
+    """A table cell: a row's difference from clean in a metric, its interval, and its mark or why it has no test."""
+    if row[key + "_diff"] is None:
+        return ""
+    if row[key + "_p"] is None:
+        return f"{row[key + '_diff']:+.3g} (no test)"
+    mark = " *" if key in row["beyond_noise"].split(",") else ""
+    return f"{row[key + '_diff']:+.3g} ({row[key + '_ci_low']:+.3g} to {row[key + '_ci_high']:+.3g}){mark}"
 
 
 def plot_metrics_vs_eta(rows, path):
@@ -261,14 +372,14 @@ def plot_metrics_vs_eta(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    metrics = [k for k in METRICS if not k.endswith("_std") and any(r[k] is not None for r in rows)]
+    metrics = [k for k in COMPARED if k == "fid" or any(measured(r[k]) for r in rows)]  # FID's panel says it if not
     series = sorted({(r["sampler"], r["cfg_scale"]) for r in rows})
     colours = {run: f"C{i}" for i, run in enumerate(dict.fromkeys(r["run"] for r in rows if not on_eta_axis(r)))}
     n_rows, cols = -(-len(metrics) // 4), min(len(metrics), 4)
     fig, axes = plt.subplots(n_rows, cols, figsize=(4 * cols, 3.2 * n_rows), squeeze=False)
     for ax, key in zip(axes.flat, metrics):
         for (sampler, scale), ls in zip(series, ["-", "--", ":", "-."] * len(series)):
-            mine = [r for r in rows if (r["sampler"], r["cfg_scale"]) == (sampler, scale) and r[key] is not None]
+            mine = [r for r in rows if (r["sampler"], r["cfg_scale"]) == (sampler, scale) and measured(r[key])]
             suffix = "" if len(series) == 1 else f" ({sampler}, cfg {scale:g})"
             points = sorted((r["eta"], r[key], r[key + "_seed_std"] or 0) for r in mine if on_eta_axis(r))
             if points:
@@ -281,44 +392,47 @@ def plot_metrics_vs_eta(rows, path):
                         ax.axhspan(r[key] - r[key + "_seed_std"], r[key] + r[key + "_seed_std"],
                                    color=colours[r["run"]], alpha=0.12)
         ax.set(xlabel="eta (% of labels wrong)", title=METRICS[key])
-        ax.grid(alpha=0.3)
+        plain_axes(ax, any(measured(r[key]) for r in rows))
     for ax in axes.flat[len(metrics):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    legend(axes.flat)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+    return fig
 
 
 def plot_metrics_vs_n(rows, path):
-    """A panel per metric against n (images per class), a line per run, error bars: the seed spread (runs nudged)."""
+    """A panel per metric against n (images per class), a line per run, error bars: the seed spread (runs nudged).
+    The n are evenly spaced, in order, labelled with their values (5, 10, 20, 130: a log axis of a few uneven values
+    draws uneven grid lines, and one n drew its points at the panel's edges)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    metrics = [k for k in ("fid", "precision", "recall", "class_accuracy", "memorisation_ratio", "avg_l2_top5")
-               if any(r[k] is not None for r in rows)]
+    metrics = ["fid", "precision", "recall", "class_accuracy", "memorisation_ratio", "avg_l2_top5"]
     runs, ns = list(dict.fromkeys(r["run"] for r in rows)), sorted({r["n"] for r in rows})
     n_rows, cols = -(-len(metrics) // 3), min(len(metrics), 3)
     fig, axes = plt.subplots(n_rows, cols, figsize=(4 * cols, 3.2 * n_rows), squeeze=False)
     for ax, key in zip(axes.flat, metrics):
         for i, run in enumerate(runs):
-            points = sorted((r["n"], r[key], r[key + "_seed_std"] or 0) for r in rows
-                            if r["run"] == run and r[key] is not None)
+            points = sorted((ns.index(r["n"]), r[key], r[key + "_seed_std"] or 0) for r in rows
+                            if r["run"] == run and measured(r[key]))
             if points:
-                n, mean, std = zip(*points)
-                ax.errorbar([x * 1.04 ** (i - (len(runs) - 1) / 2) for x in n], mean, yerr=std, fmt="o-",
-                            color=f"C{i}", capsize=3, label=run)
-        ax.set(xscale="log", xlabel="training images per class", title=METRICS[key])
-        ax.set_xticks(ns, [f"{n:g}" for n in ns], minor=False)
-        ax.minorticks_off()
-        ax.grid(alpha=0.3)
+                x, mean, std = zip(*points)
+                nudge = 0.06 * (i - (len(runs) - 1) / 2)
+                ax.errorbar([position + nudge for position in x], mean, yerr=std, fmt="o-", color=f"C{i}", capsize=3,
+                            label=run)
+        ax.set(xlabel="training images per class", title=METRICS[key], xlim=(-0.5, len(ns) - 0.5))
+        ax.set_xticks(range(len(ns)), [f"{n:g}" for n in ns])
+        plain_axes(ax, any(measured(r[key]) for r in rows))
     for ax in axes.flat[len(metrics):]:
         ax.axis("off")
-    axes[0][0].legend(fontsize=7)
+    legend(axes.flat)
     fig.tight_layout()
     with atomic_write(path) as f:
         fig.savefig(f, format="png", dpi=80)
     plt.close(fig)
+    return fig
 
 
 def plot_guidance(rows, path):
@@ -327,26 +441,50 @@ def plot_guidance(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    is_key = "is" if any(r["is"] is not None for r in rows) else "is_classifier"
+    is_key = "is" if any(measured(r["is"]) for r in rows) else "is_classifier"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     curves = list(dict.fromkeys((r["run"], r["sampler"]) for r in rows))
     for i, (run, sampler) in enumerate(curves):
         mine = sorted((r for r in rows if (r["run"], r["sampler"]) == (run, sampler)), key=lambda r: r["cfg_scale"])
         label = run if len({c[1] for c in curves}) == 1 else f"{run}, {sampler}"
         for ax, (x, y) in zip(axes, ((is_key, "fid"), ("recall", "precision"))):
-            points = [(r[x], r[y], r["cfg_scale"]) for r in mine if r[x] is not None and r[y] is not None]
+            points = [(r[x], r[y], r["cfg_scale"]) for r in mine if measured(r[x]) and measured(r[y])]
             if points:
                 ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=f"C{i}", label=label)
             for px, py, scale in points:
                 ax.annotate(f"{scale:g}", (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7)
     axes[0].set(xlabel=METRICS[is_key], ylabel=METRICS["fid"], title="FID against IS (points: guidance scale)")
     axes[1].set(xlabel=METRICS["recall"], ylabel=METRICS["precision"], title="precision against recall")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    for ax, (x, y) in zip(axes, ((is_key, "fid"), ("recall", "precision"))):
+        plain_axes(ax, any(measured(r[x]) and measured(r[y]) for r in rows), axis="both")
+        legend([ax])
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+    return fig
+
+
+def measured(value):
+    """A metric's value that a plot can draw: evaluate.py reports a skipped metric as None."""
+    return value is not None and bool(np.isfinite(value))
+
+
+def plain_axes(ax, drawn, axis="y"):
+    """Plain numbers on the axes, neither an offset nor scientific notation (0.8312151, not 1e-7+8.31215e-1 beside
+    0 and 1), grid lines at the ticks, which are evenly spaced; and "not measured" in a panel where nothing was."""
+    ax.ticklabel_format(axis=axis, useOffset=False, style="plain")
+    ax.grid(alpha=0.3)
+    if not drawn:
+        ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", va="center", color="0.4")
+        ax.set(xticks=[], yticks=[])  # an empty axis's 0 to 1 would read as values
+
+
+def legend(axes):
+    """The legend, in the first panel that has one (an empty legend is a warning and a box)."""
+    for ax in axes:
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=7)
+            return
 
 
 def plot_grids(grids, path):

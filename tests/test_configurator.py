@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import ENV, ROOT, run
 
-from configurator import configure
+from configurator import atomic_write, configure
 
 
 def test_configure_parses_files_flags_and_space_separated_values(tmp_path):
@@ -53,3 +53,112 @@ def test_expected_errors_end_in_one_line_unexpected_ones_keep_their_traceback(tm
     bug = run([sys.executable, "-c", "import configurator, torch\nconfigurator.configure({}, [])\n"
                "torch.zeros(2) @ torch.zeros(3)"], check=False)
     assert bug.returncode == 1 and "Traceback" in bug.stderr and "error: " not in bug.stderr
+
+
+SCRIPT = '''"""
+A script, in one line.
+
+  python script.py --steps 3     # an example
+      # continued
+
+Prose after the examples, not usage.
+"""
+import os
+
+# -----------------------------------------------------------------------------
+# the data
+steps = 10                # how many steps: a comment
+                          # that goes on here
+name = "a b"
+# optimisation
+lr = 1e-3                 # the learning rate
+NOT_A_SETTING = 1
+if __name__ == "__main__":
+    # inside the main block
+    workers = 2           # data loader processes
+'''
+
+
+def test_help_prints_usage_settings_defaults_and_comments_grouped_as_in_the_script(tmp_path, capsys):
+    path = tmp_path / "script.py"
+    path.write_text(SCRIPT)
+    scope = dict(__file__=str(path), __doc__=SCRIPT.split('"""')[1], steps=10, name="a b", lr=1e-3, workers=2,
+                 NOT_A_SETTING=1, late=None)
+    for argv in (["--help"], ["-h"], ["--steps=3", "--help"], ["--lr", "2", "-h"]):
+        with pytest.raises(SystemExit) as exit:
+            configure(dict(scope), argv)
+        assert exit.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith("A script, in one line.\n\n  python script.py --steps 3     # an example\n"
+                              "      # continued\n\nSettings")
+        assert "Prose after" not in out and "---" not in out and "NOT_A_SETTING" not in out
+        settings = out.split("first argument.\n")[1]
+        assert settings == ("\nthe data\n"
+                            "  --steps=10                how many steps: a comment\n"
+                            "                            that goes on here\n"
+                            "  --name='a b'\n"
+                            "\noptimisation\n"
+                            "  --lr=0.001                the learning rate\n"
+                            "\ninside the main block\n"
+                            "  --workers=2               data loader processes\n"
+                            "\nother settings\n"
+                            "  --late=None\n")
+    # a string's value may be --help itself, a setting named help is a setting
+    assert configure(dict(args=""), ["--args", "--help"]) == dict(args="--help")
+    assert configure(dict(help=False), ["--help"]) == dict(help=True)
+
+
+SCRIPTS = ["train.py", "sample.py", "evaluate.py", "study.py", "bench.py", "data.py", "adapt.py", "distill.py"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_answers_help_with_its_settings_and_their_comments(script):
+    if not os.path.exists(os.path.join(ROOT, script)):
+        pytest.skip(f"{script} does not exist (yet)")
+    source = open(os.path.join(ROOT, script), encoding="utf-8").read()
+    # the first setting with a comment, as the script writes it: `name = value   # comment` (data.py: in its main)
+    name, comment = re.search(r"^(?:    )?([a-z_]\w*) = [^#\n]+?  +# (.+)$", source, re.M).groups()
+    for flag in ("--help", "-h"):
+        result = run([sys.executable, script, flag], check=False)
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        assert re.search(rf"^  --{name}=\S*\s+{re.escape(comment)}$", result.stdout, re.M), result.stdout
+        assert "python" in result.stdout.split("Settings")[0]  # the usage comes first
+    if script == "train.py":
+        assert "\n  --ema_decay=0.995         DiT: 0.9999 over 400K steps; a short run needs a short average\n" in \
+            result.stdout
+        assert "\n                            with a text encoder an image-caption set (data.ImageCaptions" in \
+            result.stdout and "\noptimisation\n" in result.stdout
+
+
+def test_two_writers_of_one_file_each_write_a_temporary_file_of_their_own(tmp_path):
+    path = tmp_path / "cache.bin"
+    with atomic_write(path) as first:
+        first.write(b"first " * 1000)
+        with atomic_write(path) as second:  # a second writer while the first is in flight
+            second.write(b"second")
+            assert first.name != second.name and os.path.dirname(second.name) == str(tmp_path)
+            assert re.fullmatch(rf"cache\.bin\.{os.getpid()}\.\w+\.tmp", os.path.basename(second.name))
+        assert path.read_bytes() == b"second"
+        first.write(b"end")
+    assert path.read_bytes() == b"first " * 1000 + b"end"  # whole: nothing of the second's in it
+    assert os.listdir(tmp_path) == ["cache.bin"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # as open() makes it, not mkstemp's 0600
+    with pytest.raises(KeyError):  # a failing writer removes its temporary file and keeps the previous file
+        with atomic_write(path, "w") as f:
+            f.write("half")
+            raise KeyError
+    assert path.read_bytes() == b"first " * 1000 + b"end" and os.listdir(tmp_path) == ["cache.bin"]
+
+
+def test_concurrent_processes_filling_one_cache_leave_a_whole_file(tmp_path):
+    writer = ("import sys\nfrom configurator import atomic_write\nfor i in range(200):\n"
+              "    with atomic_write(sys.argv[1]) as f:\n        f.write(sys.argv[2].encode() * 20000)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", writer, str(tmp_path / "cache"), letter], cwd=ROOT, env=ENV,
+                              stderr=subprocess.PIPE, text=True) for letter in "ab"]
+    errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], errors
+    assert (tmp_path / "cache").read_bytes() in (b"a" * 20000, b"b" * 20000)
+    assert os.listdir(tmp_path) == ["cache"]

@@ -1,9 +1,13 @@
 """study.py: runs, tables, plots, seeds and marks, the digits export, downstream and distillation stages."""
+import contextlib
 import csv
 import glob
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +16,7 @@ import scipy.spatial
 import scipy.special
 import scipy.stats
 import torch
-from conftest import ROOT, TINY, train
+from conftest import ENV, ROOT, TINY, descendants, read, train, wait_until
 from PIL import Image
 
 import study
@@ -40,7 +44,12 @@ def test_study_trains_each_run_and_writes_the_table_and_plots(tiny_study):
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == ["run", "eta", "sampler", "cfg_scale", "num_samples", "feature_space", "seeds",
-                              *[c for k in study.METRICS for c in (k, k + "_seed_std")], "beyond_noise"]
+                              *[c for k in study.METRICS for c in (k, k + "_seed_std")],
+                              *[k + c for k in study.COMPARED
+                                for c in ("_diff", "_ci_low", "_ci_high", "_p", "_p_holm")],
+                              "beyond_noise", "no_test", "test_family"]
+    assert table[1]["no_test"].endswith(": no test, fewer than 2 seeds a side") and table[1]["fid_p"] == ""
+    assert float(table[1]["fid_diff"]) == pytest.approx(rows[1]["fid"] - rows[0]["fid"])
     assert {"rmd_top1", "sample_entropy", "toppr_f1"} <= set(table[0])  # the paper's diversity metrics have columns
     assert [(r["run"], r["eta"], r["sampler"], r["cfg_scale"], r["num_samples"]) for r in table] == \
         [("clean", "0.0", "dpm++3", "2.0", "100"), ("eta10", "10.0", "dpm++3", "2.0", "100")]
@@ -102,8 +111,91 @@ def test_study_aggregates_seeds_and_marks_what_is_beyond_the_noise(tmp_path):
     study.write_table([clean, eta5, cep], str(tmp_path / "r"))
     markdown = (tmp_path / "r.md").read_text()
     assert "is_classifier_std" in (tmp_path / "r.csv").read_text() and " std" not in markdown.split("\n")[3]
-    assert "| eta5 | 5 | dpm++50 | 2 | 100 | 14.13 ± 0.32 * |" in markdown and "| cep-u | 0 | dpm++50 | 2 | 100 | 9 |" in \
-        markdown
+    assert "| eta5 | 5 | dpm++50 | 2 | 100 | 14.13 ± 0.32 * |" in markdown
+    assert "| cep-u | 0 | dpm++50 | 2 | 100 | 9 |" in markdown
+    assert "Welch's t, Holm over the 2 run-vs-clean comparisons of this table" in markdown  # eta5's FID and recall
+    assert "| eta5 | 5 | dpm++50 | 2 | 100 | +4.07 (+3.36 to +4.78) * | +0.0167 (-0.188 to +0.221) |" in markdown
+    assert "| cep-u | 0 | dpm++50 | 2 | 100 | -1.07 (no test) | +0 (no test) |" in markdown
+
+
+def metric_rows(runs, seeds, rng, shift=0.0):
+    """Made-up rows of a study: every compared metric of every run and seed drawn from N(0, 1), the first run after
+    clean's FID moved by `shift`."""
+    return [dict(dict.fromkeys(study.METRICS), run=run, seed=seed, eta=0.0, sampler="dpm++50", cfg_scale=2.0,
+                 num_samples=100, feature_space="x",
+                 **{k: rng.normal() + (shift if (run, k) == (runs[1], "fid") else 0) for k in study.COMPARED})
+            for run in runs for seed in range(seeds)]
+
+
+@pytest.mark.slow
+def test_marks_on_null_data_keep_the_stated_family_wise_rate():
+    """2000 studies of 4 runs against clean, 12 metrics each (a family of 48), 3 seeds a side, no true difference:
+    the share of studies with any mark is at most 0.05 (and measured), where testing each at p < 0.05 marks most."""
+    rng, studies = np.random.default_rng(0), 2000
+    marked = raw_marked = 0
+    for _ in range(studies):
+        rows = study.aggregate(metric_rows(["clean", "eta5", "eta10", "cep-u", "ip"], 3, rng))
+        assert rows[1]["test_family"].startswith("Welch's t, Holm over the 48 run-vs-clean comparisons")
+        marked += any(r["beyond_noise"] for r in rows)
+        raw_marked += any(r[k + "_p"] is not None and r[k + "_p"] < 0.05 for r in rows for k in study.COMPARED)
+    print(f"family-wise false-mark rate {marked / studies:.4f}, unadjusted {raw_marked / studies:.4f}")
+    assert marked / studies <= 0.05 + 0.01  # 0.01: two standard errors of the estimate at 0.05
+    assert raw_marked / studies > 0.5  # the old rule: about 3 in 4 null studies show a mark
+
+
+def test_a_true_shift_of_3_sd_with_5_seeds_a_side_is_found():
+    """Clean and one run, 12 metrics (a family of 12), the run's FID 3 seed-to-seed sds higher: found in a draw whose
+    seed spread is exactly 1 sd, and in most random draws (the power is measured: Holm over 12 pays for the family)."""
+    rows = metric_rows(["clean", "eta5"], 5, np.random.default_rng(0))
+    base = np.array([-1.2, -0.4, 0.1, 0.6, 0.9])
+    base = (base - base.mean()) / base.std(ddof=1)
+    for i, seed_row in enumerate(rows):
+        seed_row["fid"] = base[i % 5] + 3.0 * (seed_row["run"] == "eta5")
+    clean, eta5 = study.aggregate(rows)
+    assert eta5["fid_diff"] == pytest.approx(3.0) and eta5["fid_ci_low"] > 0 and "fid" in eta5["beyond_noise"]
+    assert eta5["fid_p"] == pytest.approx(scipy.stats.ttest_ind(base + 3, base, equal_var=False).pvalue)
+    rng, draws = np.random.default_rng(1), 400
+    found = sum("fid" in study.aggregate(metric_rows(["clean", "eta5"], 5, rng, shift=3.0))[1]["beyond_noise"]
+                .split(",") for _ in range(draws))
+    print(f"power at a shift of 3 sd, 5 seeds a side, a family of 12: {found / draws:.3f}")
+    assert found / draws > 0.55  # measured 0.665 over 1000 draws
+
+
+def test_no_test_and_no_mark_without_spread_or_without_2_seeds_a_side():
+    assert study.welch([1.0, 1.0, 1.0], [0.998] * 3) == dict(diff=pytest.approx(0.002), ci_low=None, ci_high=None,
+                                                              p=None, no_test="no test, no spread on either side")
+    assert study.welch([1.0], [0.5, 0.7])["no_test"] == "no test, fewer than 2 seeds a side"
+    rows = [dict(dict.fromkeys(study.METRICS), run=run, seed=seed, eta=0.0, sampler="dpm++50", cfg_scale=2.0,
+                 num_samples=100, feature_space="x", fid=value, recall=0.5 + 0.01 * seed)
+            for run, value in [("clean", 1.0), ("eta5", 0.998)] for seed in range(3)]
+    clean, eta5 = study.aggregate(rows)
+    assert eta5["beyond_noise"] == "" and eta5["fid_p"] is None and eta5["no_test"] == "fid: no test, no spread on " \
+        "either side" and eta5["recall_p"] == pytest.approx(1.0)
+    assert "Holm over the 1 run-vs-clean comparisons" in eta5["test_family"]  # recall only: FID has no test
+
+
+def test_welch_and_holm_match_their_references():
+    a, b = [14.0, 14.5, 13.9, 14.2], [10.0, 10.4, 9.8]
+    reference = scipy.stats.ttest_ind(a, b, equal_var=False)
+    result = study.welch(a, b)
+    assert result["p"] == pytest.approx(reference.pvalue, rel=1e-9)
+    assert (result["ci_low"], result["ci_high"]) == pytest.approx(tuple(reference.confidence_interval(0.95)), rel=1e-9)
+    assert result["diff"] == pytest.approx(np.mean(a) - np.mean(b)) and result["no_test"] == ""
+    assert study.welch([1.0, 1.0], [0.0, 0.5])["p"] is not None  # one side without spread: Welch's t is defined
+    # Holm: p sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1, kept non-decreasing
+    assert study.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert study.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and study.holm([]) == []
+
+
+def test_a_table_joined_from_others_is_one_family(tmp_path):
+    """results_vs_n joins each n's rows: its marks are adjusted over all of its comparisons, and say so."""
+    rng = np.random.default_rng(0)
+    rows = [dict(r, n=n) for n in (5, 10) for r in study.aggregate(metric_rows(["clean", "eta5"], 3, rng))]
+    assert "Holm over the 12 run-vs-clean" in rows[1]["test_family"]
+    study.write_table(rows, str(tmp_path / "joined"))
+    assert "Holm over the 24 run-vs-clean comparisons of this table" in (tmp_path / "joined.md").read_text()
+    with open(tmp_path / "joined.csv") as f:
+        assert {r["test_family"] for r in csv.DictReader(f)} == {rows[0]["test_family"]}
 
 
 @pytest.mark.slow
@@ -231,3 +323,52 @@ def test_study_plots_cep_and_ip_as_reference_lines(tmp_path):
         assert image.size == (4 * 4 * 80, int(3.2 * 80))  # a panel per measured metric, none for the stds
     with Image.open(tmp_path / "guidance.png") as image:
         assert image.format == "PNG"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_to_the_study_reaches_train_py_which_saves_and_nothing_is_left_running(tmp_path, signum):
+    args = [sys.executable, "study.py", f"--out_dir={tmp_path}", "--runs=clean",
+            "--train_args=" + " ".join(TINY + ["--max_steps=100000"])]
+    with open(tmp_path / "study.out", "w") as out:
+        proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.PIPE, text=True)
+    running = []
+    try:
+        wait_until(lambda: "step 1 |" in read(tmp_path / "clean" / "log.txt"), proc)  # train.py is training
+        running += descendants(proc.pid)
+        assert running
+        proc.send_signal(signum)
+        stderr = proc.communicate(timeout=120)[1]
+    finally:
+        for pid in [proc.pid] + descendants(proc.pid) + running:  # whatever a failure leaves, orphans included
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 128 + signum
+    assert stderr.splitlines()[-1] == f"study stopped by {signum.name} (train.py exited with 0); to continue, run " \
+        "the same command again: it reuses what exists"
+    assert not [pid for pid in running if os.path.exists(f"/proc/{pid}")]  # train.py and whatever it started
+    assert "SIGTERM: saved" in read(tmp_path / "clean" / "log.txt") and os.path.isfile(tmp_path / "clean" / "ckpt.pt")
+
+
+def test_plots_of_one_n_and_one_seed_say_what_was_not_measured_and_label_their_axes_plainly(tmp_path):
+    """evaluate.py skipped FID (None), each run has one seed at one n, and precision differs in its 7th digit."""
+    rows = [dict(dict.fromkeys(study.METRICS), **dict.fromkeys([k + "_seed_std" for k in study.METRICS]), run=run,
+                 n=5.0, eta=eta, sampler="dpm++2", cfg_scale=2.0, num_samples=100, feature_space="x", seeds=1,
+                 precision=precision, recall=0.4, class_accuracy=0.9, memorisation_ratio=0.1, avg_l2_top5=3.0)
+            for run, eta, precision in [("clean", 0.0, 0.8312150), ("eta5", 5.0, 0.8312151), ("cep-u", 0.0, 0.8312150)]]
+    figures = [study.plot_metrics_vs_n(rows, tmp_path / "n.png"), study.plot_metrics_vs_eta(rows, tmp_path / "eta.png"),
+               study.plot_guidance(rows, tmp_path / "guidance.png")]
+    for fig in figures:
+        panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+        notes = [title for title, ax in panels.items() if "not measured" in [t.get_text() for t in ax.texts]]
+        assert len(notes) == 1 and notes[0].startswith("FID") and not panels[notes[0]].get_yticks().size
+        precision = panels.get("precision ↑") or panels["precision against recall"]
+        labels = [t.get_text() for t in precision.get_yticklabels()]
+        assert precision.yaxis.get_offset_text().get_text() == ""  # no "1e-7+8.31215e-1" above the axis
+        assert all(re.fullmatch(r"0\.83121\d+", label) for label in labels), labels
+        assert np.ptp(np.diff(precision.get_yticks())) < 1e-12  # evenly spaced, and so are their grid lines
+    rows = [dict(r, n=n) for n in (5.0, 10.0, 20.0, 130.0) for r in rows]
+    ax = study.plot_metrics_vs_n(rows, tmp_path / "n.png").axes[1]
+    assert list(ax.get_xticks()) == [0, 1, 2, 3] and [t.get_text() for t in ax.get_xticklabels()] == \
+        ["5", "10", "20", "130"]  # evenly spaced n, labelled with their values
