@@ -187,6 +187,27 @@ def documented_settings(path, keys):
     return settings
 
 
+def script_settings(path):
+    """The settings of the script at `path` as its source writes them, without running it: the assignments of plain
+    values at its top, up to the first statement that is none (a script that launches another checks the arguments
+    it passes before any work, study.py)."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    settings = {}
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)) or (isinstance(node, ast.Expr) and not settings):
+            continue
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            break
+        try:
+            value = ast.literal_eval(node.value)
+        except ValueError:
+            break
+        if node.targets[0].id.islower() and (value is None or isinstance(value, (int, float, bool, str))):
+            settings[node.targets[0].id] = value
+    return settings
+
+
 def one_line_errors(kind, error, tb):
     """sys.excepthook: an error our code raises on purpose (a bad setting, a missing or damaged file, a bad image:
     a `raise` of ValueError, OSError, RuntimeError or FloatingPointError in a file of this project, also in a data

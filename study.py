@@ -2,7 +2,8 @@
 The paper's study end to end: train each run (clean; eta% of the labels wrong; CEP-U and CEP-G; the IP baseline),
 sample it with each sampler at each guidance scale, evaluate the samples, and write a results table and plots.
 Orchestrating runs is a concern of its own, hence this file; it does none of the work itself: it launches train.py,
-sample.py and evaluate.py as subprocesses (through torchrun when nproc > 1) and reads the files they write.
+adapt.py, distill.py, sample.py and evaluate.py as subprocesses (through torchrun when nproc > 1) and reads the files
+they write.
 
   python study.py                                                 # the whole study on the built-in dataset
   python study.py --runs clean,eta5,eta20,cep-u --cfg_scales 2 --num_samples 500   # a reduced one (README)
@@ -39,9 +40,7 @@ import numpy as np
 import scipy.special
 import torch
 
-import evaluate
-import sample
-from configurator import atomic_write, configure, read_cache
+from configurator import atomic_write, configure, read_cache, script_settings
 
 # -----------------------------------------------------------------------------
 out_dir = "study"
@@ -63,10 +62,10 @@ digits = ""               # the small-data study: n training images per class of
                           # ~130): out_dir/n<n>/ holds each n's export and runs (digits_study)
 adapters = ""             # the downstream stage: <adapter>-<control>, comma separated (controlnet-canny, t2i-mask,
                           # controlnet-/data/in100_sam/train); "": none
-adapt_args = ""           # passed to train.py after train_args for the adaptations: "--synthetic_scale 0.6 --lr 1e-4"
+adapt_args = ""           # passed to adapt.py after those of train_args it has: "--synthetic_scale 0.6 --lr 1e-4"
 downstream_eval_args = ""  # passed to evaluate.py for the adapted models; ImageNet-100: "--ref /data/imagenet100/val"
 distill_steps = ""        # the LCM stage: consistency steps to sample each run's student at ("1,2,4"); "": none
-distill_args = "--ema_decay 0.95 --lr 2e-4 --skip_interval 200 --max_steps 2000"  # to train.py after train_args, for
+distill_args = "--ema_decay 0.95 --lr 2e-4 --skip_interval 200 --max_steps 2000"  # to distill.py after train_args, for
                           # the students: the CPU default's distillation (docs/lcm.md)
 # -----------------------------------------------------------------------------
 _DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
@@ -80,8 +79,10 @@ RUNS = {"clean": [], "cep-u": ["--cep", "--cep_type=uniform", "--cep_scale=1.0"]
         "cep-u-fixed": ["--cep", "--cep_type=uniform", "--cep_scale=1.0", "--cep_fixed=0.05"]}
 # what the study sets per run, sampler and scale: the same key in the pass-through arguments would be ambiguous
 OWNED = {"train.py": {"out_dir", "resume", "corrupt", "corrupt_mode", "cep", "cep_type", "cep_scale", "cep_fixed", "ip",
-                      "emb_dropout", "label_smoothing", "seed", "init",
-                      "adapter", "control", "teacher"},
+                      "emb_dropout", "label_smoothing", "seed"},
+         "adapt.py": {"out_dir", "resume", "init", "adapter", "control", "seed"},
+         "distill.py": {"out_dir", "resume", "teacher", "seed", "corrupt", "corrupt_mode", "cep", "cep_type",
+                        "cep_scale"},
          "sample.py": {"ckpt", "sampler", "num_steps", "cfg_scale", "num_samples", "out", "seed"},
          "evaluate.py": {"samples", "out"}}
 # evaluate.py's report keys, with the arrow of the better direction; IS (classifier) is not the Inception IS
@@ -150,10 +151,25 @@ def passthrough(script, args):
     return argv
 
 
+def settings_of(script, argv):
+    """The part of argv (--key=value, --key value, --flag) whose keys are settings of `script`: what train_args and a
+    run's flags give to adapt.py and distill.py (the model's own settings they take from the checkpoint)."""
+    keys = set(script_settings(os.path.join(HERE, script)))
+    kept, i = [], 0
+    while i < len(argv):
+        given = argv[i:i + 1]
+        if "=" not in argv[i] and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            given = argv[i:i + 2]
+        if argv[i][2:].split("=")[0] in keys:
+            kept += given
+        i += len(given)
+    return kept
+
+
 def launch(script, *args):
     """Run a script to its end, through torchrun with nproc > 1 (evaluate.py is a single process). A SIGTERM, a
-    Ctrl-C (SIGINT) or a SIGHUP to the study is passed on to the script as SIGTERM, on which train.py saves its
-    checkpoint and stops; the study waits for it, then exits (128 + the signal) saying how to continue."""
+    Ctrl-C (SIGINT) or a SIGHUP to the study is passed on to the script as SIGTERM, on which a training script saves
+    its checkpoint and stops; the study waits for it, then exits (128 + the signal) saying how to continue."""
     cmd = [sys.executable]
     if nproc > 1 and script != "evaluate.py":
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
@@ -170,8 +186,8 @@ def launch(script, *args):
     # SIGHUP too: in a session of its own, the script no longer gets the hangup of a closed terminal
     previous = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
-        # a session of its own: a Ctrl-C at the terminal reaches the study alone, and reaches the script as the SIGTERM
-        # that train.py saves on, once (a SIGINT would stop it without saving)
+        # a session of its own: a Ctrl-C at the terminal reaches the study alone, and reaches the script once, as the
+        # SIGTERM that the training scripts save on
         child = subprocess.Popen(cmd, start_new_session=True)
         if received:  # a signal before the child existed
             child.send_signal(signal.SIGTERM)
@@ -559,8 +575,8 @@ def run_study():
         raise ValueError(f"num_samples and nproc must be > 0, got {num_samples} and {nproc}")
     train_argv = passthrough("train.py", train_args)
     sample_argv, eval_argv = passthrough("sample.py", sample_args), passthrough("evaluate.py", eval_args)
-    configure(dict(vars(sample)), sample_argv)  # misspelt keys fail now, not after the first training run
-    configure(dict(vars(evaluate)), eval_argv)
+    configure(script_settings(os.path.join(HERE, "sample.py")), sample_argv)  # misspelt keys fail now, not after
+    configure(script_settings(os.path.join(HERE, "evaluate.py")), eval_argv)  # the first training run
     if ckpt:
         if not os.path.isfile(ckpt):
             raise FileNotFoundError(f"ckpt {ckpt!r} not found")
@@ -571,10 +587,12 @@ def run_study():
     else:
         plan = [(name, os.path.join(out_dir, name, "ckpt.pt"), *run_flags(name)) for name in runs.split(",")]
 
-    adapt_argv = passthrough("train.py", adapt_args)
+    adapt_argv = settings_of("adapt.py", train_argv) + passthrough("adapt.py", adapt_args)
+    configure(script_settings(os.path.join(HERE, "adapt.py")), adapt_argv)
     down_eval_argv = passthrough("evaluate.py", downstream_eval_args)
-    configure(dict(vars(evaluate)), down_eval_argv)
-    distill_argv = passthrough("train.py", distill_args)
+    configure(script_settings(os.path.join(HERE, "evaluate.py")), down_eval_argv)
+    distill_argv = settings_of("distill.py", train_argv) + passthrough("distill.py", distill_args)
+    configure(script_settings(os.path.join(HERE, "distill.py")), distill_argv)
     if distill_steps and not re.fullmatch(r"\d+(,\d+)*", distill_steps):
         raise ValueError(f"distill_steps={distill_steps!r}: consistency steps, comma separated (1,2,4)")
     down_specs = [tuple(spec.split("-", 1)) for spec in adapters.split(",")] if adapters else []
@@ -593,8 +611,9 @@ def run_study():
         students = []
         if distill_steps:  # the LCM stage: the run's consistency student, on the run's data and flags
             lcm_ckpt = os.path.join(run_dir, "lcm", "ckpt.pt")
-            launch("train.py", *train_argv, *(flags or []), *distill_argv, f"--teacher={ckpt_path}", f"--seed={seed}",
-                   f"--out_dir={os.path.dirname(lcm_ckpt)}", *(["--resume"] if os.path.isfile(lcm_ckpt) else []))
+            launch("distill.py", *distill_argv, *settings_of("distill.py", flags or []), f"--teacher={ckpt_path}",
+                   f"--seed={seed}", f"--out_dir={os.path.dirname(lcm_ckpt)}",
+                   *(["--resume"] if os.path.isfile(lcm_ckpt) else []))
             students = [(lcm_ckpt, os.path.dirname(lcm_ckpt), "lcm", int(steps)) for steps in distill_steps.split(",")]
         for model_ckpt, folder, sampler, steps in [(ckpt_path, run_dir, *spec) for spec in specs] + students:
             rows += [dict(run=name, seed=seed, eta=eta, sampler=f"{sampler}{steps}", cfg_scale=scale,
@@ -604,7 +623,7 @@ def run_study():
             sampler, steps = specs[0]
             down_dir = os.path.join(run_dir, f"{kind}-{os.path.basename(control.rstrip('/'))}")
             down_ckpt = os.path.join(down_dir, "ckpt.pt")
-            launch("train.py", *train_argv, *adapt_argv, f"--init={ckpt_path}", f"--adapter={kind}",
+            launch("adapt.py", *adapt_argv, f"--init={ckpt_path}", f"--adapter={kind}",
                    f"--control={control}", f"--seed={seed}", f"--out_dir={down_dir}",
                    *(["--resume"] if os.path.isfile(down_ckpt) else []))
             synthetic_scale = torch.load(down_ckpt, map_location="cpu", weights_only=True, mmap=True)["config"][

@@ -193,8 +193,8 @@ def first_stage_for(vae, dataset, latents, image_size, device):
     recorded = dict(vae=os.path.abspath(vae), scale=first_stage.scale)
     if latents:
         channels, size = dataset.meta["latent_shape"][:2]
-        recorded = (dataset.meta["scale"], channels, size)
-        if (first_stage.scale, first_stage.latent_channels, dataset.resolution // first_stage.factor) != recorded:
+        cached = (dataset.meta["scale"], channels, size)
+        if (first_stage.scale, first_stage.latent_channels, dataset.resolution // first_stage.factor) != cached:
             raise ValueError(f"vae {vae!r} is not the VAE that encoded the cache {latents!r} ({dataset.meta['vae']})")
         return first_stage, recorded, channels, size
     if image_size % first_stage.factor:

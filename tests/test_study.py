@@ -21,8 +21,8 @@ from PIL import Image
 
 import study
 
-STUDY_EVAL = ("--train=synthetic --synthetic_train_size=64 --synthetic_ref_size=100 --classifier_size=200 "
-              "--classifier_epochs=1 --progress=False --device=cpu")
+STUDY_EVAL = ("--train=synthetic --synthetic_train_size=64 --synthetic_ref_size=100 --classifier_size=2000 "
+              "--classifier_epochs=3 --progress=False --device=cpu")
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +204,7 @@ def test_study_digits_sweeps_n_against_the_held_out_images_in_one_classifier_spa
     rows = study.main([f"--out_dir={tmp_path}", "--digits=5,10", "--digits_held_out=10", "--runs=clean",
                        "--samplers=dpm++2", "--cfg_scales=2", "--num_samples=100",
                        "--train_args=--model=DiT-Ti/8 --global_batch_size=8 --num_workers=0 --grid_steps=2 "
-                       "--max_steps=2", "--eval_args=--classifier_epochs=1 --diversity_features=pixels "
+                       "--max_steps=2", "--eval_args=--classifier_epochs=4 --diversity_features=pixels "
                        f"--progress=False --device=cpu --cache_dir={tmp_path / 'cache'}"])
     assert [(r["run"], r["n"]) for r in rows] == [("clean", 5), ("clean", 10)]
     for n in (5, 10):
@@ -270,7 +270,7 @@ def test_study_downstream_stage_adapts_each_run_and_tables_it(tiny_study, monkey
     args, out, _ = tiny_study
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     study.main(args + ["--adapters=controlnet-mask", "--adapt_args=--max_steps=1 --synthetic_scale=0.6",
-                       "--downstream_eval_args=--classifier_size=200 --classifier_epochs=1 --progress=False "
+                       "--downstream_eval_args=--classifier_size=2000 --classifier_epochs=3 --progress=False "
                        f"--device=cpu --cache_dir={out}/cache"])
     with open(out / "downstream.csv") as f:
         table = list(csv.DictReader(f))
