@@ -59,7 +59,7 @@ def load_checkpoint(path, map_location="cpu"):
                                 "folder (model_index.json)")
     def damaged(reason):
         return ValueError(f"checkpoint {path!r} is damaged (truncated?) or not a checkpoint of this project "
-                          f"({reason}); use the previous one (a kill mid-save leaves {os.path.basename(path)}.tmp: "
+                          f"({reason}); use the previous one (a kill mid-save leaves {os.path.basename(path)}.*.tmp: "
                           "never a good one), or train again")
     try:  # weights only: a checkpoint holds tensors and plain types, nothing a file could execute
         state = torch.load(path, map_location=map_location, weights_only=True)

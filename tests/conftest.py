@@ -46,6 +46,16 @@ def script_args(script, out_dir, tiny, *extra, torchrun=0):
     return launcher + [script, f"--out_dir={out_dir}"] + tiny + list(extra)
 
 
+# a script run so that atomic_write's temporary file has a name known in advance (a test puts a FIFO there)
+FIXED_TMP = ("import configurator, runpy, sys\nconfigurator.temporary_path = lambda path: path + '.tmp'\n"
+             "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def leftovers(path):
+    """The temporary files atomic_write left beside path."""
+    return glob.glob(f"{path}.*tmp")
+
+
 def train_args(out_dir, *extra, torchrun=0):
     return script_args("train.py", out_dir, TINY, *extra, torchrun=torchrun)
 
@@ -81,9 +91,12 @@ def start_train():
     own: the whole tree)."""
     procs = []
 
-    def start(out_dir, *extra, torchrun=0):
+    def start(out_dir, *extra, torchrun=0, fixed_tmp=False):
+        args = train_args(out_dir, *extra, torchrun=torchrun)
+        if fixed_tmp:
+            args = [sys.executable, "-c", FIXED_TMP] + args[1:]
         with open(f"{out_dir}.out", "w") as f:
-            procs.append(subprocess.Popen(train_args(out_dir, *extra, torchrun=torchrun), cwd=ROOT, env=ENV,
+            procs.append(subprocess.Popen(args, cwd=ROOT, env=ENV,
                                           stdout=f, stderr=subprocess.STDOUT))
         return procs[-1]
     yield start

@@ -17,7 +17,7 @@ import scipy.spatial
 import scipy.special
 import scipy.stats
 import torch
-from conftest import ENV, ROOT, TINY_VAE, randomize, run, wait_until
+from conftest import ENV, FIXED_TMP, ROOT, TINY_VAE, leftovers, randomize, run, wait_until
 from PIL import Image
 
 import evaluate
@@ -299,8 +299,8 @@ def test_evaluate_caches_and_report_are_written_whole_and_unreadable_caches_made
             "--classifier_epochs=3", "--synthetic_ref_size=30", "--out", str(report)]
     # a kill while the classifier is written: torch.save blocks writing into a FIFO, so the kill lands mid-write
     os.mkfifo(f"{classifier}.tmp")
-    proc = subprocess.Popen([sys.executable, "evaluate.py", *args], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-c", FIXED_TMP, "evaluate.py", *args], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         with open(os.open(f"{classifier}.tmp", os.O_RDONLY | os.O_NONBLOCK), "rb", buffering=0) as fifo:
             partial = wait_until(lambda: fifo.read(4096), proc)
@@ -313,7 +313,7 @@ def test_evaluate_caches_and_report_are_written_whole_and_unreadable_caches_made
     with open(f"{classifier}.tmp", "wb") as f:  # what the kill leaves on a real disk
         f.write(partial)
     first = evaluate.main(args)  # trains it again, as if absent
-    assert classifier.exists() and not os.path.exists(f"{classifier}.tmp") and json.loads(report.read_text()) == first
+    assert classifier.exists() and json.loads(report.read_text()) == first
     # caches cut short (a copy, or a kill in a version that wrote in place): made again, said once
     for path in (first["ref_cache_path"], str(classifier)):  # the features, then the classifier (and its features)
         with open(path, "r+b") as f:
@@ -332,7 +332,7 @@ def test_evaluate_caches_and_report_are_written_whole_and_unreadable_caches_made
     before = report.read_text()
     result = run([sys.executable, "evaluate.py", *args], check=False, preexec_fn=file_size_limit)
     assert result.returncode == 1 and result.stderr.startswith(f"error: cannot write {report}: File too large")
-    assert "Traceback" not in result.stderr and report.read_text() == before and not os.path.exists(f"{report}.tmp")
+    assert "Traceback" not in result.stderr and report.read_text() == before and not leftovers(report)
 
 
 @pytest.mark.slow
@@ -498,7 +498,7 @@ def test_save_ref_writes_a_reference_that_gives_the_fid_of_its_folder(tmp_path, 
         np.testing.assert_array_equal(z["arr_0"], images[[0, 3, 6, 9]])  # evenly spread over the folder
         assert z["mu"].shape == (2048,) and z["sigma_s"].shape == (2023, 2023) and int(z["num_images"]) == 10
         assert str(z["resize"]) == "pytorch-fid" and str(z["feature_space"]) == fid.FEATURE_SPACE
-    assert not os.path.exists(tmp_path / "ref.npz.tmp")
+    assert not leftovers(tmp_path / "ref.npz")
     folder = evaluate.main(base + ["--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "val")])
     stored = evaluate.main(base + ["--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz")])
     assert stored["fid"] == pytest.approx(folder["fid"], rel=1e-9) and folder["fid"] > 0
