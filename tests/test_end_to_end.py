@@ -160,3 +160,38 @@ def test_text_to_image_end_to_end_on_the_builtin_captions(tmp_path):
     model, preprocess = text.load_clip(str(tmp_path / "clip.pt"))
     direct = metrics.clip_score(evaluate.open_images(str(tmp_path / "s.npz")), prompts, model, preprocess, 3, "cpu")
     assert report["clip_score"] == pytest.approx(direct) and report["prompts"] == str(tmp_path / "s_prompts.txt")
+
+
+@pytest.mark.slow
+def test_bert_text_encoder_is_loaded_pretrained_trained_with_the_unet_and_samples_from_prompts(tmp_path):
+    """--text_encoder bert, the paper's CC3M setting in miniature: a Hugging Face BERT folder (random weights, a
+    vocabulary of the built-in captions' words) loaded as it is, then trained with the U-Net, with swapped captions
+    and CEP on its token embeddings."""
+    transformers = pytest.importorskip("transformers")
+    words = {w for caption in data.SyntheticShapes(64, 8).captions for w in caption.lower().replace(",", " ").split()}
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ","] + sorted(words)
+    folder = tmp_path / "bert"
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+        max_position_embeddings=80))
+    bert.save_pretrained(folder)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    pretrained = {k: v for k, v in bert.state_dict().items() if not k.startswith("pooler.")}
+    # 3 steps: the U-Net's zero-initialised outputs pass no gradient back to the context in the first two
+    args = ["--model=LDM-S", "--text_encoder=bert", f"--bert_path={folder}", "--image_size=8", "--max_steps=3",
+            "--grid_steps=2", "--learn_sigma=False", "--corrupt=0.1", "--corrupt_type=swap", "--cep"]
+    train(tmp_path / "frozen_by_lr", *args, "--lr=0")
+    train(tmp_path / "run", *args)
+    for run_dir, same in [("frozen_by_lr", True), ("run", False)]:
+        state = torch.load(tmp_path / run_dir / "ckpt.pt", weights_only=True)
+        encoder = {k[len("y_embedder.encoder."):]: v for k, v in state["model"].items()
+                   if k.startswith("y_embedder.encoder.")}
+        assert encoder.keys() == pretrained.keys()  # transformers' names, every one of them
+        assert all(torch.equal(encoder[k], v) for k, v in pretrained.items()) == same  # loaded, then trained
+    assert state["model_args"]["bert"] == str(folder) and state["model_args"]["context_dim"] == 32
+    assert "captions, text encoder: bert, trained" in (tmp_path / "run" / "log.txt").read_text()
+    (tmp_path / "prompts.txt").write_text("a large blue star on a red background\na small ring\n")
+    run([sys.executable, "sample.py", f"--ckpt={tmp_path / 'run' / 'ckpt.pt'}", "--num_steps=2", "--grid_per_class=2",
+         f"--prompts={tmp_path / 'prompts.txt'}", f"--out={tmp_path / 'grid.png'}"])
+    assert Image.open(tmp_path / "grid.png").size[0] > 2 * 8
