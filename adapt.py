@@ -26,8 +26,8 @@ from diffusion import GaussianDiffusion
 from model import UNet_models
 from pipeline import build, control_grid
 from training import (
-    Log, Steps, Stop, check_out_dir, check_training, cpu_layout, describe_cep, describe_size, first_stage_for,
-    init_distributed, load_pretrained, open_dataset, optimizer_and_ema, perturbation, refuse_settings, seed_step, start
+    Log, Steps, Stop, check_training, cpu_layout, describe_cep, describe_size, first_stage_for, init_distributed,
+    load_pretrained, open_dataset, optimizer_and_ema, perturbation, seed_step, start
 )
 
 # -----------------------------------------------------------------------------
@@ -107,20 +107,18 @@ def write_grid(path):
     log(f"sample grid (EMA, cfg {grid_cfg_scale}, {grid_steps} DPM-Solver++ steps): {path}")
 
 
-refuse_settings(sys.argv[1:], PRETRAINED, "adapt.py", "the pre-trained checkpoint (--init)")
-config = configure(globals(), sys.argv[1:])
+config = configure(globals(), sys.argv[1:], taken=(PRETRAINED, "the pre-trained checkpoint (--init)"))
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 rank, world_size, device = init_distributed()
 check_config()
-pretrained = load_pretrained("init", init, ckpt_path)
-check_out_dir(out_dir, rank)  # after the checkpoint's checks: a bad one leaves no folder
+pretrained = load_pretrained("init", init, out_dir, rank)
 base = pretrained["config"]  # the pre-training's settings
 if adapter == "t2i" and pretrained["model_args"]["name"] not in UNet_models:
     raise ValueError(f"adapter=t2i adds multi-scale features to a U-Net's encoder, and the model of {init!r} is "
                      f"{pretrained['model_args']['name']}, which has none: use adapter=controlnet")
 config.update({k: base[k] for k in PRETRAINED if k in base})  # the run's whole config, in its checkpoint
 text = bool(base["text_encoder"])
-prediction, schedule = pretrained["prediction"], pretrained.get("schedule", "linear")
+prediction, schedule = pretrained["prediction"], pretrained["schedule"]
 log = Log(out_dir, rank == 0, wandb_project, wandb_run_name, config)
 diffusion = GaussianDiffusion(learn_sigma=pretrained["model_args"]["learn_sigma"], prediction=prediction,
                               schedule=schedule, min_snr_gamma=base.get("min_snr_gamma", 0.0))

@@ -42,9 +42,11 @@ def _convert(key, value, default):
     return value
 
 
-def configure(scope, argv):
+def configure(scope, argv, taken=((), "")):
     """Apply a config file and command-line overrides to `scope` (a script's globals()); returns the config as a
-    plain dict of the keys that are configurable (every lower-case module-level int/float/bool/str/None)."""
+    plain dict of the keys that are configurable (every lower-case module-level int/float/bool/str/None). taken:
+    (keys, where from): settings the script takes from elsewhere (adapt.py's model, from its checkpoint), which are
+    an error that says so."""
     keys = {k for k, v in scope.items() if not k.startswith("_") and k.islower()
             and (v is None or isinstance(v, (int, float, bool, str)))}
     overrides = []
@@ -83,6 +85,11 @@ def configure(scope, argv):
             key, value = arg[2:], "True"
         overrides.append((key, value))
         i += 1
+    given = sorted({key for key, _ in overrides} & set(taken[0]))
+    if given:
+        script = os.path.basename(scope.get("__file__") or "this script")
+        raise ValueError(f"{', '.join(given)}: {script} takes {'this' if len(given) == 1 else 'these'} from "
+                         f"{taken[1]}; drop {'it' if len(given) == 1 else 'them'} from the command line")
     for key, value in overrides:
         if key not in keys:
             raise ValueError(f"unknown config key {key!r}; the keys are: {', '.join(sorted(keys))}")

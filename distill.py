@@ -26,8 +26,8 @@ from data import CaptionPairs
 from diffusion import GaussianDiffusion
 from pipeline import build, class_rows, sample_grid
 from training import (
-    Log, Steps, Stop, check_out_dir, check_training, corrupted_dataset, cpu_layout, describe_cep, first_stage_for,
-    init_distributed, load_pretrained, open_dataset, optimizer_and_ema, perturbation, refuse_settings, seed_step, start
+    Log, Steps, Stop, check_training, corrupted_dataset, cpu_layout, describe_cep, first_stage_for, init_distributed,
+    load_pretrained, open_dataset, optimizer_and_ema, perturbation, seed_step, start
 )
 
 # -----------------------------------------------------------------------------
@@ -100,13 +100,11 @@ def write_grid(path):
     log(f"sample grid (EMA, w {grid_cfg_scale - 1}, 4 LCM steps): {path}")
 
 
-refuse_settings(sys.argv[1:], PRETRAINED, "distill.py", "the teacher (--teacher)")
-config = configure(globals(), sys.argv[1:])
+config = configure(globals(), sys.argv[1:], taken=(PRETRAINED, "the teacher (--teacher)"))
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 rank, world_size, device = init_distributed()
 check_config()
-pretrained = load_pretrained("teacher", teacher, ckpt_path)
-check_out_dir(out_dir, rank)  # after the checkpoint's checks: a bad one leaves no folder
+pretrained = load_pretrained("teacher", teacher, out_dir, rank)
 base = pretrained["config"]  # the teacher's settings (a pipeline folder's: pipeline.read_pipeline)
 text = bool(base["text_encoder"])
 caption_corruption = corrupt_type in ("swap", "rewrite")
@@ -114,7 +112,7 @@ if corrupt > 0 and caption_corruption != text:
     raise ValueError(f"corrupt_type={corrupt_type} does not fit the teacher's conditions: captions take swap or "
                      "rewrite, classes sym or asym")
 config.update({k: base[k] for k in PRETRAINED if k in base})  # the run's whole config, in its checkpoint
-prediction, schedule = pretrained["prediction"], pretrained.get("schedule", "linear")
+prediction, schedule = pretrained["prediction"], pretrained["schedule"]
 log = Log(out_dir, rank == 0, wandb_project, wandb_run_name, config)
 diffusion = GaussianDiffusion(learn_sigma=pretrained["model_args"]["learn_sigma"], prediction=prediction,
                               schedule=schedule)

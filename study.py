@@ -633,7 +633,11 @@ def run_study():
                                **sampled_metrics(down_ckpt, down_dir, sampler, steps, scale, seed, sample_argv,
                                                  held_out_ref + down_eval_argv))
                           for scale in scales]
+    return write_results(rows, down_rows, plan)
 
+
+def write_results(rows, down_rows, plan):
+    """The study's tables (results, downstream) and plots from its rows; returns the aggregated rows."""
     written = [os.path.join(out_dir, "results.csv"), os.path.join(out_dir, "results.md")]
     rows = aggregate(rows)
     write_table(rows, os.path.join(out_dir, "results"))

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from cep import CEP, FixedCEP
-from configurator import atomic_write, one_line_errors
+from configurator import atomic_write
 from corrupt import corrupt_conditions
 from data import ImageCaptions, ImageFolder, LatentDataset, StepBatches, SyntheticShapes
 from model import UNet_models
@@ -249,9 +249,11 @@ def perturbation(cep, cep_type, cep_scale, cep_fixed, seed, emb_dropout=0.0):
     return None
 
 
-def load_pretrained(key, path, ckpt_path):
+def load_pretrained(key, path, out_dir, rank):
     """The checkpoint (or diffusers pipeline folder) of adapt.py's `init` or distill.py's `teacher`, once it is a
-    pre-trained model: not adapted, no consistency student, and not the file this run would write."""
+    pre-trained model: not adapted, no consistency student, and not the file this run would write; then out_dir is
+    made (a bad checkpoint leaves no folder)."""
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{key} {path!r}: no such checkpoint (a pre-trained model, train.py's ckpt.pt)")
     if os.path.realpath(path) == os.path.realpath(ckpt_path):
@@ -260,17 +262,9 @@ def load_pretrained(key, path, ckpt_path):
     args = state.get("model_args")
     if not args or "adapter" in args or args.get("guidance_embed"):
         raise ValueError(f"{key} {path!r} is not a pre-trained checkpoint of train.py (it is adapted, or a student)")
+    check_out_dir(out_dir, rank)
+    state.setdefault("schedule", "linear")  # checkpoints older than the schedule setting: DiT's
     return state
-
-
-def refuse_settings(argv, keys, script, source):
-    """An adaptation or a distillation takes the model's settings from its pre-trained checkpoint: naming one of them
-    on the command line is an error that says so, before any work."""
-    given = sorted({arg[2:].split("=")[0] for arg in argv if arg.startswith("--")} & set(keys))
-    sys.excepthook = one_line_errors  # as configure() installs it: this comes before
-    if given:
-        raise ValueError(f"{', '.join(given)}: {script} takes {'this' if len(given) == 1 else 'these'} from {source}; "
-                         "drop it from the command line")
 
 
 @torch.no_grad()

@@ -162,3 +162,13 @@ def test_concurrent_processes_filling_one_cache_leave_a_whole_file(tmp_path):
     assert [proc.returncode for proc in procs] == [0, 0], errors
     assert (tmp_path / "cache").read_bytes() in (b"a" * 20000, b"b" * 20000)
     assert os.listdir(tmp_path) == ["cache"]
+
+
+def test_settings_taken_from_elsewhere_are_an_error_that_says_where_from():
+    scope = dict(lr=1.0, __file__="/x/adapt.py")
+    taken = (("model", "vae"), "the checkpoint")
+    assert configure(dict(scope), ["--lr=2"], taken)["lr"] == 2.0
+    with pytest.raises(ValueError, match="^model, vae: adapt.py takes these from the checkpoint; drop them from"):
+        configure(dict(scope), ["--vae=x", "--model", "DiT-S/2", "--lr=2"], taken)
+    with pytest.raises(ValueError, match="^vae: adapt.py takes this from the checkpoint; drop it from"):
+        configure(dict(scope), ["--vae=x"], taken)

@@ -1,5 +1,5 @@
-"""training.py: the stop on SIGTERM and Ctrl-C (a second Ctrl-C at once), the log's numbers and loss curve, the EMA,
-the settings an adaptation or a distillation takes from its checkpoint."""
+"""training.py: the stop on SIGTERM and Ctrl-C (a second Ctrl-C at once), the log's numbers and loss curve, the
+EMA."""
 import json
 import os
 import signal
@@ -58,9 +58,3 @@ def test_ema_moves_trained_parameters_only():
     training.update_ema(ema, model, 0.75)
     assert torch.equal(ema.bias, bias)  # frozen: as it is
     assert torch.allclose(ema.weight, 0.75 * weight + 0.25 * model.weight.detach())
-
-
-def test_settings_of_the_checkpoint_are_refused_on_the_command_line():
-    training.refuse_settings(["--lr=1", "--max_steps", "3"], ("model", "vae"), "adapt.py", "the checkpoint")
-    with pytest.raises(ValueError, match="model, vae: adapt.py takes these from the checkpoint; drop it"):
-        training.refuse_settings(["--vae=x", "--model", "DiT-S/2"], ("model", "vae"), "adapt.py", "the checkpoint")
