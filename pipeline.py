@@ -8,6 +8,7 @@ are model.py, vae.py, text.py, diffusion.py and control.py.
 """
 import hashlib
 import json
+import math
 import os
 import shutil
 
@@ -274,7 +275,7 @@ def guided_step(model, x, t, labels, cfg_scale, hint=None):
 @torch.no_grad()
 def sample(model, labels, cfg_scale=4.0, sampler="dpm++", num_steps=50, ddim_eta=0.0, generator=None,
            progress=False, size=None, vae=None, prediction="eps", schedule="linear", dtype=torch.float32,
-           compile=False, hint=None, skip_interval=20):
+           compile=False, hint=None, skip_interval=20, noise=None):
     """Images (float, about [-1, 1]) for `labels`, from `num_steps` evenly spaced steps of the 1000 (diffusion.py's
     samplers). The model denoises size x size inputs (default: the DiT's input size): pixels, or with a first stage
     `vae` its latents, decoded at the end. The predicted x0 is clipped to [-1, 1] in pixel space only: latents are
@@ -287,8 +288,10 @@ def sample(model, labels, cfg_scale=4.0, sampler="dpm++", num_steps=50, ddim_eta
         raise ValueError("a consistency student (distill.py) samples with sampler=lcm, 1 to 8 steps" if
                          sampler != "lcm" else "sampler=lcm takes a consistency student (distill.py)")
     diffusion = GaussianDiffusion(learn_sigma=model.learn_sigma, prediction=prediction, schedule=schedule)
-    size = size or model.x_embedder.proj.kernel_size[0] * int(model.pos_embed.shape[1] ** 0.5)
-    x = torch.randn(len(labels), model.in_channels, size, size, device=labels.device, generator=generator)
+    x = noise
+    if x is None:
+        size = size or dit_input_size(model)
+        x = torch.randn(len(labels), model.in_channels, size, size, device=labels.device, generator=generator)
     step = guided_step
     if compile:  # one wrapper per call is free: torch.compile caches the graph on guided_step's code
         step = compiled_step(guided_step, "reduce-overhead" if x.is_cuda else None)
@@ -335,11 +338,32 @@ def as_condition(model, conditions, device):
     return torch.as_tensor(conditions).to(device)
 
 
-def sample_grid(model, path, rows, per_row=8, seed=0, **kwargs):
-    """A PNG with one row per condition, `per_row` samples a row: class labels, or prompts (under each image)."""
+def dit_input_size(model):
+    """The side of a DiT's input: its patch times the side of its position embedding's grid."""
+    return model.x_embedder.proj.kernel_size[0] * int(model.pos_embed.shape[1] ** 0.5)
+
+
+def circle_noise(rows, frames, shape, generator):
+    """The paper's circular walk (its Fig. 5): for each row, initial noises cos(theta) z1 + sin(theta) z2 at `frames`
+    angles evenly spaced over [0, 2 pi). Each is a standard normal draw (cos^2 + sin^2 = 1), and neighbours are close,
+    so a deterministic sampler shows how the samples change along the circle. [rows * frames, *shape]."""
+    z = torch.randn(rows, 2, 1, *shape, generator=generator, device=generator.device)
+    theta = torch.arange(frames, device=generator.device) * 2 * math.pi / frames
+    weights = torch.stack([torch.cos(theta), torch.sin(theta)]).view(1, 2, frames, *[1] * len(shape))
+    return (weights * z).sum(1).flatten(0, 1)
+
+
+def sample_grid(model, path, rows, per_row=8, seed=0, walk=False, **kwargs):
+    """A PNG with one row per condition, `per_row` samples a row: class labels, or prompts (under each image). walk:
+    each row's samples from the noises of a circular walk (circle_noise), in order along the circle."""
     device = next(model.parameters()).device
     y = as_condition(model, rows, device).repeat_interleave(per_row, dim=0)
-    x = sample(model, y, generator=torch.Generator(device).manual_seed(seed), **kwargs)
+    generator = torch.Generator(device).manual_seed(seed)
+    noise = None
+    if walk:
+        size = kwargs.get("size") or dit_input_size(model)
+        noise = circle_noise(len(rows), per_row, (model.in_channels, size, size), generator)
+    x = sample(model, y, generator=generator, noise=noise, **kwargs)
     with atomic_write(path) as f:  # study.py shows the last grid of each run: never a half-written one
         if isinstance(rows[0], str):
             captioned_grid(to_uint8(x), [r for r in rows for _ in range(per_row)], per_row).save(f, format="PNG")

@@ -43,6 +43,8 @@ num_samples = 0         # 0: a grid; N > 0: an .npz of N class-balanced samples,
 prompts = ""            # text-to-image: a file of prompts, one per line, or a COCO captions JSON
 grid_classes = 10       # rows of the grid: classes evenly spaced, or the first prompts
 grid_per_class = 8
+walk = False            # the paper's Fig. 5: each row of the grid from initial noises along a circle, cos(theta) z1 +
+                        # sin(theta) z2 (pipeline.circle_noise), as many as grid_per_class; a deterministic sampler
 batch_size = 64
 seed = 0
 out = ""                # default: beside the checkpoint
@@ -88,6 +90,9 @@ def main():
     configure(globals(), sys.argv[1:])
     if dtype not in ("float32", "bfloat16"):  # as train.py
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    if walk and (num_samples or sampler not in ("dpm++", "ddim") or ddim_eta):
+        raise ValueError("walk=True draws a grid with a deterministic sampler, whose samples follow the initial noise: "
+                         "sampler dpm++, or ddim with ddim_eta 0, and num_samples 0")
     ddp = "RANK" in os.environ
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -127,7 +132,10 @@ def main():
     guidance = f"cfg{cfg_scale}"
     if getattr(model, "w_embedder", None) is not None:  # a consistency student's input is w (pipeline.guided_step)
         guidance = f"w{cfg_scale - 1}"
-    stem = out or os.path.join(os.path.dirname(ckpt) or ".", f"samples_{sampler}{num_steps}_{guidance}")
+    name = f"samples_{sampler}{num_steps}_{guidance}"
+    if walk:
+        name += "_walk"
+    stem = out or os.path.join(os.path.dirname(ckpt) or ".", name)
     if adapted:
         conditions, hints = heldout_controls(info["model_args"], info["config"]["control"],
                                              info["config"]["synthetic_scale"], num_samples or grid_classes, text)
@@ -156,7 +164,7 @@ def main():
             rows = prompt_list[:grid_classes]
         else:
             rows = class_rows(model.num_classes, grid_classes)
-        sample_grid(model, path, rows, grid_per_class, seed, progress=True, **kwargs)
+        sample_grid(model, path, rows, grid_per_class, seed, walk, progress=True, **kwargs)
     if rank == 0:
         print(f"wrote {path}")
     if ddp:

@@ -11,6 +11,7 @@ from PIL import Image
 
 import data
 import evaluate
+import pipeline
 from pipeline import load_model, sample, sample_npz
 
 
@@ -135,3 +136,26 @@ def test_a_sample_run_killed_half_way_continues_to_the_same_npz(tmp_path):
     straight, killed = np.load(tmp_path / "straight.npz"), np.load(tmp_path / "killed.npz")
     assert np.array_equal(straight["arr_0"], killed["arr_0"]) and np.array_equal(straight["arr_1"], killed["arr_1"])
     assert not parts.exists()
+
+
+def test_circle_noise_walks_a_great_circle_of_standard_normal_draws():
+    noise = pipeline.circle_noise(3, 8, (2, 4, 4), torch.Generator().manual_seed(0)).view(3, 8, 2, 4, 4)
+    z1, z2 = noise[:, 0], noise[:, 2]  # theta 0 and pi / 2
+    torch.testing.assert_close(noise[:, 4], -z1)  # theta pi: the other side of the circle
+    torch.testing.assert_close(noise[:, 1], (z1 + z2) / 2 ** 0.5)
+    assert not torch.allclose(noise[0], noise[1])  # a circle of its own for each row
+    big = pipeline.circle_noise(2, 16, (64, 64), torch.Generator().manual_seed(1))
+    assert abs(big.std().item() - 1) < 0.02 and abs(big.mean().item()) < 0.02
+    steps = (noise[:, 1:] - noise[:, :-1]).flatten(2).norm(dim=2)
+    assert (steps < (noise[:, 4] - noise[:, 0]).flatten(1).norm(dim=1)[:, None]).all()  # neighbours are close
+
+
+@pytest.mark.slow
+def test_a_circular_walk_grid_samples_its_rows_from_circle_noise(tmp_path):
+    train(tmp_path / "run", "--max_steps=1")
+    args = [sys.executable, "sample.py", f"--ckpt={tmp_path}/run/ckpt.pt", "--num_steps=2", "--grid_classes=2",
+            "--grid_per_class=6", "--walk"]
+    run(args)
+    assert Image.open(tmp_path / "run" / "samples_dpm++2_cfg4.0_walk.png").size == (6 * 65 + 1, 2 * 65 + 1)
+    result = run(args + ["--sampler=ddpm"], check=False)
+    assert result.returncode != 0 and "walk=True draws a grid with a deterministic sampler" in result.stderr
