@@ -407,11 +407,11 @@ def plot_metrics_vs_eta(rows, path):
                     if r[key + "_seed_std"]:  # the seed spread as a band
                         ax.axhspan(r[key] - r[key + "_seed_std"], r[key] + r[key + "_seed_std"],
                                    color=colours[r["run"]], alpha=0.12)
-        ax.set(xlabel="eta (% of labels wrong)", title=METRICS[key])
+        ax.set(xlabel="eta (% of labels wrong)", title=metric_label(key, rows))
         plain_axes(ax, any(measured(r[key]) for r in rows))
     for ax in axes.flat[len(metrics):]:
         ax.axis("off")
-    legend(axes.flat)
+    legend(axes.flat, axes.flat[len(metrics)] if len(metrics) < axes.size else None)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -438,7 +438,7 @@ def plot_metrics_vs_n(rows, path):
                 nudge = 0.06 * (i - (len(runs) - 1) / 2)
                 ax.errorbar([position + nudge for position in x], mean, yerr=std, fmt="o-", color=f"C{i}", capsize=3,
                             label=run)
-        ax.set(xlabel="training images per class", title=METRICS[key], xlim=(-0.5, len(ns) - 0.5))
+        ax.set(xlabel="training images per class", title=metric_label(key, rows), xlim=(-0.5, len(ns) - 0.5))
         ax.set_xticks(range(len(ns)), [f"{n:g}" for n in ns])
         plain_axes(ax, any(measured(r[key]) for r in rows))
     for ax in axes.flat[len(metrics):]:
@@ -459,7 +459,7 @@ def plot_guidance(rows, path):
     import matplotlib.pyplot as plt
     is_key = "is" if any(measured(r["is"]) for r in rows) else "is_classifier"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    curves = list(dict.fromkeys((r["run"], r["sampler"]) for r in rows))
+    curves, missing = list(dict.fromkeys((r["run"], r["sampler"]) for r in rows)), []
     for i, (run, sampler) in enumerate(curves):
         mine = sorted((r for r in rows if (r["run"], r["sampler"]) == (run, sampler)), key=lambda r: r["cfg_scale"])
         label = run if len({c[1] for c in curves}) == 1 else f"{run}, {sampler}"
@@ -469,15 +469,33 @@ def plot_guidance(rows, path):
                 ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=f"C{i}", label=label)
             for px, py, scale in points:
                 ax.annotate(f"{scale:g}", (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    axes[0].set(xlabel=METRICS[is_key], ylabel=METRICS["fid"], title="FID against IS (points: guidance scale)")
+        unpaired = [f"{r['cfg_scale']:g}" for r in mine if not (measured(r["precision"]) and measured(r["recall"]))]
+        if unpaired:
+            missing.append(f"{label} at cfg {', '.join(unpaired)}")
+    fd = metric_label("fid", rows)
+    axes[0].set(xlabel=METRICS[is_key], ylabel=fd, title=f"{fd.split(' (')[0].rstrip(' ↓')} against IS (points: "
+                "guidance scale)")
     axes[1].set(xlabel=METRICS["recall"], ylabel=METRICS["precision"], title="precision against recall")
     for ax, (x, y) in zip(axes, ((is_key, "fid"), ("recall", "precision"))):
         plain_axes(ax, any(measured(r[x]) and measured(r[y]) for r in rows), axis="both")
         legend([ax])
+    if missing and any(measured(r["precision"]) and measured(r["recall"]) for r in rows):
+        # a point needs both numbers: the scales left out are named, not silently missing from the curve
+        axes[1].text(0.02, 0.02, "precision and recall not both measured:\n" + "\n".join(missing),
+                     transform=axes[1].transAxes, fontsize=7, color="0.4", va="bottom")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return fig
+
+
+def metric_label(key, rows):
+    """METRICS' label of a metric, but a Frechet distance in a classifier's features is no FID: a reader would take
+    an FID for Inception's and compare it with the paper's."""
+    spaces = {str(r["feature_space"]) for r in rows}
+    if key == "fid" and spaces and all("classifier" in space for space in spaces):
+        return "FD (classifier features) ↓"
+    return METRICS[key]
 
 
 def measured(value):
@@ -495,12 +513,18 @@ def plain_axes(ax, drawn, axis="y"):
         ax.set(xticks=[], yticks=[])  # an empty axis's 0 to 1 would read as values
 
 
-def legend(axes):
-    """The legend, in the first panel that has one (an empty legend is a warning and a box)."""
+def legend(axes, spare=None):
+    """The legend of the first panel that has one (an empty legend is a warning and a box), drawn in the spare panel
+    where there is one: there it hides no data."""
     for ax in axes:
-        if ax.get_legend_handles_labels()[1]:
+        handles, labels = ax.get_legend_handles_labels()
+        if not labels:
+            continue
+        if spare is None:
             ax.legend(fontsize=7)
-            return
+        else:
+            spare.legend(handles, labels, fontsize=8, loc="upper left")
+        return
 
 
 def plot_grids(grids, path):
