@@ -67,6 +67,7 @@ downstream_eval_args = ""  # passed to evaluate.py for the adapted models; Image
 distill_steps = ""        # the LCM stage: consistency steps to sample each run's student at ("1,2,4"); "": none
 distill_args = "--ema_decay 0.95 --lr 2e-4 --skip_interval 200 --max_steps 2000"  # to distill.py after train_args, for
                           # the students: the CPU default's distillation (docs/lcm.md)
+replot = ""               # a folder of result CSVs (results/): redraw the docs' plots in assets/ from them, then stop
 # -----------------------------------------------------------------------------
 _DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -542,6 +543,38 @@ def plot_grids(grids, path):
     plt.close(fig)
 
 
+# the columns of results/ CSVs named otherwise than the study's row keys (results/README.md says what each measured)
+CSV_KEYS = {"eta_percent": "eta", "fd_classifier": "fid", "pretraining": "run"}
+
+
+def read_results(path):
+    """A results/ CSV's per-seed rows as the study's rows: columns renamed by CSV_KEYS, metrics and scales as floats,
+    an empty cell (a number the run did not report) as None, and eta from the run's name where no column gives it."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [{CSV_KEYS.get(k, k): v for k, v in r.items()} for r in csv.DictReader(f)]
+    for r in rows:
+        for k in [*METRICS, "eta", "cfg_scale"]:
+            r[k] = float(r[k]) if r.get(k) else None
+        if r["eta"] is None:
+            r["eta"] = run_flags(r["run"])[0]
+    return rows
+
+
+def redraw(folder, assets=os.path.join(HERE, "assets")):
+    """The docs' plots redrawn from the per-seed rows of folder's CSVs (results/) by the study's own aggregation and
+    plot functions, so that a plot in the docs is what the study draws of those rows."""
+    down = [dict(r, sampler=f"{r['adapter']}-{r['control']}")  # the study names its downstream rows so
+            for r in read_results(os.path.join(folder, "downstream_table2_cpu.csv")) if r["adapter"] == "controlnet"]
+    os.makedirs(assets, exist_ok=True)
+    written = [os.path.join(assets, png) for png in ("study_metrics_vs_eta.png", "study_guidance.png",
+                                                     "downstream_vs_eta.png")]
+    plot_metrics_vs_eta(aggregate(read_results(os.path.join(folder, "study_reduced.csv"))), written[0])
+    plot_guidance(aggregate(read_results(os.path.join(folder, "study_guidance.csv"))), written[1])
+    plot_metrics_vs_eta(aggregate(down), written[2])
+    print("wrote " + ", ".join(written))
+    return written
+
+
 def digits_study():
     """The small-data regime: for each n of `digits`, the study trained on n digits per class (out_dir/n<n>/train) and
     evaluated against held-out ones (out_dir/n<n>/heldout, the same for every n) in the space of one classifier of the
@@ -579,6 +612,8 @@ def main(argv=None):
         write_digits(export_digits, digits_per_class, digits_held_out)
         print(f"wrote {export_digits}/train and {export_digits}/heldout")
         return []
+    if replot:
+        return redraw(replot)
     return digits_study() if digits else run_study()
 
 
