@@ -67,6 +67,7 @@ downstream_eval_args = ""  # passed to evaluate.py for the adapted models; Image
 distill_steps = ""        # the LCM stage: consistency steps to sample each run's student at ("1,2,4"); "": none
 distill_args = "--ema_decay 0.95 --lr 2e-4 --skip_interval 200 --max_steps 2000"  # to distill.py after train_args, for
                           # the students: the CPU default's distillation (docs/lcm.md)
+replot = ""               # a folder of result CSVs (results/): redraw the docs' plots in assets/ from them, then stop
 # -----------------------------------------------------------------------------
 _DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -407,11 +408,11 @@ def plot_metrics_vs_eta(rows, path):
                     if r[key + "_seed_std"]:  # the seed spread as a band
                         ax.axhspan(r[key] - r[key + "_seed_std"], r[key] + r[key + "_seed_std"],
                                    color=colours[r["run"]], alpha=0.12)
-        ax.set(xlabel="eta (% of labels wrong)", title=METRICS[key])
+        ax.set(xlabel="eta (% of labels wrong)", title=metric_label(key, rows))
         plain_axes(ax, any(measured(r[key]) for r in rows))
     for ax in axes.flat[len(metrics):]:
         ax.axis("off")
-    legend(axes.flat)
+    legend(axes.flat, axes.flat[len(metrics)] if len(metrics) < axes.size else None)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -438,7 +439,7 @@ def plot_metrics_vs_n(rows, path):
                 nudge = 0.06 * (i - (len(runs) - 1) / 2)
                 ax.errorbar([position + nudge for position in x], mean, yerr=std, fmt="o-", color=f"C{i}", capsize=3,
                             label=run)
-        ax.set(xlabel="training images per class", title=METRICS[key], xlim=(-0.5, len(ns) - 0.5))
+        ax.set(xlabel="training images per class", title=metric_label(key, rows), xlim=(-0.5, len(ns) - 0.5))
         ax.set_xticks(range(len(ns)), [f"{n:g}" for n in ns])
         plain_axes(ax, any(measured(r[key]) for r in rows))
     for ax in axes.flat[len(metrics):]:
@@ -459,7 +460,7 @@ def plot_guidance(rows, path):
     import matplotlib.pyplot as plt
     is_key = "is" if any(measured(r["is"]) for r in rows) else "is_classifier"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    curves = list(dict.fromkeys((r["run"], r["sampler"]) for r in rows))
+    curves, missing = list(dict.fromkeys((r["run"], r["sampler"]) for r in rows)), []
     for i, (run, sampler) in enumerate(curves):
         mine = sorted((r for r in rows if (r["run"], r["sampler"]) == (run, sampler)), key=lambda r: r["cfg_scale"])
         label = run if len({c[1] for c in curves}) == 1 else f"{run}, {sampler}"
@@ -469,15 +470,33 @@ def plot_guidance(rows, path):
                 ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=f"C{i}", label=label)
             for px, py, scale in points:
                 ax.annotate(f"{scale:g}", (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    axes[0].set(xlabel=METRICS[is_key], ylabel=METRICS["fid"], title="FID against IS (points: guidance scale)")
+        unpaired = [f"{r['cfg_scale']:g}" for r in mine if not (measured(r["precision"]) and measured(r["recall"]))]
+        if unpaired:
+            missing.append(f"{label} at cfg {', '.join(unpaired)}")
+    fd = metric_label("fid", rows)
+    axes[0].set(xlabel=METRICS[is_key], ylabel=fd, title=f"{fd.split(' (')[0].rstrip(' ↓')} against IS (points: "
+                "guidance scale)")
     axes[1].set(xlabel=METRICS["recall"], ylabel=METRICS["precision"], title="precision against recall")
     for ax, (x, y) in zip(axes, ((is_key, "fid"), ("recall", "precision"))):
         plain_axes(ax, any(measured(r[x]) and measured(r[y]) for r in rows), axis="both")
         legend([ax])
+    if missing and any(measured(r["precision"]) and measured(r["recall"]) for r in rows):
+        # a point needs both numbers: the scales left out are named, not silently missing from the curve
+        axes[1].text(0.02, 0.02, "precision and recall not both measured:\n" + "\n".join(missing),
+                     transform=axes[1].transAxes, fontsize=7, color="0.4", va="bottom")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return fig
+
+
+def metric_label(key, rows):
+    """METRICS' label of a metric, but a Frechet distance in a classifier's features is no FID: a reader would take
+    an FID for Inception's and compare it with the paper's."""
+    spaces = {str(r["feature_space"]) for r in rows}
+    if key == "fid" and spaces and all("classifier" in space for space in spaces):
+        return "FD (classifier features) ↓"
+    return METRICS[key]
 
 
 def measured(value):
@@ -495,12 +514,18 @@ def plain_axes(ax, drawn, axis="y"):
         ax.set(xticks=[], yticks=[])  # an empty axis's 0 to 1 would read as values
 
 
-def legend(axes):
-    """The legend, in the first panel that has one (an empty legend is a warning and a box)."""
+def legend(axes, spare=None):
+    """The legend of the first panel that has one (an empty legend is a warning and a box), drawn in the spare panel
+    where there is one: there it hides no data."""
     for ax in axes:
-        if ax.get_legend_handles_labels()[1]:
+        handles, labels = ax.get_legend_handles_labels()
+        if not labels:
+            continue
+        if spare is None:
             ax.legend(fontsize=7)
-            return
+        else:
+            spare.legend(handles, labels, fontsize=8, loc="upper left")
+        return
 
 
 def plot_grids(grids, path):
@@ -516,6 +541,38 @@ def plot_grids(grids, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# the columns of results/ CSVs named otherwise than the study's row keys (results/README.md says what each measured)
+CSV_KEYS = {"eta_percent": "eta", "fd_classifier": "fid", "pretraining": "run"}
+
+
+def read_results(path):
+    """A results/ CSV's per-seed rows as the study's rows: columns renamed by CSV_KEYS, metrics and scales as floats,
+    an empty cell (a number the run did not report) as None, and eta from the run's name where no column gives it."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [{CSV_KEYS.get(k, k): v for k, v in r.items()} for r in csv.DictReader(f)]
+    for r in rows:
+        for k in [*METRICS, "eta", "cfg_scale"]:
+            r[k] = float(r[k]) if r.get(k) else None
+        if r["eta"] is None:
+            r["eta"] = run_flags(r["run"])[0]
+    return rows
+
+
+def redraw(folder, assets=os.path.join(HERE, "assets")):
+    """The docs' plots redrawn from the per-seed rows of folder's CSVs (results/) by the study's own aggregation and
+    plot functions, so that a plot in the docs is what the study draws of those rows."""
+    down = [dict(r, sampler=f"{r['adapter']}-{r['control']}")  # the study names its downstream rows so
+            for r in read_results(os.path.join(folder, "downstream_table2_cpu.csv")) if r["adapter"] == "controlnet"]
+    os.makedirs(assets, exist_ok=True)
+    written = [os.path.join(assets, png) for png in ("study_metrics_vs_eta.png", "study_guidance.png",
+                                                     "downstream_vs_eta.png")]
+    plot_metrics_vs_eta(aggregate(read_results(os.path.join(folder, "study_reduced.csv"))), written[0])
+    plot_guidance(aggregate(read_results(os.path.join(folder, "study_guidance.csv"))), written[1])
+    plot_metrics_vs_eta(aggregate(down), written[2])
+    print("wrote " + ", ".join(written))
+    return written
 
 
 def digits_study():
@@ -555,6 +612,8 @@ def main(argv=None):
         write_digits(export_digits, digits_per_class, digits_held_out)
         print(f"wrote {export_digits}/train and {export_digits}/heldout")
         return []
+    if replot:
+        return redraw(replot)
     return digits_study() if digits else run_study()
 
 

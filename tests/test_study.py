@@ -372,3 +372,40 @@ def test_plots_of_one_n_and_one_seed_say_what_was_not_measured_and_label_their_a
     ax = study.plot_metrics_vs_n(rows, tmp_path / "n.png").axes[1]
     assert list(ax.get_xticks()) == [0, 1, 2, 3] and [t.get_text() for t in ax.get_xticklabels()] == \
         ["5", "10", "20", "130"]  # evenly spaced n, labelled with their values
+
+
+def test_replot_redraws_the_docs_plots_from_result_csvs_with_classifier_features_named(tmp_path):
+    """--replot: a results folder of a few per-seed rows (precision at one scale only) redrawn into an assets
+    folder; a Frechet distance in the classifier's features is labelled so, not FID."""
+    tables = {
+        "study_reduced.csv": "run,eta_percent,seed,cfg_scale,num_samples,sampler,feature_space,fd_classifier,recall\n"
+                             "clean,0,0,2,500,dpm++50,synthetic-classifier,20.1,0.56\n"
+                             "eta5,5,0,2,500,dpm++50,synthetic-classifier,22.3,0.55\n"
+                             "cep-u,0,0,2,500,dpm++50,synthetic-classifier,20.9,0.65\n",
+        "study_guidance.csv": "run,seed,cfg_scale,num_samples,sampler,feature_space,fd_classifier,is_classifier,"
+                              "precision,recall\n"
+                              "clean,0,1,500,dpm++50,synthetic-classifier,24.6,3.2,,0.34\n"
+                              "clean,0,2,500,dpm++50,synthetic-classifier,20.1,4.0,0.094,0.56\n",
+        "downstream_table2_cpu.csv": "pretraining,seed,adapter,control,cfg_scale,num_samples,sampler,feature_space,"
+                                     "fd_classifier\n"
+                                     "clean,0,none,,4,256,dpm++25,synthetic-classifier,17.7\n"
+                                     "clean,0,controlnet,canny,4,256,dpm++25,synthetic-classifier,15.2\n"
+                                     "eta5,0,controlnet,canny,4,256,dpm++25,synthetic-classifier,14.9\n"}
+    for name, text in tables.items():
+        (tmp_path / name).write_text(text)
+    written = study.redraw(str(tmp_path), str(tmp_path / "assets"))
+    assert sorted(os.listdir(tmp_path / "assets")) == ["downstream_vs_eta.png", "study_guidance.png",
+                                                       "study_metrics_vs_eta.png"]
+    for png in written:
+        with Image.open(png) as image:
+            assert image.format == "PNG"
+    rows = study.aggregate(study.read_results(str(tmp_path / "study_reduced.csv")))
+    assert [(r["run"], r["eta"], r["fid"], r["precision"]) for r in rows] == \
+        [("clean", 0.0, 20.1, None), ("eta5", 5.0, 22.3, None), ("cep-u", 0.0, 20.9, None)]
+    guidance = study.aggregate(study.read_results(str(tmp_path / "study_guidance.csv")))
+    fig = study.plot_guidance(guidance, tmp_path / "guidance.png")
+    labels = [ax.get_ylabel() for ax in fig.axes] + [ax.get_title() for ax in fig.axes]
+    labels += [ax.get_title() for ax in study.plot_metrics_vs_eta(rows, tmp_path / "eta.png").axes]
+    assert "FD (classifier features) ↓" in labels and not [label for label in labels if "FID" in label]
+    assert [list(line.get_xdata()) for line in fig.axes[1].lines] == [[0.56]]  # scale 2's pair is drawn
+    assert "precision and recall not both measured:\nclean at cfg 1" in [t.get_text() for t in fig.axes[1].texts]
