@@ -133,6 +133,11 @@ def rank_pid(launcher, rank):
                 return pid
 
 
+def assert_png(path):
+    with Image.open(path) as image:
+        assert image.format == "PNG", path
+
+
 def read(path):
     return open(path).read() if os.path.exists(path) else ""
 

@@ -16,7 +16,7 @@ import scipy.spatial
 import scipy.special
 import scipy.stats
 import torch
-from conftest import ENV, ROOT, TINY, descendants, read, train, wait_until
+from conftest import ENV, ROOT, TINY, assert_png, descendants, read, train, wait_until
 from PIL import Image
 
 import study
@@ -217,8 +217,7 @@ def test_study_digits_sweeps_n_against_the_held_out_images_in_one_classifier_spa
         assert len(list((tmp_path / f"n{n}" / "train").glob("*/*.png"))) == 10 * n
     assert len(glob.glob(str(tmp_path / "cache" / "folder_classifier_*.pt"))) == 1
     assert "| clean | 5 | 0 | dpm++2 | 2 | 100 |" in (tmp_path / "results_vs_n.md").read_text()
-    with Image.open(tmp_path / "metrics_vs_n.png") as image:
-        assert image.format == "PNG"
+    assert_png(tmp_path / "metrics_vs_n.png")
 
 
 @pytest.mark.slow
@@ -281,8 +280,7 @@ def test_study_downstream_stage_adapts_each_run_and_tables_it(tiny_study, monkey
         assert state["config"]["init"] == str(out / run / "ckpt.pt") and state["config"]["synthetic_scale"] == 0.6
         assert state["config"]["cep"] is False  # CEP is not carried into the adaptation unless asked
     assert "adapted with" in (out / "downstream.md").read_text()
-    with Image.open(out / "downstream_vs_eta.png") as image:
-        assert image.format == "PNG"
+    assert_png(out / "downstream_vs_eta.png")
 
 
 @pytest.mark.slow
@@ -321,8 +319,7 @@ def test_study_plots_cep_and_ip_as_reference_lines(tmp_path):
     study.plot_guidance(study.aggregate(rows), tmp_path / "guidance.png")
     with Image.open(tmp_path / "eta.png") as image:
         assert image.size == (4 * 4 * 80, int(3.2 * 80))  # a panel per measured metric, none for the stds
-    with Image.open(tmp_path / "guidance.png") as image:
-        assert image.format == "PNG"
+    assert_png(tmp_path / "guidance.png")
 
 
 @pytest.mark.slow
@@ -397,8 +394,7 @@ def test_replot_redraws_the_docs_plots_from_result_csvs_with_classifier_features
     assert sorted(os.listdir(tmp_path / "assets")) == ["downstream_vs_eta.png", "study_guidance.png",
                                                        "study_metrics_vs_eta.png"]
     for png in written:
-        with Image.open(png) as image:
-            assert image.format == "PNG"
+        assert_png(png)
     rows = study.aggregate(study.read_results(str(tmp_path / "study_reduced.csv")))
     assert [(r["run"], r["eta"], r["fid"], r["precision"]) for r in rows] == \
         [("clean", 0.0, 20.1, None), ("eta5", 5.0, 22.3, None), ("cep-u", 0.0, 20.9, None)]
