@@ -72,6 +72,7 @@ resume = False
 wandb_project = ""
 wandb_run_name = ""
 # -----------------------------------------------------------------------------
+CLEAN = dict(eta=0.0, type="sym", mode="fixed", count=0)  # the data's conditions, as corrupt.py sums up clean ones
 PRETRAINED = ("model", "image_size", "vae", "text_encoder", "clip_model", "bert_path", "prediction",
               "schedule", "learn_sigma", "min_snr_gamma")
 
@@ -154,7 +155,7 @@ net.base.load_state_dict(pretrained["ema"])
 first_stage_args = pretrained["first_stage"]
 del pretrained
 # what each checkpoint holds beside the weights: what sample.py, adapt.py and distill.py read back
-record = dict(config=config, corruption=None, model_args=model_args, prediction=prediction, schedule=schedule,
+record = dict(config=config, corruption=CLEAN, model_args=model_args, prediction=prediction, schedule=schedule,
               first_stage=first_stage_args, consistency=None)
 if text:
     dataset = CaptionPairs(dataset, net.y_embedder.tokenizer)
@@ -162,7 +163,7 @@ net = cpu_layout(net, model_args["name"], device)
 net.y_embedder.perturb = perturbation(cep, cep_type, cep_scale, 0.0, seed)
 opt, ema = optimizer_and_ema(net, lr, weight_decay)  # ema: what sample.py samples
 step, elapsed, train_net, autocast, loader, batches = start(config, net, opt, ema, dataset, model_args,
-                                                             None, rank, world_size, device, log, stop)
+                                                             CLEAN, rank, world_size, device, log, stop)
 log.config(config)
 log(f"adapting {init} (frozen, {model_args['name']}) with {adapter}, control: {control}; {describe_size(net)}; "
     f"{len(dataset)} images; CEP: {describe_cep(cep, cep_type, cep_scale)}; {world_size} process(es) on {device}")
