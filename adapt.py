@@ -5,7 +5,7 @@ and the model's condition (class or caption). control.py holds the adapters and 
 
   python adapt.py --init out/ckpt.pt --out_dir out_canny                  # ControlNet on Canny edges of the shapes
   python adapt.py --init out/ckpt.pt --adapter t2i --control mask --out_dir out_mask   # T2I-Adapter (a U-Net's)
-  torchrun --nproc_per_node=8 adapt.py config/controlnet_canny.py --init out/ldm4/ckpt.pt \
+  torchrun --nproc_per_node=8 adapt.py config/controlnet_canny.py --init out/ldm4/ckpt.pt \\
       --data_path /data/imagenet100/train --out_dir out/ldm4_canny       # the paper's setting (Table 2)
 
 The model, its image size, first stage, text encoder, prediction and schedule are the pre-trained checkpoint's: they

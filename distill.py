@@ -5,10 +5,10 @@ checkpoint of train.py, or a diffusers pipeline folder (Stable Diffusion v1.5, t
 starts as the teacher, with a guidance input w. The data's conditions may be corrupted and CEP added, as the paper
 distils on CC3M with swapped captions or with CEP.
 
-  python distill.py --teacher out/ckpt.pt --ema_decay 0.95 --lr 2e-4 --skip_interval 200 --max_steps 2000 \
+  python distill.py --teacher out/ckpt.pt --ema_decay 0.95 --lr 2e-4 --skip_interval 200 --max_steps 2000 \\
       --out_dir out_lcm                                 # the CPU default's student (docs/lcm.md), 20 minutes
   python sample.py --ckpt out_lcm/ckpt.pt --sampler lcm --num_steps 4
-  torchrun --nproc_per_node=8 distill.py --teacher stable-diffusion-v1-5/ --data_path cc3m/ --corrupt 0.05 \
+  torchrun --nproc_per_node=8 distill.py --teacher stable-diffusion-v1-5/ --data_path cc3m/ --corrupt 0.05 \\
       --corrupt_type swap --lr 1e-5 --max_steps 35000   # the paper's setting (docs/lcm.md)
 
 The model, its image size, first stage, text encoder, prediction and schedule are the teacher's: they are not
