@@ -20,6 +20,7 @@ import sys
 
 import torch
 
+from cep import input_perturbation
 from configurator import configure
 from corrupt import check_corruption, corrupt_batch
 from data import CaptionPairs
@@ -53,6 +54,7 @@ corrupt_rewrites = ""
 cep = False               # CEP on the student's condition embedding (the teacher and the target see the clean one)
 cep_type = "uniform"
 cep_scale = 1.0
+ip = 0.0                  # input perturbation of x_t (Ning et al. 2023, lambda), the baseline of the paper's Table 1
 # optimisation
 global_batch_size = 16
 max_steps = 3000
@@ -84,6 +86,8 @@ def check_config():
     if skip_interval <= 0 or 1000 % skip_interval:
         raise ValueError(f"skip_interval={skip_interval} does not divide the 1000 timesteps: take 10, 20 (LCM's)...")
     check_corruption(corrupt, corrupt_type, corrupt_mode)
+    if ip < 0:
+        raise ValueError(f"ip must be >= 0, got {ip}")
     if latents and data_path:
         raise ValueError(f"latents={latents!r} and data_path={data_path!r} are both set: the cache holds its dataset")
     if data_path and not os.path.exists(data_path):
@@ -157,7 +161,7 @@ if prior is not None:
     prior = prior.to(device)
 log.config(config)
 log(f"distilling {teacher} (frozen, {model_args['name']}), w in [{w_min}, {w_max}], k={skip_interval}; "
-    f"{len(dataset)} images; corruption: {corruption}; CEP: {describe_cep(cep, cep_type, cep_scale)}; "
+    f"{len(dataset)} images; corruption: {corruption}; CEP: {describe_cep(cep, cep_type, cep_scale)}; IP: {ip}; "
     f"{world_size} process(es) on {device}")
 
 # -----------------------------------------------------------------------------
@@ -175,7 +179,10 @@ for x, y in loader:
     # t = t_{n+k} on LCM's skipping grid k - 1, 2k - 1, ..., 999
     t = torch.randint(0, diffusion.num_timesteps // skip_interval, (len(x),), device=device) * skip_interval
     t = t + skip_interval - 1
-    x_t = diffusion.q_sample(x, t, torch.randn_like(x))
+    noise = torch.randn_like(x)
+    if ip > 0:
+        noise = input_perturbation(noise, ip)
+    x_t = diffusion.q_sample(x, t, noise)
     w = w_min + (w_max - w_min) * torch.rand(len(x), device=device)  # the student's guidance, an input
 
     def guided_teacher(x, s):  # LCM's cond + w (cond - uncond): classifier-free guidance at scale 1 + w

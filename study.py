@@ -83,7 +83,7 @@ OWNED = {"train.py": {"out_dir", "resume", "corrupt", "corrupt_mode", "cep", "ce
                       "emb_dropout", "label_smoothing", "seed"},
          "adapt.py": {"out_dir", "resume", "init", "adapter", "control", "seed"},
          "distill.py": {"out_dir", "resume", "teacher", "seed", "corrupt", "corrupt_mode", "cep", "cep_type",
-                        "cep_scale"},
+                        "cep_scale", "ip"},
          "sample.py": {"ckpt", "sampler", "num_steps", "cfg_scale", "num_samples", "out", "seed"},
          "evaluate.py": {"samples", "out"}}
 # evaluate.py's report keys, with the arrow of the better direction; IS (classifier) is not the Inception IS

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_distillation_freezes_the_teacher_trains_the_student_and_resumes_exactly(tmp_path):
     train(tmp_path / "pre", "--max_steps=2")
     teacher = str(tmp_path / "pre" / "ckpt.pt")
-    lcm = ["--teacher", teacher, "--cep", "--ema_decay=0.95", "--w_min=1", "--w_max=3"]
+    lcm = ["--teacher", teacher, "--cep", "--ip=0.1", "--ema_decay=0.95", "--w_min=1", "--w_max=3"]
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     # in one process, as `python distill.py` runs it, to look at the teacher in memory after the last step
     code = ("import runpy, sys, torch\nsys.argv = sys.argv[1:]\ng = runpy.run_path('distill.py', run_name='__main__')\n"
@@ -40,7 +40,7 @@ def test_distillation_freezes_the_teacher_trains_the_student_and_resumes_exactly
     assert a["model_args"]["guidance_embed"] and a["model_args"]["class_dropout_prob"] == 0.0
     assert a["model_args"]["name"] == "DiT-Ti/8"  # the teacher's, not repeated on the command line
     log = (straight / "log.txt").read_text()
-    assert "distilling" in log and "CEP: uniform" in log and "w 3.0, 4 LCM steps" in log
+    assert "distilling" in log and "CEP: uniform" in log and "IP: 0.1" in log and "w 3.0, 4 LCM steps" in log
     model, info = load_model(str(halves / "ckpt.pt"))
     y = torch.tensor([0, 3])
     for n in (1, 2):
@@ -86,6 +86,7 @@ def test_distillation_errors_come_before_any_work(tmp_path):
              (["--out_dir", str(tmp_path / "pre")], "would be overwritten by this run's checkpoints"),
              (["--model=DiT-Ti/4"], "model: distill.py takes this from the teacher (--teacher)"),
              (["--corrupt=0.1", "--corrupt_type=swap"], "does not fit the teacher's conditions"),
+             (["--ip=-0.1"], "ip must be >= 0"),
              (["--init", str(tmp_path / "pre" / "ckpt.pt")], "unknown config key 'init'")]
     argvs = [["distill.py", f"--out_dir={tmp_path / str(i)}", *teacher, *args] for i, (args, _) in enumerate(cases)]
     for i, (error, (args, message)) in enumerate(zip(script_errors("distill.py", argvs), cases)):
