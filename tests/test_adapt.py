@@ -27,6 +27,7 @@ def test_adaptation_keeps_the_base_bit_identical_and_resumes_exactly(tmp_path):
         assert any(k.startswith("adapter.zero_linears") and v.abs().sum() > 0 for k, v in a[key].items())
     log = (straight / "log.txt").read_text()
     assert "adapting" in log and "control: canny" in log and "CEP: uniform" in log
+    assert "config: " in log and "model='DiT-Ti/8'" in log  # the whole config once, the checkpoint's settings too
     assert "resumed from" in (halves / "log.txt").read_text()
     assert os.path.isfile(straight / "samples_0000004.png")
 

@@ -49,6 +49,9 @@ def test_distillation_freezes_the_teacher_trains_the_student_and_resumes_exactly
         assert x.shape == (2, 3, 16, 16) and x.abs().max() <= 1
     with pytest.raises(ValueError, match="sampler=lcm"):
         sample(model, y, size=16)
+    run([sys.executable, "sample.py", f"--ckpt={halves / 'ckpt.pt'}", "--sampler=lcm", "--num_steps=2",
+         "--grid_classes=2", "--grid_per_class=2"])
+    assert os.path.isfile(halves / "samples_lcm2_w3.0.png")  # named by the student's input w, not the cfg scale
 
 
 def test_a_stable_diffusion_folder_is_a_teacher_and_its_student_samples_with_lcm(tmp_path):
