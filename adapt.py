@@ -171,7 +171,7 @@ log(f"adapting {init} (frozen, {model_args['name']}) with {adapter}, control: {c
 # -----------------------------------------------------------------------------
 # the training loop
 net.train()
-steps = Steps(step, elapsed, config, device, log, stop, ckpt_path, record, write_grid)
+steps = Steps(step, elapsed, config, device, log, stop, record, write_grid)
 for (x, y, *controls), index in zip(loader, batches):
     seed_step(seed, steps.step, rank)
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -167,7 +167,7 @@ log(f"distilling {teacher} (frozen, {model_args['name']}), w in [{w_min}, {w_max
 # -----------------------------------------------------------------------------
 # the training loop
 net.train()
-steps = Steps(step, elapsed, config, device, log, stop, ckpt_path, record, write_grid)
+steps = Steps(step, elapsed, config, device, log, stop, record, write_grid)
 for x, y in loader:
     seed_step(seed, steps.step, rank)
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -253,7 +253,7 @@ log(f"{model} ({describe_size(net)}), {len(dataset)} images, {space}, {condition
 # -----------------------------------------------------------------------------
 # the training loop
 net.train()
-steps = Steps(step, elapsed, config, device, log, stop, ckpt_path, record, write_grid, skipped_images)
+steps = Steps(step, elapsed, config, device, log, stop, record, write_grid, skipped_images)
 for (x, y), index in zip(loader, batches):  # a second pass of the sampler: the dataset indices, for Fixed CEP
     if cep_fixed:
         perturb.index = torch.tensor(index)

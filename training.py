@@ -382,14 +382,15 @@ class Steps:
     weights before a checkpoint), gathers the stop request of every rank and writes the log line. Every rank sees the
     same result, so they save and stop together. Then the checkpoint when due, and rank 0's sample grid."""
 
-    def __init__(self, step, elapsed, config, device, log, stop, ckpt_path, record, grid, skipped=None):
+    def __init__(self, step, elapsed, config, device, log, stop, record, grid, skipped=None):
         """config: the run's settings (max_steps, log_every, ckpt_every, sample_every, global_batch_size, grad_clip,
         ema_decay, out_dir); record: what each checkpoint holds beside the weights, the optimiser, the step and the
         time (config, model_args, prediction...: what sample.py, adapt.py and distill.py read back); grid(path):
         writes the sample grid, at the end and every sample_every steps; skipped: the count of unreadable images."""
         self.step, self.elapsed, self.device, self.config = step, elapsed, device, config
         self.max_steps, self.log_every, self.ckpt_every = config["max_steps"], config["log_every"], config["ckpt_every"]
-        self.log, self.stop, self.ckpt_path, self.record, self.grid = log, stop, ckpt_path, record, grid
+        self.log, self.stop, self.record, self.grid = log, stop, record, grid
+        self.ckpt_path = os.path.join(config["out_dir"], "ckpt.pt")
         self.skipped = skipped
         self.ddp = dist.is_initialized()
         self.loss_sum = torch.zeros((), device=device)
