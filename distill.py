@@ -131,9 +131,10 @@ if (in_channels, input_size) != (pretrained["model_args"]["in_channels"], pretra
     raise ValueError(f"this data gives the model inputs of {in_channels}x{input_size}x{input_size}, the teacher takes "
                      f"{pretrained['model_args']['in_channels']}x{pretrained['model_args']['input_size']}: a latent "
                      "cache must be of the teacher's VAE and image size")
-grid_rows = class_rows(pretrained["model_args"]["num_classes"])
 if text:
     grid_rows = dataset.captions[:8]
+else:
+    grid_rows = class_rows(pretrained["model_args"]["num_classes"])
 dataset, corruption, prior = corrupted_dataset(dataset, text, corrupt, corrupt_type, corrupt_mode, seed,
                                                corrupt_subset, corrupt_rewrites, out_dir, rank == 0, world_size)
 

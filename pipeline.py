@@ -29,8 +29,8 @@ from vae import read_diffusers_weights
 
 def build(model_args):
     """The model that train.py's model_args describe; a text-to-image U-Net with its text encoder: CLIP's architecture
-    (text_layers), or BERT's from the Hugging Face folder `bert` (its config.json and vocab.txt; the checkpoint holds
-    the weights); an adapted model (control.Adapted) with its adapter."""
+    (text_layers), or BERT's from the Hugging Face folder `bert` with its pre-trained weights (train.py starts from
+    them; a checkpoint's replace them); an adapted model (control.Adapted) with its adapter."""
     args = dict(model_args)
     text_layers = args.pop("text_layers", 0)
     text_pad = args.pop("text_pad", 0)

@@ -366,12 +366,10 @@ def read_safetensors(path):
     return tensors
 
 
-def load_bert_text_encoder(folder, context_length=77):
-    """(BertTextEncoder, WordPieceTokenizer) of a Hugging Face BERT folder, as bert-base-uncased's repo holds it:
-    config.json, vocab.txt, model.safetensors or pytorch_model.bin (tokenizer_config.json, if there, says whether
-    to lower-case). Takes a BertModel's weights as saved by transformers, or a BertForPreTraining's, as
-    bert-base-uncased's own: under bert., with the pre-training heads cls.* and the pooler (dropped), and the layer
-    norms' old names gamma and beta. A missing file is one error that names it and where to get it."""
+def read_bert_folder(folder):
+    """(config.json as a dict, the weights file) of a Hugging Face BERT folder, as bert-base-uncased's repo holds it:
+    config.json, vocab.txt, model.safetensors or pytorch_model.bin. A missing file is one error that names it and
+    where to get it."""
     get = (f"Download bert-base-uncased into {folder}: `hf download google-bert/bert-base-uncased config.json "
            f"vocab.txt model.safetensors --local-dir {folder}` (pip install huggingface_hub), or those files from "
            "https://huggingface.co/google-bert/bert-base-uncased/tree/main")
@@ -384,7 +382,15 @@ def load_bert_text_encoder(folder, context_length=77):
         raise FileNotFoundError(f"BERT text encoder: neither {os.path.join(folder, 'model.safetensors')} nor "
                                 f"pytorch_model.bin found. {get}")
     with open(os.path.join(folder, "config.json")) as f:
-        config = json.load(f)
+        return json.load(f), weights[0]
+
+
+def load_bert_text_encoder(folder, context_length=77):
+    """(BertTextEncoder, WordPieceTokenizer) of a Hugging Face BERT folder (read_bert_folder; tokenizer_config.json,
+    if there, says whether to lower-case). Takes a BertModel's weights as saved by transformers, or a
+    BertForPreTraining's, as bert-base-uncased's own: under bert., with the pre-training heads cls.* and the pooler
+    (dropped), and the layer norms' old names gamma and beta."""
+    config, weights = read_bert_folder(folder)
     found = dict(hidden_act=config.get("hidden_act", "gelu"),
                  position_embedding_type=config.get("position_embedding_type", "absolute"))
     if found != dict(hidden_act="gelu", position_embedding_type="absolute"):
@@ -395,10 +401,10 @@ def load_bert_text_encoder(folder, context_length=77):
     if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
         with open(os.path.join(folder, "tokenizer_config.json")) as f:
             lower_case = json.load(f).get("do_lower_case", True)
-    if weights[0].endswith(".safetensors"):
-        state = read_safetensors(weights[0])
+    if weights.endswith(".safetensors"):
+        state = read_safetensors(weights)
     else:
-        state = torch.load(weights[0], map_location="cpu", weights_only=True)
+        state = torch.load(weights, map_location="cpu", weights_only=True)
     ours = {}
     for key, value in state.items():
         key = key.removeprefix("bert.")

@@ -30,7 +30,7 @@ from data import CaptionPairs
 from diffusion import GaussianDiffusion
 from model import DiT_models, UNet_models
 from pipeline import build, class_rows, sample_grid, text_args
-from text import load_bert_text_encoder, load_clip_text_encoder
+from text import load_clip_text_encoder, read_bert_folder
 from training import (
     Log, Steps, Stop, check_out_dir, check_training, corrupted_dataset, cpu_layout, describe_cep, describe_size,
     first_stage_for, init_distributed, open_dataset, optimizer_and_ema, perturbation, seed_step, start
@@ -207,9 +207,8 @@ if text_encoder == "clip":
     model_args.update(text_args(clip_text))
 elif text_encoder == "small":
     model_args.update(text_layers=4)  # of the U-Net's context width (our choice: small enough for a CPU)
-elif text_encoder == "bert":
-    bert, _ = load_bert_text_encoder(bert_path)  # the pre-trained weights; build() makes the architecture
-    model_args.update(bert=os.path.abspath(bert_path), context_dim=bert.width)
+elif text_encoder == "bert":  # build() loads the folder's pre-trained weights: trained with the U-Net, as the paper's
+    model_args.update(bert=os.path.abspath(bert_path), context_dim=read_bert_folder(bert_path)[0]["hidden_size"])
 # what each checkpoint holds beside the weights: what sample.py, adapt.py and distill.py read back
 record = dict(config=config, corruption=corruption, model_args=model_args, prediction=prediction, schedule=schedule,
               first_stage=first_stage_args, consistency=None)
@@ -219,9 +218,6 @@ if text_encoder == "clip":
     net.y_embedder.encoder.load_state_dict(clip_text.state_dict())
     net.y_embedder.encoder.requires_grad_(False)
     del clip_text
-elif text_encoder == "bert":
-    net.y_embedder.encoder.load_state_dict(bert.state_dict())  # trained with the U-Net, as the paper's
-    del bert
 if text_encoder:  # the images and their (corrupted) captions' tokens
     dataset = CaptionPairs(dataset, net.y_embedder.tokenizer)
 net = cpu_layout(net, model, device)
