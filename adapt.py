@@ -27,7 +27,7 @@ from model import UNet_models
 from pipeline import build, control_grid
 from training import (
     Log, Steps, Stop, check_training, cpu_layout, describe_cep, describe_size, first_stage_for, init_distributed,
-    load_pretrained, open_dataset, optimizer_and_ema, perturbation, seed_step, start
+    load_pretrained, open_dataset, optimizer_and_ema, perturbation, seed_step, start, worker_start
 )
 
 # -----------------------------------------------------------------------------
@@ -136,7 +136,8 @@ cache = None
 if control_cache:  # rank 0 computes the cache while the others wait, then they read it
     if rank > 0:
         dist.barrier()
-    cache = cached_controls(dataset, control, control_cache, num_workers=num_workers)
+    cache = cached_controls(dataset, control, control_cache, num_workers=num_workers,
+                            multiprocessing_context=worker_start(num_workers))
     if rank == 0 and world_size > 1:
         dist.barrier()
     dataset.masks, dataset.controls = False, None  # the items' own controls are no longer read

@@ -91,13 +91,14 @@ def control_image(kind, images, controls=None):
     return (controls + 1) / 2
 
 
-def cached_controls(dataset, kind, folder, batch_size=64, num_workers=0):
+def cached_controls(dataset, kind, folder, batch_size=64, num_workers=0, multiprocessing_context=None):
     """The control image of every item of `dataset` as adaptation feeds it (control_image of the unflipped item),
     uint8 [n, C, H, W] (C = 1 for Canny), computed once into folder/controls-<key>.npy (written whole: a .tmp made
     on disk, then renamed) and read back memory-mapped, like data.py's latents. The key is the dataset's content (its
     images' and control images' paths, sizes and modification times; for the built-in shapes, the parameters they
     are drawn from and the first 16 drawings, so a change to the drawing code misses), its length and resolution,
-    and the control's settings (kind; for Canny its thresholds)."""
+    and the control's settings (kind; for Canny its thresholds). multiprocessing_context: the loader workers' start
+    method (a script with top-level code needs fork: training.worker_start)."""
     files = [*getattr(dataset, "paths", []), *(getattr(dataset, "controls", None) or [])]
     content = "\n".join(f"{os.path.abspath(f)}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files) or \
         repr(dataset.params) + hashlib.sha1(np.stack([dataset.render(i) for i in range(16)]).tobytes()).hexdigest()
@@ -108,7 +109,8 @@ def cached_controls(dataset, kind, folder, batch_size=64, num_workers=0):
     path = os.path.join(folder, f"controls-{hashlib.sha1(settings.encode()).hexdigest()[:20]}.npy")
     if not os.path.isfile(path):
         os.makedirs(folder, exist_ok=True)
-        loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=num_workers)
+        loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=num_workers,
+                                             multiprocessing_context=multiprocessing_context)
         out, start = None, 0
         try:
             for images, _, *controls in tqdm(loader, desc=f"{kind} controls, once", leave=False):

@@ -352,6 +352,17 @@ def for_training(net, compile, compile_mode, device, dtype):
     return train_net, autocast
 
 
+def worker_start(num_workers):
+    """The start method of a script's loader workers: fork. Spawn and forkserver (macOS's default, and Linux's from
+    Python 3.14) start a worker by running the script's top-level code again, which is a training run."""
+    if num_workers == 0:
+        return None
+    if "fork" not in multiprocessing.get_all_start_methods():
+        raise ValueError(f"num_workers={num_workers}: loader workers need the fork start method, which this platform "
+                         "lacks; set num_workers=0")
+    return "fork"
+
+
 def step_loader(dataset, global_batch_size, rank, world_size, seed, step, max_steps, num_workers, device, stop):
     """(loader, batches): the batches of the steps from `step` to max_steps, each from (seed, step), this rank's share
     of it (data.StepBatches), so a resumed run reads what an uninterrupted one would. Iterating `batches` again gives
@@ -359,7 +370,8 @@ def step_loader(dataset, global_batch_size, rank, world_size, seed, step, max_st
     batches = StepBatches(len(dataset), global_batch_size, rank, world_size, seed, step, max_steps)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
                                          pin_memory=device.startswith("cuda"), persistent_workers=num_workers > 0,
-                                         worker_init_fn=stop.worker_init)
+                                         worker_init_fn=stop.worker_init,
+                                         multiprocessing_context=worker_start(num_workers))
     return loader, batches
 
 

@@ -1,13 +1,20 @@
 """training.py: the stop on SIGTERM and Ctrl-C (a second Ctrl-C at once), the log's numbers and loss curve, the
-EMA."""
+EMA, loader workers started by fork whatever the platform's default."""
 import json
 import os
 import signal
+import sys
 
 import pytest
 import torch
+from conftest import ADAPT, TINY, run, script_args
 
 import training
+
+# a script run under a start method of multiprocessing as the default one (Linux's from Python 3.14: forkserver)
+UNDER_START_METHOD = ("import multiprocessing, os, runpy, sys\nmultiprocessing.set_start_method(sys.argv[1])\n"
+                      "sys.argv = sys.argv[2:]\nsys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))\n"
+                      "runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
 @pytest.fixture
@@ -58,3 +65,23 @@ def test_ema_moves_trained_parameters_only():
     training.update_ema(ema, model, 0.75)
     assert torch.equal(ema.bias, bias)  # frozen: as it is
     assert torch.allclose(ema.weight, 0.75 * weight + 0.25 * model.weight.detach())
+
+
+@pytest.mark.slow
+def test_loader_workers_are_forked_where_the_default_would_run_the_script_again_in_each(tmp_path):
+    def under_forkserver(script, out_dir, tiny, *extra):
+        return run([sys.executable, "-c", UNDER_START_METHOD, "forkserver",
+                    *script_args(script, out_dir, tiny, "--num_workers=1", *extra)[1:]])
+    under_forkserver("train.py", tmp_path / "pre", TINY, "--max_steps=2")
+    under_forkserver("adapt.py", tmp_path / "canny", ADAPT, "--init", str(tmp_path / "pre" / "ckpt.pt"),
+                     "--adapter=controlnet", f"--control_cache={tmp_path}/cache", "--max_steps=2")
+    for out_dir in ("pre", "canny"):
+        assert torch.load(tmp_path / out_dir / "ckpt.pt", weights_only=True)["step"] == 2
+    assert len(os.listdir(tmp_path / "cache")) == 1
+
+
+def test_a_platform_without_fork_is_told_to_load_in_the_main_process(monkeypatch):
+    assert training.worker_start(0) is None and training.worker_start(2) == "fork"
+    monkeypatch.setattr(training.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    with pytest.raises(ValueError, match="num_workers=2: .* set num_workers=0"):
+        training.worker_start(2)
