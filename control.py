@@ -16,6 +16,7 @@ Imports only model.py.
 """
 import hashlib
 import os
+import uuid
 from copy import deepcopy
 from functools import partial
 
@@ -93,8 +94,8 @@ def control_image(kind, images, controls=None):
 
 def cached_controls(dataset, kind, folder, batch_size=64, num_workers=0, multiprocessing_context=None):
     """The control image of every item of `dataset` as adaptation feeds it (control_image of the unflipped item),
-    uint8 [n, C, H, W] (C = 1 for Canny), computed once into folder/controls-<key>.npy (written whole: a .tmp made
-    on disk, then renamed) and read back memory-mapped, like data.py's latents. The key is the dataset's content (its
+    uint8 [n, C, H, W] (C = 1 for Canny), computed once into folder/controls-<key>.npy (written whole: a .tmp of its
+    writer's own made on disk, then renamed) and read back memory-mapped, like data.py's latents. The key is the dataset's content (its
     images' and control images' paths, sizes and modification times; for the built-in shapes, the parameters they
     are drawn from and the first 16 drawings, so a change to the drawing code misses), its length and resolution,
     and the control's settings (kind; for Canny its thresholds). multiprocessing_context: the loader workers' start
@@ -112,19 +113,20 @@ def cached_controls(dataset, kind, folder, batch_size=64, num_workers=0, multipr
         loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=num_workers,
                                              multiprocessing_context=multiprocessing_context)
         out, start = None, 0
+        tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:16]}.tmp"  # this writer's own: two runs may share a cache
         try:
             for images, _, *controls in tqdm(loader, desc=f"{kind} controls, once", leave=False):
                 c = control_image(kind, images, *controls)[:, :1 if kind == "canny" else 3].mul(255).round()
                 if out is None:
-                    out = np.lib.format.open_memmap(path + ".tmp", "w+", np.uint8, (len(dataset), *c.shape[1:]))
+                    out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(dataset), *c.shape[1:]))
                 out[start:start + len(c)], start = c.to(torch.uint8).numpy(), start + len(c)
             out.flush()
-            with open(path + ".tmp", "rb+") as f:
+            with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-            os.replace(path + ".tmp", path)
+            os.replace(tmp, path)
         finally:
-            if os.path.exists(path + ".tmp"):
-                os.remove(path + ".tmp")
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return np.load(path, mmap_mode="r")
 
 

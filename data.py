@@ -15,6 +15,7 @@ import json
 import math
 import os
 import sys
+import uuid
 
 import numpy as np
 import torch
@@ -368,6 +369,11 @@ def shard_path(root, k):
     return os.path.join(root, f"shard_{k:05d}.npy")
 
 
+def writer_tmp(path):
+    """A temporary name beside path of this writer's own: two extractions into one folder never write one file."""
+    return f"{path}.{os.getpid()}.{uuid.uuid4().hex[:16]}.tmp"
+
+
 def shard_offset(path, shape):
     """The byte offset of the data in a complete float32 shard of this shape, or None if missing or incomplete."""
     try:
@@ -426,8 +432,8 @@ def extract_latents(dataset, vae, vae_path, out, flip, shard_size, batch_size, n
     [n, 2, C, h, w]: the latent of each image and of its horizontal flip ([n, 1, C, h, w] with flip=False), and
     out/meta.json (labels, classes, captions, the VAE). Latents are the posterior mean times the VAE's scale (our
     choice; DiT's train.py draws a posterior sample): deterministic, so the cache equals encoding on the fly.
-    Shard k is encoded by rank k % world_size. Files are written to .tmp and renamed, and complete shards are
-    skipped: a rerun, with any number of ranks, finishes an interrupted extraction."""
+    Shard k is encoded by rank k % world_size. Files are written to a .tmp of their writer's own (writer_tmp) and
+    renamed, and complete shards are skipped: a rerun, with any number of ranks, finishes an interrupted extraction."""
     n, C, h = len(dataset), vae.latent_channels, dataset.resolution // vae.factor
     meta = dict(image_size=dataset.resolution, latent_shape=[C, h, h], flip=flip, shard_size=shard_size,
                 vae=os.path.abspath(vae_path), scale=vae.scale, classes=list(dataset.classes),
@@ -442,9 +448,10 @@ def extract_latents(dataset, vae, vae_path, out, flip, shard_size, batch_size, n
             diff = [k for k in meta if old.get(k) != meta[k]]
             raise ValueError(f"{out!r} holds a cache with other settings ({', '.join(diff)} differ); use a new --out")
     elif rank == 0:
-        with open(meta_path + ".tmp", "w") as f:
+        tmp = writer_tmp(meta_path)
+        with open(tmp, "w") as f:
             json.dump(meta, f)
-        os.replace(meta_path + ".tmp", meta_path)
+        os.replace(tmp, meta_path)
     shards = range(rank, math.ceil(n / shard_size), world_size)
     sizes = {k: min(shard_size, n - k * shard_size) for k in shards}
     todo = [k for k in shards if shard_offset(shard_path(out, k), [sizes[k], 1 + flip, C, h, h]) is None]
@@ -462,10 +469,10 @@ def extract_latents(dataset, vae, vae_path, out, flip, shard_size, batch_size, n
         parts.append(torch.stack(z.chunk(1 + flip), dim=1).numpy())
         progress.update(len(x))
         if sum(len(p) for p in parts) == sizes[k]:
-            path = shard_path(out, k)
-            with open(path + ".tmp", "wb") as f:
+            path, tmp = shard_path(out, k), writer_tmp(shard_path(out, k))
+            with open(tmp, "wb") as f:
                 np.save(f, np.concatenate(parts))
-            os.replace(path + ".tmp", path)
+            os.replace(tmp, path)
             parts, k = [], next(pending, None)
     progress.close()
     return len(todo), len(shards)

@@ -111,3 +111,18 @@ def test_cached_controls_are_computed_once_keyed_by_content_and_read_back_identi
     assert len(os.listdir(tmp_path / "cache")) == 5
     with pytest.raises(ValueError, match="cached controls are of the unflipped images: set flip=False"):
         control.cached_controls(data.ImageFolder(str(tmp_path / "images"), 16), "canny", str(tmp_path / "cache"))
+
+
+def test_two_runs_filling_one_control_cache_at_once_each_write_a_whole_file_of_their_own(tmp_path, monkeypatch):
+    ds, compute, second = data.SyntheticShapes(40, 16, 0), control.control_image, []
+
+    def another_run_midway(*args):  # at the first run's second batch, its temporary file half written
+        if second == [None]:
+            monkeypatch.setattr(control, "control_image", compute)
+            second[0] = np.array(control.cached_controls(ds, "canny", str(tmp_path), batch_size=16))
+        second.append(None)
+        return compute(*args)
+    monkeypatch.setattr(control, "control_image", another_run_midway)
+    first = control.cached_controls(ds, "canny", str(tmp_path), batch_size=16)
+    assert len(second) == 2 and np.array_equal(first, second[0]) and first.mean() > 0
+    assert [f.endswith(".npy") for f in os.listdir(tmp_path)] == [True]
