@@ -333,11 +333,16 @@ def sampling_rows(name):
                                              num_steps, size=side, vae=vae, dtype=dtype, compile=use_compile,
                                              generator=torch.Generator(device).manual_seed(seed))
         run(3)  # the warm-up: compiles, records the CUDA graph at the second step, replays it at the third
+        compile_mode = "no"
+        if use_compile:
+            compile_mode = "default"
+            if cuda:
+                compile_mode = "reduce-overhead"
         rows.append(dict(task=f"sample, {sampler} {sample_steps} steps, cfg {cfg_scale}, {type(vae).__name__} decode",
                          model=name, batch=batch, input=f"{side}x{side}x{channels}", images=batch,
                          seconds=seconds(lambda: run(sample_steps)), dtype=dtype_name(dtype),
                          flops=sample_steps * batch * (1 if cfg_scale == 1 else 2) * forward_flops(net, side),
-                         compile=("reduce-overhead" if cuda else "default") if use_compile else "no"))
+                         compile=compile_mode))
     eager, compiled = out[False, torch.bfloat16], out[True, torch.bfloat16]
     minutes = [50000 * r["seconds"] / r["images"] / 60 for r in (rows[0], rows[-1])]
     notes = [f"{name}, sampling at batch {sample_batch_size}, bfloat16: compiled "

@@ -93,13 +93,13 @@ def control_image(kind, images, controls=None):
 
 
 def cached_controls(dataset, kind, folder, batch_size=64, num_workers=0, multiprocessing_context=None):
-    """The control image of every item of `dataset` as adaptation feeds it (control_image of the unflipped item),
-    uint8 [n, C, H, W] (C = 1 for Canny), computed once into folder/controls-<key>.npy (written whole: a .tmp of its
-    writer's own made on disk, then renamed) and read back memory-mapped, like data.py's latents. The key is the dataset's content (its
-    images' and control images' paths, sizes and modification times; for the built-in shapes, the parameters they
-    are drawn from and the first 16 drawings, so a change to the drawing code misses), its length and resolution,
-    and the control's settings (kind; for Canny its thresholds). multiprocessing_context: the loader workers' start
-    method (a script with top-level code needs fork: training.worker_start)."""
+    """The control image of every item of `dataset` as adaptation feeds it (control_image of the unflipped item), uint8
+    [n, C, H, W] (C = 1 for Canny), computed once into folder/controls-<key>.npy (written whole: a .tmp of its writer's
+    own made on disk, then renamed) and read back memory-mapped, like data.py's latents. The key is the dataset's
+    content (its images' and control images' paths, sizes and modification times; for the built-in shapes, the
+    parameters they are drawn from and the first 16 drawings, so a change to the drawing code misses), its length and
+    resolution, and the control's settings (kind; for Canny its thresholds). multiprocessing_context: the loader
+    workers' start method (a script with top-level code needs fork: training.worker_start)."""
     files = [*getattr(dataset, "paths", []), *(getattr(dataset, "controls", None) or [])]
     content = "\n".join(f"{os.path.abspath(f)}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files) or \
         repr(dataset.params) + hashlib.sha1(np.stack([dataset.render(i) for i in range(16)]).tobytes()).hexdigest()
@@ -271,6 +271,10 @@ def adapt(base, kind, downsample):
                          "DiT, which has none: use adapter=controlnet (PixArt's ControlNet for the DiT)")
     if kind not in ("controlnet", "t2i"):
         raise ValueError(f"adapter must be controlnet or t2i, got {kind!r}")
-    adapter = T2IAdapter(base, downsample) if kind == "t2i" else \
-        UNetControlNet(base, downsample) if isinstance(base, UNet) else DiTControlNet(base, downsample)
+    if kind == "t2i":
+        adapter = T2IAdapter(base, downsample)
+    elif isinstance(base, UNet):
+        adapter = UNetControlNet(base, downsample)
+    else:
+        adapter = DiTControlNet(base, downsample)
     return Adapted(base, adapter)

@@ -93,7 +93,11 @@ class SyntheticShapes(torch.utils.data.Dataset):
             cx, cy = rng.uniform(0.4, 0.6, size=2)
             self.params.append(dict(shape=self.classes[label], fg=fg, bg=bg, radius=radius, cx=cx, cy=cy,
                                     angle=rng.uniform(-1, 1) * MAX_ROTATION, jitter=rng.integers(-20, 21, size=6)))
-            size_word = "small " if radius < 0.33 else "large " if radius > 0.37 else ""
+            size_word = ""
+            if radius < 0.33:
+                size_word = "small "
+            elif radius > 0.37:
+                size_word = "large "
             third = lambda c: min(int((c - 0.4) / 0.2 * 3), 2)  # which third of the centre's range
             where = ["top", "middle", "bottom"][third(cy)] + " " + ["left", "centre", "right"][third(cx)]
             self.captions.append(f"{article(size_word + fg)} {size_word}{fg} {self.classes[label]} on {article(bg)} "
@@ -192,7 +196,11 @@ def to_rgb(image):
     negatives at 0, floats (F) from [0, 1] (ours: the file does not say). Alpha is dropped, as torchvision's, ADM's
     and pytorch-fid's loaders drop it; palettes and CMYK are PIL's conversions."""
     if image.mode.startswith("I") or image.mode == "F":
-        full = 1.0 if image.mode == "F" else 65535 if image.mode != "I" or image.format == "PNG" else 2 ** 31 - 1
+        full = 2 ** 31 - 1
+        if image.mode == "F":
+            full = 1.0
+        elif image.mode != "I" or image.format == "PNG":
+            full = 65535
         grey = np.clip(np.asarray(image, dtype=np.float64) / full * 255, 0, 255).round().astype(np.uint8)
         return Image.fromarray(grey).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:  # PIL warns unless the palette goes through RGBA
@@ -529,8 +537,12 @@ if __name__ == "__main__":
     if image_size % first_stage.factor:
         raise ValueError(f"image_size={image_size} is not divisible by the VAE's downsampling {first_stage.factor}")
     # captioned images are not flipped (captions say left and right); class folders are, as ImageFolder does
-    dataset = ImageCaptions(data_path, image_size) if captions else ImageFolder(data_path, image_size, flip=False) \
-        if data_path else SyntheticShapes(synthetic_size, image_size, seed)
+    if captions:
+        dataset = ImageCaptions(data_path, image_size)
+    elif data_path:
+        dataset = ImageFolder(data_path, image_size, flip=False)
+    else:
+        dataset = SyntheticShapes(synthetic_size, image_size, seed)
     flip = bool(data_path) and not captions
     written, total = extract_latents(dataset, first_stage, vae, out, flip, shard_size, batch_size, num_workers, device,
                                      rank, world_size)

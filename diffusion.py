@@ -146,8 +146,10 @@ class GaussianDiffusion:
         the variance alone: the mean is detached so the VB term trains only the variance (improved DDPM's hybrid)."""
         C = x0.shape[1]
         model_output = model_output.float()
-        target = noise if self.prediction == "eps" else \
-            self._at(self.sqrt_alphas_cumprod, t, x0) * noise - self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+        target = noise
+        if self.prediction == "v":
+            target = (self._at(self.sqrt_alphas_cumprod, t, x0) * noise
+                      - self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0)
         mse = ((target - model_output[:, :C]) ** 2).mean(dim=(1, 2, 3))
         if self.mse_weight is not None:
             mse = mse * self._at(self.mse_weight, t, mse)

@@ -362,7 +362,11 @@ def classifier_source(resolution, cache):
     classifier space; a class folder is checked here, before any work: it has class subfolders, 10 images of each
     class at least, and the class names of every class folder given (samples, ref, train)."""
     from data import SyntheticShapes
-    source = classifier_data if classifier_data != "auto" else train if os.path.isdir(train) else "synthetic"
+    source = classifier_data
+    if classifier_data == "auto":
+        source = "synthetic"
+        if os.path.isdir(train):
+            source = train
     if source == "synthetic":
         classes = SyntheticShapes.classes
         name = (f"synthetic_classifier_r{resolution}_n{classifier_size}_s{classifier_seed}_e{classifier_epochs}"

@@ -328,8 +328,12 @@ class UNetLayers(nn.ModuleList):
 
     def forward(self, x, emb, context):
         for m in self:
-            x = m(x, emb) if isinstance(m, UNetResBlock) else \
-                m(x, context) if isinstance(m, SpatialTransformer) else m(x)
+            if isinstance(m, UNetResBlock):
+                x = m(x, emb)
+            elif isinstance(m, SpatialTransformer):
+                x = m(x, context)
+            else:
+                x = m(x)
         return x
 
 

@@ -142,8 +142,10 @@ def read_diffusers_weights(path, name, url=None):
     default = path is None
     path = os.path.join(torch.hub.get_dir(), "checkpoints", name) if default else os.fspath(path)
     exts = ("safetensors", "bin") if load_file else ("bin",)
-    files = [path] if os.path.isfile(path) else \
-        [os.path.join(path, sub, "diffusion_pytorch_model." + ext) for sub in ("", "vae", "vqvae") for ext in exts]
+    files = [path]
+    if not os.path.isfile(path):
+        files = [os.path.join(path, sub, f"diffusion_pytorch_model.{ext}") for sub in ("", "vae", "vqvae")
+                 for ext in exts]
     found = [f for f in files if os.path.isfile(f)]
     dest = os.path.join(path, "diffusion_pytorch_model.bin")
     if not found and default:
