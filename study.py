@@ -348,7 +348,8 @@ def write_table(rows, out, sampler_header="sampler"):
         spread = f" ± {r[k + '_seed_std']:.2g}" if r.get(k + "_seed_std") is not None else ""
         return number(r[k]) + spread + (" *" if k in r["beyond_noise"].split(",") else "")
     header = ["run"] + ["n per class"] * (lead == 6) + ["eta %", sampler_header, "cfg", "samples"]
-    header = "| " + " | ".join(header + [METRICS[k] for k in metrics]) + " |\n|" + "---|" * (lead + len(metrics))
+    header = " | ".join(header + [metric_label(k, rows) for k in metrics])
+    header = "| " + header + " |\n|" + "---|" * (lead + len(metrics))
     lines = [f"Feature space: {', '.join(sorted({r['feature_space'] for r in rows}))} (numbers from different spaces "
              "are not comparable; IS (classifier) is the IS formula on that space's classifier).",
              f"Seeds per run: {', '.join(sorted({str(r['seeds']) for r in rows}))}; mean ± seed-to-seed std; * "
@@ -640,8 +641,9 @@ def run_study():
         if not os.path.isfile(ckpt):
             raise FileNotFoundError(f"ckpt {ckpt!r} not found")
         path = os.path.abspath(ckpt)
-        name = os.path.basename(os.path.dirname(path)) if os.path.basename(path) == "ckpt.pt" else \
-            os.path.splitext(os.path.basename(path))[0]
+        name = os.path.splitext(os.path.basename(path))[0]
+        if os.path.basename(path) == "ckpt.pt":
+            name = os.path.basename(os.path.dirname(path))
         plan = [(name, path, None, None)]
     else:
         plan = [(name, os.path.join(out_dir, name, "ckpt.pt"), *run_flags(name)) for name in runs.split(",")]

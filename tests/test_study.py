@@ -116,6 +116,10 @@ def test_study_aggregates_seeds_and_marks_what_is_beyond_the_noise(tmp_path):
     assert "Welch's t, Holm over the 2 run-vs-clean comparisons of this table" in markdown  # eta5's FID and recall
     assert "| eta5 | 5 | dpm++50 | 2 | 100 | +4.07 (+3.36 to +4.78) * | +0.0167 (-0.188 to +0.221) |" in markdown
     assert "| cep-u | 0 | dpm++50 | 2 | 100 | -1.07 (no test) | +0 (no test) |" in markdown
+    assert "| FID ↓ | recall ↑ |" in markdown  # feature space "x": FID's label
+    study.write_table(study.aggregate([dict(r, feature_space="folder-classifier") for r in rows]), str(tmp_path / "c"))
+    markdown = (tmp_path / "c.md").read_text()  # a Frechet distance in a classifier's features is named so
+    assert "| FD (classifier features) ↓ | recall ↑ |" in markdown and "FID" not in markdown
 
 
 def metric_rows(runs, seeds, rng, shift=0.0):
