@@ -188,6 +188,9 @@ def test_evaluate_synthetic_reports_every_metric_in_named_spaces(tmp_path):
             "--out", str(tmp_path / "m.json")]
     res = evaluate.main(base + ["--train=synthetic", "--synthetic_train_size=50", f"--entropy_vq={tmp_path / 'vq'}"])
     assert res["feature_space"] == res["diversity_space"] == "synthetic-classifier" and res["skipped"] == {}
+    assert res["warnings"] == ["the Frechet distance in synthetic-classifier features against 170 reference images is "
+                               "biased upward, by less the more images: compare numbers of equal sample and reference "
+                               "sizes"]  # not an FID, and no word of ImageNet's 50K
     assert res["classifier_val_images"] == 200 and res["classifier_val_accuracy"] >= 0.5  # a tenth of 2000, held out
     assert res["classifier_chance"] == pytest.approx(0.1, abs=0.01)
     assert res["is"] is None and res["sfid"] is None and res["is_splits"] == "10 equal splits"
