@@ -545,16 +545,16 @@ def plot_grids(grids, path):
 
 
 # the columns of results/ CSVs named otherwise than the study's row keys (results/README.md says what each measured)
-CSV_KEYS = {"eta_percent": "eta", "fd_classifier": "fid", "pretraining": "run"}
+CSV_KEYS = {"eta_percent": "eta", "fd_classifier": "fid", "pretraining": "run", "images_per_class": "n"}
 
 
 def read_results(path):
-    """A results/ CSV's per-seed rows as the study's rows: columns renamed by CSV_KEYS, metrics and scales as floats,
+    """A results/ CSV's per-seed rows as the study's rows: columns renamed by CSV_KEYS, metrics, scales and n as floats,
     an empty cell (a number the run did not report) as None, and eta from the run's name where no column gives it."""
     with open(path, newline="", encoding="utf-8") as f:
         rows = [{CSV_KEYS.get(k, k): v for k, v in r.items()} for r in csv.DictReader(f)]
     for r in rows:
-        for k in [*METRICS, "eta", "cfg_scale"]:
+        for k in [*METRICS, "eta", "cfg_scale", "n"]:
             r[k] = float(r[k]) if r.get(k) else None
         if r["eta"] is None:
             r["eta"] = run_flags(r["run"])[0]
@@ -566,12 +566,16 @@ def redraw(folder, assets=os.path.join(HERE, "assets")):
     plot functions, so that a plot in the docs is what the study draws of those rows."""
     down = [dict(r, sampler=f"{r['adapter']}-{r['control']}")  # the study names its downstream rows so
             for r in read_results(os.path.join(folder, "downstream_table2_cpu.csv")) if r["adapter"] == "controlnet"]
+    digits_rows = read_results(os.path.join(folder, "study_digits.csv"))
+    by_n = [[r for r in digits_rows if r["n"] == n] for n in sorted({r["n"] for r in digits_rows})]
     os.makedirs(assets, exist_ok=True)
     written = [os.path.join(assets, png) for png in ("study_metrics_vs_eta.png", "study_guidance.png",
-                                                     "downstream_vs_eta.png")]
+                                                     "downstream_vs_eta.png", "digits_vs_n.png")]
     plot_metrics_vs_eta(aggregate(read_results(os.path.join(folder, "study_reduced.csv"))), written[0])
     plot_guidance(aggregate(read_results(os.path.join(folder, "study_guidance.csv"))), written[1])
     plot_metrics_vs_eta(aggregate(down), written[2])
+    # each n a study of its own, as digits_study aggregates them
+    plot_metrics_vs_n([dict(r, n=group[0]["n"]) for group in by_n for r in aggregate(group)], written[3])
     print("wrote " + ", ".join(written))
     return written
 

@@ -391,12 +391,26 @@ def test_replot_redraws_the_docs_plots_from_result_csvs_with_classifier_features
                                      "fd_classifier\n"
                                      "clean,0,none,,4,256,dpm++25,synthetic-classifier,17.7\n"
                                      "clean,0,controlnet,canny,4,256,dpm++25,synthetic-classifier,15.2\n"
-                                     "eta5,0,controlnet,canny,4,256,dpm++25,synthetic-classifier,14.9\n"}
+                                     "eta5,0,controlnet,canny,4,256,dpm++25,synthetic-classifier,14.9\n",
+        "study_digits.csv": "images_per_class,run,seed,cfg_scale,num_samples,sampler,feature_space,fd_classifier\n"
+                            "20,clean,0,2,500,dpm++10,folder-classifier,16\n"
+                            "20,clean,1,2,500,dpm++10,folder-classifier,18\n"
+                            "20,cep-u4.5,0,2,500,dpm++10,folder-classifier,12\n"
+                            "20,cep-u4.5,1,2,500,dpm++10,folder-classifier,13\n"
+                            "129.7,clean,0,2,500,dpm++10,folder-classifier,8\n"
+                            "129.7,clean,1,2,500,dpm++10,folder-classifier,10\n"}
     for name, text in tables.items():
         (tmp_path / name).write_text(text)
     written = study.redraw(str(tmp_path), str(tmp_path / "assets"))
-    assert sorted(os.listdir(tmp_path / "assets")) == ["downstream_vs_eta.png", "study_guidance.png",
-                                                       "study_metrics_vs_eta.png"]
+    assert sorted(os.listdir(tmp_path / "assets")) == ["digits_vs_n.png", "downstream_vs_eta.png",
+                                                       "study_guidance.png", "study_metrics_vs_eta.png"]
+    digits = study.read_results(str(tmp_path / "study_digits.csv"))
+    by_n = [dict(r, n=n) for n in (20.0, 129.7) for r in study.aggregate([r for r in digits if r["n"] == n])]
+    assert [(r["n"], r["run"], r["fid"], r["seeds"]) for r in by_n] == \
+        [(20.0, "clean", 17.0, 2), (20.0, "cep-u4.5", 12.5, 2), (129.7, "clean", 9.0, 2)]
+    ax = study.plot_metrics_vs_n(by_n, tmp_path / "n.png").axes[0]
+    assert ax.get_title() == "FD (classifier features) ↓" and [t.get_text() for t in ax.get_xticklabels()] == \
+        ["20", "129.7"]
     for png in written:
         assert_png(png)
     rows = study.aggregate(study.read_results(str(tmp_path / "study_reduced.csv")))
