@@ -477,7 +477,8 @@ def extract_latents(dataset, vae, vae_path, out, flip, shard_size, batch_size, n
         parts.append(torch.stack(z.chunk(1 + flip), dim=1).numpy())
         progress.update(len(x))
         if sum(len(p) for p in parts) == sizes[k]:
-            path, tmp = shard_path(out, k), writer_tmp(shard_path(out, k))
+            path = shard_path(out, k)
+            tmp = writer_tmp(path)
             with open(tmp, "wb") as f:
                 np.save(f, np.concatenate(parts))
             os.replace(tmp, path)

@@ -684,12 +684,14 @@ def report_header(space, r, ref_cache, ref_path, num_samples):
 
 def reference_warnings(space, num_ref_statistics):
     warnings = []
-    if num_ref_statistics is not None and num_ref_statistics < 50000 and space.name == fid.FEATURE_SPACE:
-        warnings.append(f"FID against {num_ref_statistics} < 50000 reference images is biased upward: the paper's "
-                        "reference is the 50K ImageNet validation images (or ADM's stored statistics)")
-    elif num_ref_statistics is not None and num_ref_statistics < 50000:
-        warnings.append(f"the Frechet distance in {space.name} features against {num_ref_statistics} reference images "
-                        "is biased upward, by less the more images: compare numbers of equal sample and reference sizes")
+    if num_ref_statistics is not None and num_ref_statistics < 50000:
+        if space.name == fid.FEATURE_SPACE:
+            warnings.append(f"FID against {num_ref_statistics} < 50000 reference images is biased upward: the paper's "
+                            "reference is the 50K ImageNet validation images (or ADM's stored statistics)")
+        else:
+            warnings.append(f"the Frechet distance in {space.name} features against {num_ref_statistics} reference "
+                            "images is biased upward, by less the more images: compare numbers of equal sample and "
+                            "reference sizes")
     made_with = stored_resize(ref)
     if space.name == fid.FEATURE_SPACE and made_with is not None and made_with != space.model.resize:
         how = f"the statistics stored in {ref} were made with --resize {made_with}"
